@@ -1,0 +1,57 @@
+"""The `moe` console entry point: one command, one subcommand per job.
+
+Each subcommand lives in `trainer/commands/<name>.py` with `add_arguments(parser)` and `run(args) -> int`,
+imported only when chosen so `moe --help` stays fast and optional dependencies stay optional.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from trainer.errors import EXIT_USER_ERROR, UserError
+
+SUBCOMMANDS = {
+    "train": "fine-tune a model from a recipe (a preset name or a YAML path) with key=value overrides",
+    "export": "write a standard Hugging Face checkpoint from a run directory or checkpoint",
+    "models": "list the recipe presets and the model families with a fast path",
+    "plan": "estimate per-GPU memory and rank the parallel layouts that fit, before launching",
+    "bench": "benchmark this trainer against transformers native on the same job",
+    "doctor": "print which backends are active (torch/CUDA, grouped GEMM, DeepEP, TE, mamba kernels, NCCL)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe", description="Mixture-of-Experts fine-tuning on transformers v5.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name, help_text in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(_module=f"trainer.commands.{name}")
+        # Arguments are added lazily (see main) unless --help is asked for this subcommand.
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command in SUBCOMMANDS:
+        module = importlib.import_module(f"trainer.commands.{command}")
+        sub = parser._subparsers._group_actions[0].choices[command]  # noqa: SLF001 - argparse has no public accessor
+        module.add_arguments(sub)
+    args = parser.parse_args(argv)
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
