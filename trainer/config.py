@@ -1,0 +1,277 @@
+"""The recipe: one typed schema for a fine-tuning job, loaded from YAML with dotted `key=value` overrides.
+
+A recipe is a YAML file (or the name of a preset in `trainer/recipes/`) whose sections map onto the dataclasses
+below. Every key is checked: an unknown key or a value of the wrong type is a `UserError` naming the closest valid
+key or the expected type, so a typo never trains the wrong job silently.
+
+    recipe = load_recipe("tiny-moe", ["train.max_steps=50", "optim.lr=3e-4"])
+
+Paths may start with `builtin:` to point into the shipped assets (`builtin:tokenizer`, `builtin:data/sft.jsonl`),
+so presets work from any working directory; `resolve_path` turns them into real paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from trainer.errors import UserError
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""  # hub id, local HF dir, or a config-only dir (with from_config: true)
+    tokenizer: str | None = None  # defaults to name_or_path
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # parameter dtype; auto follows train.precision
+    trust_remote_code: bool = False
+    from_config: bool = False  # random init from the config instead of loading weights
+    config_overrides: dict = field(default_factory=dict)  # applied to the HF config before the model is built
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class DataConfig:
+    train_path: str = ""  # JSONL or Parquet file
+    format: Literal["auto", "chat", "prompt_completion"] = "auto"
+    seq_len: int = 2048
+    packing: bool = True  # several samples per sequence, positions restart per sample, no cross-sample attention
+    long_samples: Literal["truncate", "drop"] = "truncate"
+    shuffle: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
+    max_grad_norm: float = 1.0  # <= 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 1
+    grad_accum_steps: int = 1
+    max_steps: int = 100
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"  # auto: bf16-mixed on GPU, fp32 on CPU
+    log_every: int = 1
+    nonfinite_max_consecutive: int = 3  # skip steps with NaN/inf loss or grads, stop after this many in a row
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: only at the end
+    resume: str = "auto"  # auto (latest in output.dir, if any) | never | a checkpoint path
+    keep_last: int = 2
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/default"
+    overwrite: bool = False  # allow starting a fresh run in a directory that holds another run's checkpoints
+    export: bool = True  # write a Hugging Face checkpoint to <dir>/export at the end
+    export_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: float32 for fp32 training, else bfloat16
+
+
+@dataclass
+class ParallelConfig:
+    ep_size: int = 1
+    dp_shard_size: int = -1  # -1: all remaining ranks
+    dp_replicate_size: int = 1
+    dispatcher: Literal["auto", "alltoall", "deepep"] = "auto"
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    compile: bool = False
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def list_presets() -> list[str]:
+    """Names of the shipped recipes (`trainer/recipes/<name>.yaml`)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def resolve_path(path: str | None) -> str | None:
+    """`builtin:<rel>` -> the absolute path inside trainer/assets; anything else is returned unchanged."""
+    if path and path.startswith(BUILTIN_PREFIX):
+        return str(ASSETS_DIR / path[len(BUILTIN_PREFIX):])
+    return path
+
+
+def load_recipe(recipe: str, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe from a YAML path or a preset name, then apply `key=value` overrides (dotted keys)."""
+    raw = _read_yaml(_find_recipe_file(recipe))
+    config = from_dict(raw)
+    for override in overrides or []:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            raise UserError(f"override '{override}' is not key=value", "write it like train.max_steps=100")
+        set_value(config, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    validate(config)
+    return config
+
+
+def from_dict(raw: dict) -> Recipe:
+    """Build a Recipe from nested dicts, checking every key and type."""
+    config = Recipe()
+    for key, value in _flatten(raw):
+        set_value(config, key, value)
+    return config
+
+
+def set_value(config: Recipe, dotted_key: str, value: Any) -> None:
+    """Set `section.key` (or `section.dict_key.sub_key` for dict fields) with type checking."""
+    parts = dotted_key.split(".")
+    section_name, key = parts[0], ".".join(parts[1:2])
+    sections = {f.name for f in dataclasses.fields(Recipe)}
+    section = getattr(config, section_name) if section_name in sections else None
+    hints = typing.get_type_hints(type(section)) if section is not None and key else {}
+    if key not in hints:
+        raise UserError(f"unknown recipe key '{dotted_key}'", f"did you mean '{closest_key(dotted_key)}'?")
+    hint = hints[key]
+    if len(parts) > 2:  # model.config_overrides.num_hidden_layers=2
+        if hint is not dict:
+            raise UserError(f"unknown recipe key '{dotted_key}'", f"did you mean '{closest_key(dotted_key)}'?")
+        getattr(section, key)[".".join(parts[2:])] = value
+        return
+    setattr(section, key, _coerce(f"{section_name}.{key}", value, hint))
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key, e.g. `optim.lr`."""
+    keys = []
+    for section in dataclasses.fields(Recipe):
+        keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(section.default_factory())]
+    return keys
+
+
+def closest_key(key: str) -> str:
+    """The valid dotted key nearest to `key` (by spelling, then by its last part)."""
+    keys = all_keys()
+    match = difflib.get_close_matches(key, keys, n=1, cutoff=0.0)
+    by_leaf = difflib.get_close_matches(key.split(".")[-1], [k.split(".")[-1] for k in keys], n=1, cutoff=0.8)
+    if by_leaf and (not match or difflib.SequenceMatcher(None, key, match[0]).ratio() < 0.8):
+        return next(k for k in keys if k.split(".")[-1] == by_leaf[0])
+    return match[0]
+
+
+def validate(config: Recipe) -> None:
+    """Cross-field checks that types alone cannot express."""
+    positive = {
+        "data.seq_len": config.data.seq_len, "train.micro_batch_size": config.train.micro_batch_size,
+        "train.grad_accum_steps": config.train.grad_accum_steps, "train.max_steps": config.train.max_steps,
+        "train.log_every": config.train.log_every, "checkpoint.keep_last": config.checkpoint.keep_last,
+        "parallel.ep_size": config.parallel.ep_size, "parallel.dp_replicate_size": config.parallel.dp_replicate_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise UserError(f"{key} must be >= 1, got {value}", f"set {key}=1 or more")
+    if config.checkpoint.every_steps < 0:
+        raise UserError("checkpoint.every_steps must be >= 0", "use 0 to save only at the end")
+    if not config.model.name_or_path:
+        raise UserError("model.name_or_path is empty", "set model.name_or_path=<hub id or local dir>")
+    if not config.data.train_path:
+        raise UserError("data.train_path is empty", "set data.train_path=<file.jsonl>")
+    if len(config.optim.betas) != 2:
+        raise UserError(f"optim.betas needs two values, got {config.optim.betas}", "write optim.betas=[0.9,0.95]")
+
+
+def _find_recipe_file(recipe: str) -> Path:
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    preset = RECIPES_DIR / f"{recipe}.yaml"
+    if preset.is_file():
+        return preset
+    presets = list_presets()
+    near = difflib.get_close_matches(recipe, presets, n=1, cutoff=0.0)
+    hint = f"did you mean '{near[0]}'? presets: {', '.join(presets)}" if near else "pass a YAML file path"
+    raise UserError(f"recipe '{recipe}' is neither a file nor a preset", hint)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f"{path}:{line + 1}" if line is not None else str(path)
+        raise UserError(f"recipe {where} is not valid YAML", "fix the syntax at that line") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe {path} is not a mapping of sections", "start it with e.g. 'model:'")
+    return raw
+
+
+def _flatten(raw: dict) -> list[tuple[str, Any]]:
+    items = []
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            raise UserError(f"recipe section '{section}' must be a mapping", f"did you mean '{closest_key(section)}'?")
+        items += [(f"{section}.{key}", value) for key, value in values.items()]
+    return items
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check (and gently convert) `value` against the field's type; raise a one-line UserError otherwise."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise UserError(f"{key} must be one of {'|'.join(map(str, args))}, got {value!r}", f"set {key}={args[0]}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _coerce(key, value, next(a for a in args if a is not type(None)))
+    if origin is list:
+        if isinstance(value, (list, tuple)):
+            return [_coerce(key, v, args[0]) for v in value]
+        raise UserError(f"{key} must be a list, got {value!r}", f"write it like {key}=[0.9,0.95]")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif hint is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    name = getattr(hint, "__name__", str(hint))
+    expected = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "dict": "a mapping"}
+    raise UserError(f"{key} must be {expected.get(name, name)}, got {value!r}", f"set {key}=<{name}>")
