@@ -1,0 +1,80 @@
+"""A deterministic, resumable stream of micro-batches over an SFTDataset.
+
+The stream is a pure function of (seed, epoch, cursor): each epoch visits the samples in a seeded permutation,
+and rows are filled greedily in that order. The loader's whole position is therefore `{"epoch", "cursor"}`
+(the next sample to place), which `state_dict()` returns and a checkpoint stores; resuming replays nothing and
+skips nothing. Data-parallel ranks read the same stream and keep every `dp_world_size`-th micro-batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.data.dataset import SFTDataset
+from trainer.data.packing import Row, collate
+
+
+class StatefulLoader:
+    """Yields {"input_ids", "targets", "position_ids"}: LongTensor [micro_batch_size, S] (S = seq_len if packing)."""
+
+    def __init__(
+        self, dataset: SFTDataset, seq_len: int, micro_batch_size: int, pad_id: int, packing: bool = True,
+        shuffle: bool = True, seed: int = 0, dp_rank: int = 0, dp_world_size: int = 1,
+    ):
+        self.dataset, self.seq_len, self.micro_batch_size, self.pad_id = dataset, seq_len, micro_batch_size, pad_id
+        self.packing, self.shuffle, self.seed = packing, shuffle, seed
+        self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
+        self.epoch, self.cursor = 0, 0
+        self._order_epoch, self._order = -1, []
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        for _ in range(self.dp_rank):  # micro-batches that belong to the ranks before this one
+            self._next_micro_batch()
+        batch = self._next_micro_batch()
+        for _ in range(self.dp_world_size - self.dp_rank - 1):
+            self._next_micro_batch()
+        return batch
+
+    def _next_micro_batch(self) -> dict[str, torch.Tensor]:
+        rows = [self._next_row() for _ in range(self.micro_batch_size)]
+        length = self.seq_len if self.packing else max(len(r.input_ids) for r in rows)
+        batch = collate(rows, length, self.pad_id)
+        batch["num_samples"] = torch.tensor(sum(r.num_samples for r in rows))
+        return batch
+
+    def _next_row(self) -> Row:
+        row = Row()
+        while True:
+            order = self._epoch_order()
+            if self.cursor >= len(order):  # epoch done: a partly filled row closes here, so epochs never mix
+                self.epoch, self.cursor = self.epoch + 1, 0
+                if row.num_samples:
+                    return row
+                continue
+            sample = self.dataset.samples[order[self.cursor]]
+            if row.num_samples and len(row.input_ids) + len(sample) > self.seq_len:
+                return row
+            row.add(sample)
+            self.cursor += 1
+            if not self.packing:
+                return row
+
+    def _epoch_order(self) -> list[int]:
+        if self._order_epoch != self.epoch:
+            n = len(self.dataset)
+            if self.shuffle:
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+                self._order = torch.randperm(n, generator=generator).tolist()
+            else:
+                self._order = list(range(n))
+            self._order_epoch = self.epoch
+        return self._order

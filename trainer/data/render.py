@@ -1,0 +1,118 @@
+"""Turn one SFT record into token ids and next-token targets, with loss only on the answer.
+
+Two record formats:
+  chat               {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]}
+                     rendered with the tokenizer's chat template; every assistant turn (with its end-of-turn
+                     token) is trained on, everything else is context.
+  prompt_completion  {"prompt": ..., "completion": ...}: prompt tokens, then completion tokens and EOS;
+                     only the completion and EOS are trained on.
+
+The result is already shifted: `targets[t]` is the token the model must predict after reading `input_ids[: t + 1]`,
+or -100 (ignored). Shifting per sample here, not in the loop, is what lets packed samples stay independent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trainer.errors import UserError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenizedSample:
+    input_ids: list[int]  # [n]
+    loss_mask: list[bool]  # [n]: True where input_ids[t] is a token the model must learn to produce
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def targets(self) -> list[int]:
+        """Next-token targets [n]: input_ids[t + 1] where that token is trained on, else -100 (last is always -100)."""
+        shifted = [tok if keep else IGNORE_INDEX for tok, keep in zip(self.input_ids[1:], self.loss_mask[1:])]
+        return shifted + [IGNORE_INDEX]
+
+
+def detect_format(record: dict) -> str:
+    """'chat' or 'prompt_completion' from the record's keys."""
+    if "messages" in record:
+        return "chat"
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
+    keys = sorted(k for k in record if k != "_source")
+    raise UserError(
+        f"{record.get('_source', 'a record')} has neither 'messages' nor 'prompt'/'completion' (keys: {keys})",
+        "use chat records with 'messages' or 'prompt'/'completion' pairs",
+    )
+
+
+def render_record(record: dict, tokenizer, data_format: str = "auto") -> TokenizedSample:
+    """Tokenize one record (see the module docstring for the formats)."""
+    fmt = detect_format(record) if data_format == "auto" else data_format
+    if fmt == "chat":
+        return render_chat(_checked_messages(record), tokenizer)
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if not isinstance(prompt, str) or not isinstance(completion, str):
+        raise UserError(f"{record.get('_source', 'a record')} needs string 'prompt' and 'completion'", "fix that record")
+    return render_prompt_completion(prompt, completion, tokenizer)
+
+
+def render_prompt_completion(prompt: str, completion: str, tokenizer) -> TokenizedSample:
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
+    return TokenizedSample(prompt_ids + completion_ids, [False] * len(prompt_ids) + [True] * len(completion_ids))
+
+
+def render_chat(messages: list[dict], tokenizer) -> TokenizedSample:
+    """Render with the chat template; tokens whose characters fall inside an assistant turn are trained on.
+
+    An assistant turn's characters are found by rendering the conversation up to it (with the generation prompt)
+    and through it: the difference is the turn, closing tokens included. Templates that rewrite earlier turns
+    (e.g. dropping reasoning) break that prefix property; for those the turn's content is located directly.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("the tokenizer has no chat template", "use prompt/completion data or a chat tokenizer")
+    text = _apply_template(tokenizer, messages, add_generation_prompt=False)
+    spans, cursor = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _apply_template(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        through = _apply_template(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if text.startswith(through) and through.startswith(before) and len(through) > len(before) >= cursor:
+            start, end = len(before), len(through)
+        else:
+            start = text.find(message["content"], cursor)
+            if start < 0:
+                raise UserError("the chat template drops assistant content", "use prompt/completion data instead")
+            end = start + len(message["content"])
+            eos = tokenizer.eos_token or ""
+            if eos and text.startswith(eos, end):
+                end += len(eos)
+        spans.append((start, end))
+        cursor = end
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [any(s <= char_start < e for s, e in spans) for char_start, _ in encoded["offset_mapping"]]
+    return TokenizedSample(list(encoded["input_ids"]), mask)
+
+
+def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _checked_messages(record: dict) -> list[dict]:
+    messages = record.get("messages")
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    )
+    if not ok:
+        raise UserError(
+            f"{record.get('_source', 'a record')} has malformed 'messages'",
+            "write a list of {\"role\": ..., \"content\": ...} objects",
+        )
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError(f"{record.get('_source', 'a record')} has no assistant turn", "add the answer to train on")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]

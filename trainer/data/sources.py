@@ -1,0 +1,52 @@
+"""Read SFT records from local JSONL or Parquet files, with errors that name the file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trainer.errors import UserError
+
+
+def read_records(path: str) -> list[dict]:
+    """All records of a `.jsonl`/`.json` (one JSON object per line) or `.parquet` file, in file order."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"data file {path} does not exist", "set data.train_path to a JSONL or Parquet file")
+    records = _read_parquet(file) if file.suffix == ".parquet" else _read_jsonl(file)
+    if not records:
+        raise UserError(f"data file {path} holds no records", "add at least one example to it")
+    return records
+
+
+def _read_jsonl(file: Path) -> list[dict]:
+    records = []
+    with open(file, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(
+                    f"{file}:{line_number} is not valid JSON ({err.msg})", "fix or remove that line"
+                ) from None
+            if not isinstance(record, dict):
+                raise UserError(f"{file}:{line_number} is not a JSON object", "write one {...} object per line")
+            record["_source"] = f"{file}:{line_number}"
+            records.append(record)
+    return records
+
+
+def _read_parquet(file: Path) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"reading {file} needs pyarrow", "pip install pyarrow, or convert the data to JSONL") from None
+    try:
+        rows = pq.read_table(file).to_pylist()
+    except Exception as err:  # pyarrow raises several types for corrupt files
+        raise UserError(f"{file} is not a readable Parquet file ({err})", "re-export it or convert to JSONL") from None
+    for row_number, row in enumerate(rows, start=1):
+        row["_source"] = f"{file}:row {row_number}"
+    return rows
