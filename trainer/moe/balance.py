@@ -1,0 +1,50 @@
+"""Aux-loss-free load balancing (DeepSeek-V3): nudge each router's `e_score_correction_bias` towards balance.
+
+After each optimizer step: bias += rate * sign(mean_load - load), with `load` the tokens routed to each expert
+since the last update, summed over all data-parallel ranks (one all-reduce of [layers, E] int64 per step).
+The bias only changes which experts are chosen, never the combine weights. transformers never updates this bias;
+this is opt-in (`moe.aux_free_bias_rate > 0`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class AuxLossFreeBalancer:
+    """Counts routed tokens per expert with forward hooks and updates the correction biases on `step()`."""
+
+    def __init__(self, routers: list[torch.nn.Module], rate: float, group: dist.ProcessGroup | None = None):
+        self.routers = [r for r in routers if getattr(r, "e_score_correction_bias", None) is not None]
+        self.rate = rate
+        self.group = group
+        self._counts: list[torch.Tensor | None] = [None] * len(self.routers)
+        self._handles = [r.register_forward_hook(self._make_hook(i)) for i, r in enumerate(self.routers)]
+
+    def _make_hook(self, position: int):
+        def hook(module, inputs, outputs):
+            index_TK = outputs[2]
+            counts_E = torch.bincount(index_TK.reshape(-1), minlength=module.e_score_correction_bias.numel())
+            previous = self._counts[position]
+            self._counts[position] = counts_E if previous is None else previous + counts_E
+
+        return hook
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Apply one bias update from the loads counted since the last call, then reset the counts."""
+        if not self.routers or any(c is None for c in self._counts):
+            return
+        loads_LE = torch.stack(self._counts).float()
+        if self.group is not None or (dist.is_available() and dist.is_initialized()):
+            dist.all_reduce(loads_LE, group=self.group)
+        delta_LE = self.rate * torch.sign(loads_LE.mean(dim=-1, keepdim=True) - loads_LE)
+        for router, delta_E in zip(self.routers, delta_LE):
+            bias = router.e_score_correction_bias
+            bias.add_(delta_E.to(device=bias.device, dtype=bias.dtype))
+        self._counts = [None] * len(self.routers)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()

@@ -1,0 +1,77 @@
+"""The fast experts implementation, registered in transformers' `ExpertsInterface` as `moe_fast`.
+
+Any HF v5 experts module decorated with `@use_experts_implementation` (about 60 families) calls
+`fast_experts_forward(module, hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]`
+once the model is built with `experts_implementation="moe_fast"`. It keeps HF's parameters
+(`gate_up_proj [E, 2I, H]` or `up_proj [E, I, H]`, `down_proj [E, H, I]`, transposed variants, optional biases)
+and runs: dispatch (sort by expert, or all-to-all / DeepEP under expert parallelism) -> grouped GEMM -> activation ->
+grouped GEMM -> combine (weighted K-way sum, deterministic).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.moe.dispatch import LOCAL_DISPATCHER
+from trainer.moe.grouped_gemm import grouped_mm
+
+IMPLEMENTATION_NAME = "moe_fast"
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The rank-local shard of an expert-parallel DTensor (experts are sharded on dim 0), else the tensor."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+def _as_kn(w_E__: torch.Tensor, is_transposed: bool) -> torch.Tensor:
+    """HF stores [E, out, in] (or [E, in, out] when transposed); grouped GEMM wants [E, in, out]."""
+    return w_E__ if is_transposed else w_E__.transpose(-2, -1)
+
+
+def _expert_of_row(plan, num_local_experts: int) -> torch.Tensor:
+    expert_of_row = getattr(plan, "expert_of_row_S", None)
+    if expert_of_row is not None:
+        return expert_of_row
+    counts = torch.diff(plan.offsets_E.long(), prepend=plan.offsets_E.new_zeros(1).long())
+    return torch.repeat_interleave(torch.arange(num_local_experts, device=counts.device), counts)
+
+
+def expert_mlp(module: torch.nn.Module, x_SD: torch.Tensor, plan) -> torch.Tensor:
+    """Run the local experts on rows grouped by expert. [S, H] -> [S, H]."""
+    offsets_E = plan.offsets_E
+    has_gate = getattr(module, "has_gate", True)
+    has_bias = getattr(module, "has_bias", False)
+    is_transposed = getattr(module, "is_transposed", False)
+    up_EHF = _as_kn(_local(module.gate_up_proj if has_gate else module.up_proj), is_transposed)
+    down_EFH = _as_kn(_local(module.down_proj), is_transposed)
+
+    h_SF = grouped_mm(x_SD, up_EHF, offsets_E)
+    if has_bias:
+        expert_S = _expert_of_row(plan, up_EHF.shape[0])
+        h_SF = h_SF + _local(module.gate_up_proj_bias if has_gate else module.up_proj_bias)[expert_S]
+    h_SF = module._apply_gate(h_SF) if has_gate else module.act_fn(h_SF)
+    y_SD = grouped_mm(h_SF, down_EFH, offsets_E)
+    if has_bias:
+        y_SD = y_SD + _local(module.down_proj_bias)[expert_S]
+    return y_SD
+
+
+def fast_experts_forward(
+    module: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """ExpertsInterface entry: [T, H] tokens, [T, K] expert ids and weights -> [T, H]."""
+    dispatcher = getattr(module, "moe_dispatcher", None) or LOCAL_DISPATCHER
+    rows_SD, plan = dispatcher.dispatch(hidden_states, top_k_index, module.num_experts)
+    module.moe_last_tokens_per_expert = plan.tokens_per_expert_E.detach() if hasattr(plan, "tokens_per_expert_E") else None
+    y_SD = expert_mlp(module, rows_SD, plan)
+    return dispatcher.combine(y_SD, top_k_weights, plan).to(hidden_states.dtype)
+
+
+def register_fast_experts() -> str:
+    """Register `moe_fast` in transformers' ExpertsInterface (idempotent) and return the name."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if IMPLEMENTATION_NAME not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION_NAME, fast_experts_forward)
+    return IMPLEMENTATION_NAME
