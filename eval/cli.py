@@ -1,0 +1,75 @@
+"""`python -m eval {validate,serve}`: the evaluation entry point (same error contract as `moe`: UserError -> exit 2)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from trainer.errors import EXIT_USER_ERROR, UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m eval", description="Check a served export against transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("validate", help="compare a running OpenAI-style server with transformers on the export")
+    v.add_argument("--export", required=True, help="the exported checkpoint directory the server serves")
+    v.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
+    v.add_argument("--report", required=True, help="where to write the JSON report")
+    v.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for /health (default 600)")
+    v.add_argument("--model", default=None, help="model name to send (default: the server's only model, or none)")
+    v.add_argument("--max-tokens", type=int, default=16, help="greedy tokens per prompt (default 16)")
+    v.add_argument("--prompts", default=None, help="JSONL of {'prompt': ...} (default: the shipped set)")
+    v.add_argument("--task", default=None, help="multiple-choice JSONL (default: the shipped set)")
+    v.add_argument("--min-exact-match", type=float, default=1.0)
+    v.add_argument("--logprob-tolerance", type=float, default=0.5)
+    v.add_argument("--min-mc-agreement", type=float, default=1.0)
+    v.add_argument("--min-accuracy", type=float, default=0.0)
+    v.add_argument("--device", default="auto", help="device for the transformers reference (auto: cuda if present)")
+    v.add_argument("--dtype", default="auto", help="dtype for the transformers reference (auto: as exported)")
+
+    s = sub.add_parser("serve", help="serve an export with `transformers serve` (CPU stand-in for vLLM)")
+    s.add_argument("--export", required=True)
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--device", default="cpu")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        from eval.serve import serve
+
+        return serve(args.export, args.port, host=args.host, device=args.device)
+
+    from eval import multiple_choice
+    from eval.validate import DEFAULT_PROMPTS, Thresholds, summary, validate
+
+    report = validate(
+        args.export,
+        args.base_url,
+        args.report,
+        timeout=args.timeout,
+        model=args.model,
+        max_tokens=args.max_tokens,
+        prompts_path=args.prompts or DEFAULT_PROMPTS,
+        task_path=args.task or multiple_choice.DEFAULT_TASK,
+        limits=Thresholds(args.min_exact_match, args.logprob_tolerance, args.min_mc_agreement, args.min_accuracy),
+        device=args.device,
+        dtype=args.dtype,
+    )
+    print(summary(report))
+    print(f"report: {args.report}")
+    return 0 if report["passed"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,144 @@
+"""A small OpenAI-compatible HTTP client (stdlib only) that works against vLLM and `transformers serve` alike.
+
+The servers differ in what they return, so the client probes once and records it in `ServerCapabilities`:
+
+| server | /v1/completions | completion logprobs / echo | /v1/chat/completions |
+|---|---|---|---|
+| vLLM (>= 0.6) | yes | yes (`logprobs`, `echo`, `text_offset`) | yes |
+| transformers serve (5.17) | yes | no (accepted, ignored: `logprobs` is absent from the answer) | yes |
+
+Everything downstream asks the capabilities instead of the server's name.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+from trainer.errors import UserError
+
+
+@dataclass
+class ServerCapabilities:
+    """What one server answered during the probe."""
+
+    completions: bool  # /v1/completions exists
+    completion_logprobs: bool  # it returns per-token logprobs (+ echo for prompt tokens)
+    models: list[str]  # ids from /v1/models (may be empty: transformers serve lists only its hub cache)
+
+
+class HTTPError(RuntimeError):
+    """A non-2xx answer; `status` is the HTTP code, str() holds the body's first line."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+class OpenAIClient:
+    """JSON over HTTP to an OpenAI-style server at `base_url` (e.g. http://127.0.0.1:8000)."""
+
+    def __init__(self, base_url: str, model: str | None = None, request_timeout: float = 300.0):
+        self.base_url = base_url.rstrip("/").removesuffix("/v1")
+        self.model = model
+        self.request_timeout = request_timeout
+
+    # ----- transport -----
+
+    def _request(self, method: str, path: str, body: dict | None = None, timeout: float | None = None) -> dict:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            self.base_url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout or self.request_timeout) as response:
+                text = response.read().decode()
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode(errors="replace").strip().splitlines()
+            raise HTTPError(err.code, detail[0] if detail else err.reason) from None
+        return json.loads(text) if text else {}
+
+    def _with_model(self, body: dict) -> dict:
+        return {**body, "model": self.model} if self.model else body
+
+    # ----- health -----
+
+    def wait_healthy(self, timeout: float, poll_interval: float = 0.5) -> float:
+        """Poll GET /health until it answers 200; return the seconds waited. UserError after `timeout` seconds."""
+        start = time.monotonic()
+        last_error = "no answer"
+        while True:
+            try:
+                self._request("GET", "/health", timeout=max(1.0, min(5.0, timeout)))
+                return time.monotonic() - start
+            except HTTPError as err:
+                last_error = str(err)
+            except (urllib.error.URLError, OSError, json.JSONDecodeError) as err:
+                last_error = str(getattr(err, "reason", err))
+            if time.monotonic() - start >= timeout:
+                raise UserError(
+                    f"server at {self.base_url} did not become healthy within {timeout:g}s (last: {last_error})",
+                    "check the server's log, or raise --timeout if the model is still loading",
+                )
+            time.sleep(poll_interval)
+
+    # ----- probing -----
+
+    def list_models(self) -> list[str]:
+        try:
+            return [m["id"] for m in self._request("GET", "/v1/models").get("data", [])]
+        except (HTTPError, KeyError, TypeError):
+            return []
+
+    def probe(self) -> ServerCapabilities:
+        """Find out which endpoints and fields this server supports (one or two tiny requests)."""
+        models = self.list_models()
+        guessed = self.model is None and len(models) == 1
+        if guessed:
+            self.model = models[0]
+        try:
+            answer = self.complete("Hello", max_tokens=1, logprobs=1, echo=True)
+        except HTTPError as err:
+            if guessed and err.status == 400:  # the listed model is not the one served (transformers serve)
+                self.model = None
+                return self.probe_without_listing(models)
+            if err.status in (404, 405):
+                return ServerCapabilities(completions=False, completion_logprobs=False, models=models)
+            raise
+        return self._capabilities(answer, models)
+
+    def probe_without_listing(self, models: list[str]) -> ServerCapabilities:
+        try:
+            answer = self.complete("Hello", max_tokens=1, logprobs=1, echo=True)
+        except HTTPError as err:
+            if err.status in (404, 405):
+                return ServerCapabilities(completions=False, completion_logprobs=False, models=models)
+            raise
+        return self._capabilities(answer, models)
+
+    @staticmethod
+    def _capabilities(answer: dict, models: list[str]) -> ServerCapabilities:
+        logprobs = answer["choices"][0].get("logprobs") or {}
+        has_logprobs = bool(logprobs.get("token_logprobs")) and bool(logprobs.get("text_offset"))
+        return ServerCapabilities(completions=True, completion_logprobs=has_logprobs, models=models)
+
+    # ----- endpoints -----
+
+    def complete(
+        self, prompt: str, max_tokens: int, logprobs: int | None = None, echo: bool = False
+    ) -> dict:
+        """POST /v1/completions with greedy decoding (temperature 0); returns the raw JSON answer."""
+        body: dict = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
+        if logprobs is not None:
+            body["logprobs"] = logprobs
+        if echo:
+            body["echo"] = True
+        return self._request("POST", "/v1/completions", self._with_model(body))
+
+    def chat(self, messages: list[dict], max_tokens: int) -> dict:
+        """POST /v1/chat/completions with greedy decoding; returns the raw JSON answer."""
+        body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
+        return self._request("POST", "/v1/chat/completions", self._with_model(body))
