@@ -1,0 +1,145 @@
+"""Per-rank peak memory of one training step: the formula, component by component (docs/PLANNER.md).
+
+The peak is the largest of three moments of a steady-state step (step >= 2, optimizer states exist):
+1. `loss`: the start of the backward - every layer's saved activations plus the cross-entropy buffers
+   (12 bytes x vocab per token: fp32 log-softmax output, its gradient and the logits' gradient; plus the logits
+   themselves when the loop keeps the outputs);
+2. `layer`: the backward of layer l - saved activations of layers <= l, gradients of layers > l, the block's
+   backward workspace, the recomputed activations when checkpointing, the FSDP2 unit buffers;
+3. `step`: the optimizer step - params + all grads + AdamW states + the foreach temporary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trainer.planner.activations import ActivationContext, block_bytes, norm_bytes
+from trainer.planner.hardware import GiB
+from trainer.planner.layout import Layout, PlanOptions
+from trainer.planner.model_shape import ModelShape
+from trainer.planner.precision import optimizer_temp_bytes, precision
+
+COMPONENTS = ("params", "grads", "optimizer", "activations", "loss", "comm", "workspace")
+
+
+@dataclass
+class MemoryEstimate:
+    """Per-rank bytes by component at the peak moment, plus each moment's total."""
+
+    components: dict[str, float]
+    phase: str  # which moment is the peak: loss | layer | step
+    phases: dict[str, float] = field(default_factory=dict)
+    activations_by_kind: dict[str, float] = field(default_factory=dict)  # saved bytes per block type (no ckpt)
+
+    @property
+    def total(self) -> float:
+        return sum(self.components.values())
+
+    @property
+    def total_gib(self) -> float:
+        return self.total / GiB
+
+    def gib(self, name: str) -> float:
+        return self.components.get(name, 0.0) / GiB
+
+
+def uses_fsdp(layout: Layout, options: PlanOptions) -> bool:
+    if options.fsdp is not None:
+        return options.fsdp
+    return layout.dp_shard > 1 or precision(options.precision).mixed
+
+
+def rank_params(shape: ModelShape, layout: Layout) -> tuple[list[float], float]:
+    """Parameters resident on one rank: per decoder layer, and the root (embeddings, final norm, lm_head).
+
+    Non-expert weights are split over dp_shard ranks; experts over ep x expert_fsdp = dp_shard ranks too, so the
+    resident count does not depend on ep (ep changes what is gathered and what is sent, see `unit_params`)."""
+    per_layer = [sum(shape.layer_params(layer)) / layout.dp_shard for layer in shape.layers]
+    return per_layer, shape.root_params / layout.dp_shard
+
+
+def unit_params(shape: ModelShape, layout: Layout) -> float:
+    """Largest FSDP2 unit (one decoder layer) as gathered on a rank: non-expert weights whole, experts / ep."""
+    return max(ex / layout.ep_size + ne for ex, ne in (shape.layer_params(layer) for layer in shape.layers))
+
+
+def estimate_memory(shape: ModelShape, layout: Layout, options: PlanOptions | None = None) -> MemoryEstimate:
+    """Peak bytes per rank for one training step of `shape` under `layout` (see the module docstring)."""
+    options = options or PlanOptions()
+    prec = precision(options.precision)
+    c = prec.compute_bytes
+    tokens = layout.tokens
+    fsdp = uses_fsdp(layout, options)
+    ctx = ActivationContext(shape.hidden, c, options.capacity_factor, layout.ep_size)
+
+    layer_params, root_params = rank_params(shape, layout)
+    n_params = sum(layer_params) + root_params
+    params = prec.param_bytes * n_params
+    optimizer = prec.state_bytes * n_params
+    grads_all = prec.grad_bytes * n_params
+    step_temp = optimizer_temp_bytes(prec, options.optimizer_fused) * n_params
+
+    # Activations per layer: saved (kept to the backward), recomputed (rebuilt during that layer's backward).
+    saved, recompute, workspace = [], [], []
+    by_kind: dict[str, float] = {}
+    for layer in shape.layers:
+        parts = [block_bytes(b, ctx) for b in layer]
+        full = sum(p.saved for p in parts)
+        for p in parts:
+            by_kind[p.kind] = by_kind.get(p.kind, 0.0) + p.saved * tokens
+        if layout.checkpointing == "full":
+            saved.append(c * shape.hidden * tokens)  # the layer input
+            recompute.append(full * tokens)
+        elif layout.checkpointing == "selective":
+            saved.append((full - sum(p.experts for p in parts)) * tokens)
+            recompute.append(max((p.experts for p in parts), default=0.0) * tokens)
+        else:
+            saved.append(full * tokens)
+            recompute.append(0.0)
+        workspace.append(max(p.workspace for p in parts) * tokens)
+
+    final_norm = norm_bytes(shape.hidden, c) * tokens
+    logits_bytes = (4 if shape.logits_fp32 else c) * shape.vocab_size * tokens
+    held_logits = logits_bytes if options.keep_outputs else 0.0
+    ce_buffers = 12 * shape.vocab_size * tokens
+
+    # Communication buffers: FSDP2 all-gathers a unit (current + prefetched) in the compute dtype, reduce-scatters
+    # its gradient (unsharded grad in the compute dtype + the reduce-dtype copy), and keeps the root unsharded
+    # from forward to backward. DeepEP holds one NVLink buffer for the whole run.
+    persistent_comm = options.deepep_buffer_gib * GiB if layout.dispatcher == "deepep" and layout.ep_size > 1 else 0.0
+    fsdp_gather = fsdp_reduce = fsdp_root = 0.0
+    if fsdp:
+        unit = unit_params(shape, layout)
+        fsdp_gather = 2 * unit * c
+        fsdp_reduce = unit * (c + prec.reduce_bytes)
+        fsdp_root = shape.root_params * c
+    grads_during = grads_all if options.grad_accum_steps > 1 else 0.0  # earlier micro-batches' gradients
+
+    phases: dict[str, dict[str, float]] = {}
+    phases["loss"] = {
+        "params": params, "grads": grads_during, "optimizer": optimizer,
+        "activations": sum(saved) + final_norm, "loss": ce_buffers + held_logits,
+        "comm": persistent_comm + fsdp_gather + fsdp_root, "workspace": 0.0,
+    }
+    best_layer: dict[str, float] | None = None
+    grads_above = prec.grad_bytes * root_params
+    for i in reversed(range(len(shape.layers))):
+        candidate = {
+            "params": params, "grads": max(grads_during, grads_above), "optimizer": optimizer,
+            "activations": sum(saved[: i + 1]) + recompute[i], "loss": held_logits,
+            "comm": persistent_comm + fsdp_gather + fsdp_reduce + fsdp_root, "workspace": workspace[i],
+        }
+        if best_layer is None or sum(candidate.values()) > sum(best_layer.values()):
+            best_layer = candidate
+        grads_above += prec.grad_bytes * layer_params[i]
+    if best_layer is not None:
+        phases["layer"] = best_layer
+    phases["step"] = {
+        "params": params, "grads": grads_all, "optimizer": optimizer, "activations": 0.0,
+        "loss": held_logits, "comm": persistent_comm, "workspace": step_temp,
+    }
+    peak = max(phases, key=lambda name: sum(phases[name].values()))
+    return MemoryEstimate(
+        components=dict(phases[peak]), phase=peak,
+        phases={name: sum(v.values()) for name, v in phases.items()}, activations_by_kind=by_kind,
+    )
