@@ -59,11 +59,11 @@ class Layout:
         hsdp = f" rep={self.dp_replicate}" if self.dp_replicate > 1 else ""
         return f"ep={self.ep_size} shard={self.dp_shard}{hsdp} mb={self.micro_batch} ckpt={self.checkpointing}"
 
-    def overrides(self) -> str:
-        """The recipe overrides that select this layout."""
+    def overrides(self, current: Layout | None = None) -> str:
+        """The recipe overrides that select this layout (mesh keys only when HSDP is used or `current` differs)."""
         parts = [f"parallel.ep_size={self.ep_size}"]
-        if self.dp_replicate > 1:
-            parts.append(f"parallel.dp_replicate_size={self.dp_replicate}")
+        if self.dp_replicate > 1 or (current is not None and current.dp_replicate != self.dp_replicate):
+            parts += [f"parallel.dp_replicate_size={self.dp_replicate}", f"parallel.dp_shard_size={self.dp_shard}"]
         parts += [f"train.micro_batch_size={self.micro_batch}", f"parallel.activation_checkpointing={self.checkpointing}"]
         return " ".join(parts)
 
