@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--logprob-tolerance", type=float, default=0.5)
     v.add_argument("--min-mc-agreement", type=float, default=1.0)
     v.add_argument("--min-accuracy", type=float, default=0.0)
+    v.add_argument("--api", choices=["auto", "chat"], default="auto",
+                   help="auto: /v1/completions where the server has it, else chat; chat: always chat")
     v.add_argument("--device", default="auto", help="device for the transformers reference (auto: cuda if present)")
     v.add_argument("--dtype", default="auto", help="dtype for the transformers reference (auto: as exported)")
 
@@ -57,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         limits=Thresholds(args.min_exact_match, args.logprob_tolerance, args.min_mc_agreement, args.min_accuracy),
         device=args.device,
         dtype=args.dtype,
+        api=args.api,
     )
     print(summary(report))
     print(f"report: {args.report}")

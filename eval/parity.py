@@ -43,7 +43,8 @@ def served_greedy(
         logprobs = (choice.get("logprobs") or {}).get("token_logprobs")
         return choice["text"], logprobs
     answer = client.chat([{"role": "user", "content": prompt}], max_tokens=max_tokens)
-    return answer["choices"][0]["message"].get("content") or "", None
+    # Chat servers strip the reply (transformers serve and vLLM's parsers do), so chat texts compare stripped.
+    return (answer["choices"][0]["message"].get("content") or "").strip(), None
 
 
 def compare_greedy(
@@ -57,6 +58,7 @@ def compare_greedy(
             ref = reference.greedy(prompt, max_tokens)
         else:
             ref = reference.greedy_chat([{"role": "user", "content": prompt}], max_tokens)
+            ref.text = ref.text.strip()
         char = first_difference(ref.text, served_text)
         token = None if char is None else reference.prefix_tokens(ref.token_ids, served_text)
         diff = None

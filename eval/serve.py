@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from trainer.errors import UserError
 def ensure_port_free(host: str, port: int) -> None:
     """UserError if something already listens on host:port (checked by binding, as the server will)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # SO_REUSEADDR as uvicorn sets it: lingering TIME_WAIT connections of a stopped server are not "in use".
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -38,7 +39,7 @@ def serve_environment() -> dict:
 
 
 def serve(export: str | Path, port: int, host: str = "127.0.0.1", device: str = "cpu") -> int:
-    """Run the server in the foreground until it exits; returns its exit code."""
+    """Replace this process with the server (exec), so signals sent to the helper reach the server itself."""
     if not (Path(export) / "config.json").is_file():
         raise UserError(f"{export} is not an exported checkpoint (no config.json)", "pass the directory that `moe export` wrote")
     ensure_port_free(host, port)
@@ -47,4 +48,6 @@ def serve(export: str | Path, port: int, host: str = "127.0.0.1", device: str = 
         import uvicorn  # noqa: F401
     except ImportError:
         raise UserError("transformers serve needs its serving extras", "pip install 'transformers[serving]'") from None
-    return subprocess.call(serve_command(export, host, port, device), env=serve_environment())
+    command = serve_command(export, host, port, device)
+    os.execve(command[0], command, serve_environment())
+    return 0  # not reached

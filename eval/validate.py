@@ -72,6 +72,7 @@ def validate(
     limits: Thresholds = Thresholds(),
     device: str = "auto",
     dtype: str = "auto",
+    api: str = "auto",
 ) -> dict:
     """Run every check; write the JSON report to `report_path` and return it (report['passed'] is the verdict)."""
     prompts = load_prompts(prompts_path)
@@ -79,6 +80,8 @@ def validate(
     client = OpenAIClient(base_url, model=model)
     health_seconds = client.wait_healthy(timeout)
     caps = client.probe()
+    if api == "chat":  # compare through the chat template even where /v1/completions exists
+        caps.completions, caps.completion_logprobs = False, False
     reference = Reference(export, device=device, dtype=dtype)
 
     started = time.monotonic()
