@@ -1,0 +1,59 @@
+"""Build the tokenizer and the model a recipe names, through `MoEAutoModelForCausalLM` (fast MoE layers)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from trainer.config import ModelConfig, resolve_path
+from trainer.errors import UserError
+from trainer.models import MoEAutoModelForCausalLM
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The recipe's tokenizer (model.tokenizer, else model.name_or_path); it must have a pad or an EOS token."""
+    path = resolve_path(cfg.tokenizer or cfg.name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot load the tokenizer from {path}: {first_line}", "set model.tokenizer") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise UserError(f"tokenizer {path} has neither a pad nor an EOS token", "use a tokenizer with an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_config(cfg: ModelConfig):
+    """The HF config of the recipe's model, with model.config_overrides applied."""
+    path = resolve_path(cfg.name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot read the model config from {path}: {first_line}", "set model.name_or_path") from None
+    for key, value in cfg.config_overrides.items():
+        if not hasattr(config, key):
+            raise UserError(f"model.config_overrides.{key}: {type(config).__name__} has no such field", "remove it")
+        setattr(config, key, value)
+    return config
+
+
+def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, parallel=None):
+    """Random init (model.from_config) or pretrained weights, in `dtype`, on `device`, in train mode.
+
+    `parallel` (a ParallelConfig) is handed to the loader under torchrun so it can build the model sharded.
+    """
+    hf_kwargs = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
+    if cfg.from_config:
+        config = load_model_config(cfg)
+        model = MoEAutoModelForCausalLM.from_config(config, **hf_kwargs)
+    else:
+        if cfg.config_overrides:
+            hf_kwargs["config"] = load_model_config(cfg)
+        hf_kwargs["trust_remote_code"] = cfg.trust_remote_code
+        model = MoEAutoModelForCausalLM.from_pretrained(resolve_path(cfg.name_or_path), parallel=parallel, **hf_kwargs)
+    if next(model.parameters()).device.type == "meta" or next(model.parameters()).device != device:
+        model = model.to(device)
+    return model.train()

@@ -1,0 +1,165 @@
+"""What a training step is worth: tokens/s, FLOPs and MFU, memory, expert load; and where metrics go.
+
+FLOPs per trained token (forward + backward), documented so MFU is comparable across runs:
+
+    flops_per_token = 6 * active_params_per_token + 6 * n_layers * n_heads * head_dim * seq_len
+
+- `active_params_per_token`: every parameter a token touches in a matmul. Routed experts count only for the
+  top-k experts a token visits: non-expert params + expert params * top_k / num_experts. The input embedding is a
+  lookup, not a matmul, and is left out; the LM head counts (untied or tied).
+- attention scores and values: 2 matmuls of 2 * n_heads * head_dim * seq_len FLOPs each per token and layer in the
+  forward, x3 for forward + backward = 12 * L * H * d * S; causal masking halves the useful part -> 6 * L * H * d * S.
+  With packing, `seq_len` is the row length, an upper bound on each sample's context.
+
+MFU = achieved FLOP/s / (PEAK_TFLOPS * 1e12 * world size); PEAK_TFLOPS is the dense bf16 peak of one H100/H200
+(989 TFLOP/s). On CPU the number is meaningless but still reported, so the logs keep one shape.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+PEAK_TFLOPS = 989.0
+
+
+def _config_int(config, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def active_params_per_token(model: torch.nn.Module) -> int:
+    """Parameters a token uses in matmuls (see the module docstring); DTensor shards count at their global size."""
+    config = model.config
+    num_experts = _config_int(config, "num_experts", "num_local_experts", "n_routed_experts")
+    top_k = _config_int(config, "num_experts_per_tok", "moe_topk") or 1
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is embedding
+    total_active = 0.0
+    for name, param in model.named_parameters():
+        if param is embedding and not tied:
+            continue
+        is_routed_expert = num_experts and ".experts." in f".{name}" and param.ndim >= 1 and param.shape[0] == num_experts
+        total_active += param.numel() * (top_k / num_experts if is_routed_expert else 1.0)
+    return int(total_active)
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token at context `seq_len`."""
+    config = model.config
+    layers = _config_int(config, "num_hidden_layers") or 0
+    heads = _config_int(config, "num_attention_heads") or 0
+    head_dim = _config_int(config, "head_dim") or (config.hidden_size // max(1, heads))
+    attention_layers = layers
+    pattern = getattr(config, "layers_block_type", None)  # hybrid models: only attention layers have this term
+    if isinstance(pattern, (list, tuple)):
+        attention_layers = sum(1 for kind in pattern if "attention" in str(kind))
+    return 6.0 * active_params_per_token(model) + 6.0 * attention_layers * heads * head_dim * seq_len
+
+
+def peak_memory_gib() -> float:
+    """Peak accelerator memory allocated by torch (GPU), or the process's peak resident set size (CPU)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+class ExpertLoadTracker:
+    """Counts tokens per expert per MoE layer from the routers' outputs `(router_logits, weights, indices)`.
+
+    Forward hooks on the router modules read `indices` [T, K]; counts accumulate on the device as [L, E] and are
+    read back only when asked (once per logged step), so the hooks cost one bincount per layer.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        adapter = getattr(model, "moe_adapter", None)
+        routers = adapter.router_modules(model) if adapter is not None else []
+        if not routers:
+            routers = [m for m in model.modules() if "router" in type(m).__name__.lower()]
+        self.num_layers = len(routers)
+        self.counts_LE: torch.Tensor | None = None
+        self.total_LE: torch.Tensor | None = None
+        self._handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(routers)]
+        self.enabled = True
+
+    def _hook(self, layer: int):
+        def hook(module, inputs, output):
+            if not self.enabled or not isinstance(output, tuple) or len(output) < 3:
+                return
+            logits, indices = output[0], output[2]
+            if not isinstance(indices, torch.Tensor) or indices.is_floating_point():
+                return
+            num_experts = logits.shape[-1]
+            if self.counts_LE is None:
+                self.counts_LE = torch.zeros(self.num_layers, num_experts, device=indices.device)
+            self.counts_LE[layer] += torch.bincount(indices.reshape(-1), minlength=num_experts).to(self.counts_LE)
+
+        return hook
+
+    def pop(self) -> torch.Tensor | None:
+        """Counts since the last pop, [L, E] on CPU (None if no router ran); also added to the run total."""
+        if self.counts_LE is None:
+            return None
+        counts = self.counts_LE.detach().float().cpu().clone()  # .cpu() is no copy on CPU
+        self.counts_LE.zero_()
+        self.total_LE = counts if self.total_LE is None else self.total_LE + counts
+        return counts
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def imbalance(counts_LE: torch.Tensor) -> list[float]:
+    """Per layer, max tokens on one expert / mean tokens per expert (1.0 = perfectly balanced)."""
+    mean = counts_LE.mean(dim=1).clamp_min(1e-9)
+    return (counts_LE.max(dim=1).values / mean).tolist()
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to metrics.jsonl, and mirrors scalars to TensorBoard if installed."""
+
+    def __init__(self, run_dir: Path, resume_step: int = 0):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._truncate_after(resume_step)
+        self._tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
+        except Exception:  # tensorboard is optional (extra "tracking")
+            self._tb = None
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop lines of steps the checkpoint does not contain (they will be trained again)."""
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """All records of `<run_dir>/metrics.jsonl`."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

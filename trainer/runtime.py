@@ -1,0 +1,96 @@
+"""Where the job runs: device, process group, precision and seeds, decided once at start-up."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from trainer.config import Recipe
+from trainer.errors import UserError
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int
+    world_size: int
+    precision: str  # fp32 | bf16-mixed | bf16 (auto resolved)
+    param_dtype: torch.dtype  # dtype of the trainable (master) weights
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        """bf16 autocast for bf16-mixed (fp32 master weights, bf16 matmuls); a no-op otherwise."""
+        if self.precision == "bf16-mixed":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(value)
+        return value
+
+
+def setup_runtime(recipe: Recipe) -> Runtime:
+    """Initialise the process group (under torchrun), pick the device, resolve precision, seed every generator."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+
+    precision = recipe.train.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if device.type == "cuda" else "fp32"
+    dtype_name = recipe.model.dtype
+    if dtype_name == "auto":
+        dtype_name = "bfloat16" if precision == "bf16" else "float32"
+    seed_everything(recipe.train.seed)
+    return Runtime(device, rank, world_size, precision, getattr(torch, dtype_name))
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: identical initialisation everywhere (sharding then splits it)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def parallelize(model: torch.nn.Module, parallel_cfg, rt: Runtime) -> torch.nn.Module:
+    """The seam for `trainer.parallel`: FSDP2 + EP, activation checkpointing and compile are applied there.
+
+    Without that package (or with one process and nothing to apply) the model is returned as is; full activation
+    checkpointing then falls back to transformers' own gradient checkpointing.
+    """
+    import trainer.parallel as parallel_pkg
+
+    apply = getattr(parallel_pkg, "parallelize", None)
+    if apply is not None:
+        return apply(model, parallel_cfg)
+    if rt.world_size > 1 and not _is_sharded(model):
+        raise UserError(
+            f"WORLD_SIZE={rt.world_size} but this install has no trainer.parallel.parallelize",
+            "run with one process, or install a version with distributed support",
+        )
+    if parallel_cfg.activation_checkpointing != "none":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())

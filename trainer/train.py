@@ -1,0 +1,180 @@
+"""The training loop: recipe in, checkpoints, metrics and a Hugging Face export out.
+
+    recipe -> runtime (device, precision, seed) -> run dir (resume or fresh) -> tokenizer, model, parallelize
+           -> data loader -> AdamW + warmup/cosine -> steps (grad accumulation, clipping) -> DCP checkpoints -> export
+
+One optimizer step: `grad_accum_steps` micro-batches, each loss summed over trained tokens and divided by the number
+of trained tokens in the whole step (all micro-batches, all ranks), so the gradient is the exact token mean no matter
+how tokens fall into micro-batches. Runs identically on one CPU and under torchrun (FSDP2/EP via `trainer.parallel`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from trainer.build import build_model, load_tokenizer
+from trainer.checkpoint.dcp import load_checkpoint, save_checkpoint
+from trainer.checkpoint.export import DTYPES, export_hf
+from trainer.config import Recipe, resolve_path
+from trainer.data import IGNORE_INDEX, StatefulLoader, build_dataset
+from trainer.errors import UserError
+from trainer.loss import forward_loss_sum
+from trainer.metrics import PEAK_TFLOPS, ExpertLoadTracker, MetricsWriter, flops_per_token, imbalance, peak_memory_gib
+from trainer.optim import build_optimizer, build_scheduler, clip_grad_norm
+from trainer.run_dir import prepare_run_dir, save_model_files
+from trainer.runtime import Runtime, parallelize, setup_runtime
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    losses: list[float]  # per optimizer step trained by this call
+    export_dir: Path | None
+    model: torch.nn.Module
+    tokenizer: object
+
+
+def train(recipe: Recipe, progress: bool = True) -> TrainResult:
+    rt = setup_runtime(recipe)
+    recipe.output.export_dtype = str(export_dtype(recipe, rt)).removeprefix("torch.")  # recorded in checkpoints
+    resume_from = prepare_run_dir(recipe, rt.is_main)
+    run_dir = Path(recipe.output.dir)
+    tokenizer = load_tokenizer(recipe.model)
+    model = build_model(recipe.model, rt.param_dtype, rt.device, recipe.parallel if rt.world_size > 1 else None)
+    model = parallelize(model, recipe.parallel, rt)
+    data = recipe.data
+    dataset = build_dataset(resolve_path(data.train_path), tokenizer, data.seq_len, data.format, data.long_samples)
+    _say(rt, f"data: {dataset.stats.summary()}")
+    loader = StatefulLoader(dataset, data.seq_len, recipe.train.micro_batch_size, tokenizer.pad_token_id,
+                            data.packing, data.shuffle, recipe.train.seed, rt.rank, rt.world_size)
+    optimizer = build_optimizer(model, recipe.optim)
+    scheduler = build_scheduler(optimizer, recipe.optim, recipe.train.max_steps)
+    step = load_checkpoint(resume_from, model, optimizer, scheduler, loader) if resume_from else 0
+    if resume_from:
+        _say(rt, f"resumed from {resume_from} at step {step}")
+    if rt.is_main:
+        save_model_files(run_dir, model, tokenizer)
+
+    tracker, writer = ExpertLoadTracker(model), MetricsWriter(run_dir, step) if rt.is_main else None
+    flops_tok = flops_per_token(model, data.seq_len)
+    bar = tqdm(total=recipe.train.max_steps, initial=step, disable=not (progress and rt.is_main), desc="train")
+    losses, nonfinite_in_a_row, saved_step = [], 0, step
+    while step < recipe.train.max_steps:
+        started = time.perf_counter()
+        loss, grad_norm, tokens, lr = _optimizer_step(model, optimizer, loader, recipe, rt)
+        scheduler.step()
+        step += 1
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+        if nonfinite_in_a_row >= recipe.train.nonfinite_max_consecutive:
+            raise UserError(f"loss or gradient was NaN/inf for {nonfinite_in_a_row} steps in a row (step {step})",
+                            "lower optim.lr, keep optim.max_grad_norm > 0, or check the data")
+        seconds = time.perf_counter() - started
+        record = _record(step, loss, lr, grad_norm, tokens, seconds, flops_tok, rt, tracker, skipped=not finite)
+        losses.append(loss)
+        if writer is not None:
+            writer.write(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if bar.disable and rt.is_main and step % recipe.train.log_every == 0:
+            print(f"step {step}: loss {loss:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} {record['tokens_per_s']:.0f} tok/s")
+        if recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0:
+            save_checkpoint(run_dir, step, model, optimizer, scheduler, loader, recipe.checkpoint.keep_last,
+                            recipe.to_dict())
+            saved_step = step
+            _fault_injection(step)
+    bar.close()
+    if saved_step != step:
+        save_checkpoint(run_dir, step, model, optimizer, scheduler, loader, recipe.checkpoint.keep_last,
+                        recipe.to_dict())
+    export_dir = None
+    if recipe.output.export:
+        export_dir = export_hf(model, tokenizer, run_dir / "export", export_dtype(recipe, rt), overwrite=True)
+        _say(rt, f"exported a Hugging Face checkpoint to {export_dir}")
+    if writer is not None:
+        writer.close()
+        _plots(run_dir, tracker)
+    tracker.remove()
+    return TrainResult(run_dir, step, losses, export_dir, model, tokenizer)
+
+
+def _optimizer_step(model, optimizer, loader, recipe: Recipe, rt: Runtime) -> tuple[float, float, int, float]:
+    """Forward/backward over grad_accum_steps micro-batches, clip, step; returns (loss, grad_norm, tokens, lr)."""
+    lr = optimizer.param_groups[0]["lr"]
+    micro_batches = [{k: v.to(rt.device) for k, v in next(loader).items()} for _ in range(recipe.train.grad_accum_steps)]
+    num_targets = rt.all_reduce_sum(sum((b["targets"] != IGNORE_INDEX).sum() for b in micro_batches).float())
+    aux_coef = getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0
+    loss_sum = torch.zeros((), device=rt.device)
+    for batch in micro_batches:
+        with rt.autocast():
+            token_loss_sum, aux_loss = forward_loss_sum(model, batch)
+        # Gradient reductions average over ranks, so scale by world size to get the global token mean.
+        loss = token_loss_sum * rt.world_size / num_targets.clamp_min(1)
+        if aux_loss is not None:
+            loss = loss + aux_coef * aux_loss / len(micro_batches)
+        loss.backward()
+        loss_sum += token_loss_sum.detach()
+    grad_norm = clip_grad_norm(model, recipe.optim.max_grad_norm).item()
+    mean_loss = (rt.all_reduce_sum(loss_sum) / num_targets.clamp_min(1)).item()
+    if math.isfinite(mean_loss) and math.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = sum(b["input_ids"].numel() for b in micro_batches) * rt.world_size
+    return mean_loss, grad_norm, tokens, lr
+
+
+def _record(step, loss, lr, grad_norm, tokens, seconds, flops_tok, rt: Runtime, tracker, skipped: bool) -> dict:
+    tokens_per_s = tokens / max(seconds, 1e-9)
+    tflops = flops_tok * tokens_per_s / 1e12
+    record = {
+        "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens_per_s,
+        "tflops": tflops, "mfu": tflops / (PEAK_TFLOPS * rt.world_size), "peak_memory_gib": peak_memory_gib(),
+        "step_seconds": seconds,
+    }
+    counts_LE = tracker.pop()
+    if counts_LE is not None:
+        per_layer = imbalance(counts_LE)
+        record["expert_load_max_over_mean"] = max(per_layer)
+        record["expert_load_per_layer"] = [round(x, 4) for x in per_layer]
+    if skipped:
+        record["skipped"] = True
+    return record
+
+
+def export_dtype(recipe: Recipe, rt: Runtime) -> torch.dtype:
+    """output.export_dtype; auto = float32 when training in fp32, else bfloat16."""
+    name = recipe.output.export_dtype
+    if name == "auto":
+        name = "float32" if rt.precision == "fp32" else "bfloat16"
+    return DTYPES[name]
+
+
+def _plots(run_dir: Path, tracker: ExpertLoadTracker) -> None:
+    from trainer.metrics import read_metrics
+    from trainer.plots import plot_expert_load, plot_loss
+
+    plot_loss(read_metrics(run_dir), run_dir / "loss.png")
+    plot_expert_load(tracker.total_LE, run_dir / "expert_load.png")
+
+
+def _say(rt: Runtime, message: str) -> None:
+    if rt.is_main:
+        print(message, flush=True)
+
+
+def _fault_injection(step: int) -> None:
+    """Test hook: MOE_FAULT_HANG_AFTER_CHECKPOINT=<step> stops making progress after that checkpoint, so a test
+    can kill the process at a known point (a real SIGKILL, as a preempted node would see)."""
+    import os
+
+    if os.environ.get("MOE_FAULT_HANG_AFTER_CHECKPOINT") == str(step):
+        print(f"fault injection: hanging after checkpoint {step}", flush=True)
+        while True:
+            time.sleep(1)
