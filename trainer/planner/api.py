@@ -57,16 +57,22 @@ def format_report(report: PlanReport, top: int = 12) -> str:
         f"precision {opts.precision}, grad accum {opts.grad_accum_steps}, EP capacity factor {opts.capacity_factor:g}, "
         f"{'fused' if opts.optimizer_fused else 'foreach'} AdamW, throughput of {report.implementation}",
         "",
-        f"recipe layout  {report.current.layout.describe()}: {describe_memory(report.current.memory)}",
-        f"               headroom {report.current.headroom_gib:.1f} GiB -> "
-        + ("fits" if report.current.fits else "DOES NOT FIT")
-        + f", ~{report.current.step.tokens_per_s:,.0f} tok/s/GPU",
-        "",
     ]
+    if report.request.layout_error:
+        lines.append(f"recipe layout  impossible here ({report.request.layout_error})")
+    else:
+        lines += [
+            f"recipe layout  {report.current.layout.describe()}: {describe_memory(report.current.memory)}",
+            f"               headroom {report.current.headroom_gib:.1f} GiB -> "
+            + ("fits" if report.current.fits else "DOES NOT FIT")
+            + f", ~{report.current.step.tokens_per_s:,.0f} tok/s/GPU",
+        ]
+    lines.append("")
     fitting = [c for c in report.candidates if c.fits][:top]
     if fitting:
-        lines.append(f"layouts that fit, fastest first (GiB per GPU; * = the recipe's layout):")
-        lines.append(format_table(fitting, report.gpu, mark=report.request.layout))
+        mark = None if report.request.layout_error else report.request.layout
+        lines.append("layouts that fit, fastest first (GiB per GPU; * = the recipe's layout):")
+        lines.append(format_table(fitting, report.gpu, mark=mark))
         lines.append("")
         lines.append(f"best: {report.best.layout.overrides(report.request.layout)}")
     else:

@@ -31,9 +31,13 @@ def recipe_value(recipe: Any, dotted: str, default: Any = None) -> Any:
 
 @dataclass(frozen=True)
 class PlanRequest:
+    """The model, the recipe's layout and the options. When the recipe's mesh is impossible on this many GPUs,
+    `layout_error` says why and `layout` is the plain FSDP layout (ep 1, all ranks sharding) with the same batch."""
+
     shape: ModelShape
     layout: Layout
     options: PlanOptions
+    layout_error: str | None = None
 
 
 def request_from_recipe(recipe: Any, world_size: int, model_config: Any = None, gpu: GPU | None = None,
@@ -58,24 +62,28 @@ def request_from_recipe(recipe: Any, world_size: int, model_config: Any = None, 
         dispatcher = "alltoall"  # the planner assumes the dispatcher that runs everywhere
     checkpointing = recipe_value(recipe, "parallel.activation_checkpointing", "none")
     checkpointing = {True: "full", False: "none"}.get(checkpointing, checkpointing)
-    layout = Layout(
-        world_size=world_size,
-        ep_size=int(recipe_value(recipe, "parallel.ep_size", 1)),
-        dp_shard=dp_shard,
-        micro_batch=int(recipe_value(recipe, "train.micro_batch_size", 1)),
-        seq_len=int(recipe_value(recipe, "data.seq_len", 4096)),
-        checkpointing=str(checkpointing),
-        dispatcher=dispatcher,
-    )
-    if shape.num_experts % layout.ep_size:
-        raise UserError(f"parallel.ep_size={layout.ep_size} does not divide the {shape.num_experts} experts",
-                        "choose an ep_size that divides the expert count")
+    batch = dict(world_size=world_size, micro_batch=int(recipe_value(recipe, "train.micro_batch_size", 1)),
+                 seq_len=int(recipe_value(recipe, "data.seq_len", 4096)), checkpointing=str(checkpointing),
+                 dispatcher=dispatcher)
+    ep_size = int(recipe_value(recipe, "parallel.ep_size", 1))
+    layout_error = None
+    try:
+        if world_size % dp_shard:
+            raise UserError(f"parallel.dp_shard_size={dp_shard} does not divide {world_size} GPUs",
+                            "choose a sharding size that divides the GPU count")
+        if shape.num_experts % ep_size:
+            raise UserError(f"parallel.ep_size={ep_size} does not divide the {shape.num_experts} experts",
+                            "choose an ep_size that divides the expert count")
+        layout = Layout(ep_size=ep_size, dp_shard=dp_shard, **batch)
+    except UserError as err:
+        layout_error = str(err)
+        layout = Layout(ep_size=1, dp_shard=world_size, **batch)
     options = PlanOptions(
         precision=str(recipe_value(recipe, "train.precision", "auto")),
         grad_accum_steps=int(recipe_value(recipe, "train.grad_accum_steps", 1)),
         capacity_factor=capacity_factor if capacity_factor is not None else PlanOptions.capacity_factor,
     )
-    return PlanRequest(shape, layout, options)
+    return PlanRequest(shape, layout, options, layout_error)
 
 
 def _gpu_for(memory_gib: float) -> GPU:
@@ -104,6 +112,8 @@ def check_fits(recipe_cfg: Any, model_config: Any, world_size: int, gpu_mem_gib:
     if _check_disabled(recipe_cfg):
         return
     request = request_from_recipe(recipe_cfg, world_size, model_config)
+    if request.layout_error:
+        raise UserError(f"the recipe's layout is impossible on {world_size} GPUs: {request.layout_error}")
     gpu = _gpu_for(gpu_mem_gib)
     mine = evaluate(request.shape, request.layout, gpu, request.options)
     if mine.fits:
