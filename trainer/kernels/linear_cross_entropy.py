@@ -1,0 +1,155 @@
+"""Linear + cross-entropy without ever holding the full-vocabulary logits.
+
+The LM head of a 152k-vocabulary model on 16k tokens would materialise [16384, 151936] logits: 5 GB in bf16 and
+10 GB more once upcast to fp32 for the loss, plus their gradient. Here the tokens are processed in chunks: each
+chunk's logits are formed, turned into its loss and its gradient w.r.t. the logits, and immediately contracted into
+the gradients w.r.t. the hidden states and the head weight. Only those two gradients (the size of the inputs) stay
+alive until backward, which just scales them by the incoming gradient.
+
+    loss_sum = linear_cross_entropy_sum(h_ND, w_VD, targets_N)     # fp32 [], sum over targets != ignore_index
+
+Backends: Liger's Triton kernel (`LigerFusedLinearCrossEntropyLoss`) when it is importable and the tensors are on
+CUDA, else the chunked torch implementation below (any device). `reference_linear_cross_entropy_sum` is the plain
+formula both are tested against.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_BYTES = 1 << 30  # fp32 logits of one chunk; bounds the transient memory of the loss
+
+
+def reference_linear_cross_entropy_sum(
+    h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Plain formula: full logits [N, V] in the input dtype, upcast to fp32, summed token cross-entropy []."""
+    logits_NV = F.linear(h_ND, w_VD).float()
+    return F.cross_entropy(logits_NV, targets_N, ignore_index=ignore_index, reduction="sum")
+
+
+def _chunk_rows(num_rows: int, vocab: int, chunk_bytes: int) -> int:
+    return max(1, min(num_rows, chunk_bytes // (4 * vocab)))
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss and both input gradients chunk by chunk; backward scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx, h_ND, w_VD, targets_N, ignore_index: int, chunk_rows: int, accum_fp32: bool):
+        num_rows = h_ND.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h_ND = torch.empty_like(h_ND) if need_h else None
+        grad_w_VD = None
+        if need_w:
+            grad_w_VD = torch.zeros_like(w_VD, dtype=torch.float32 if accum_fp32 else w_VD.dtype)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=h_ND.device)
+        for start in range(0, num_rows, chunk_rows):
+            h_CD = h_ND[start:start + chunk_rows]
+            t_C = targets_N[start:start + chunk_rows]
+            logits_CV = F.linear(h_CD, w_VD).float()
+            valid_C = t_C != ignore_index
+            safe_t_C = torch.where(valid_C, t_C, torch.zeros_like(t_C))
+            lse_C = torch.logsumexp(logits_CV, dim=-1)
+            target_logit_C = logits_CV.gather(1, safe_t_C.unsqueeze(1)).squeeze(1)
+            loss_sum += ((lse_C - target_logit_C) * valid_C).sum()
+            # d loss / d logits = softmax - onehot(target), zero on ignored rows; written into the logits buffer
+            grad_CV = logits_CV.sub_(lse_C.unsqueeze(1)).exp_()
+            grad_CV.scatter_add_(1, safe_t_C.unsqueeze(1), torch.full_like(target_logit_C, -1.0).unsqueeze(1))
+            grad_CV.mul_(valid_C.unsqueeze(1).to(grad_CV.dtype))
+            del logits_CV  # same buffer as grad_CV: dropping both names frees the fp32 chunk after the cast
+            grad_CV = grad_CV.to(h_ND.dtype)
+            if need_h:
+                torch.mm(grad_CV, w_VD, out=grad_h_ND[start:start + chunk_rows])
+            if need_w:
+                if grad_w_VD.dtype == grad_CV.dtype:
+                    grad_w_VD.addmm_(grad_CV.t(), h_CD)
+                else:
+                    grad_w_VD.add_(torch.mm(grad_CV.t(), h_CD).float())
+            del grad_CV
+        ctx.save_for_backward(grad_h_ND, grad_w_VD)
+        ctx.w_dtype = w_VD.dtype
+        return loss_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h_ND, grad_w_VD = ctx.saved_tensors
+        scale = grad_loss.float()
+        grad_h = None if grad_h_ND is None else (grad_h_ND * scale.to(grad_h_ND.dtype))
+        grad_w = None if grad_w_VD is None else (grad_w_VD * scale).to(ctx.w_dtype)
+        return grad_h, grad_w, None, None, None, None
+
+
+def chunked_linear_cross_entropy_sum(
+    h_ND: torch.Tensor,
+    w_VD: torch.Tensor,
+    targets_N: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    accum_fp32: bool = False,
+) -> torch.Tensor:
+    """Summed token cross-entropy of `h_ND @ w_VD.T` against targets [N], fp32 []; peak extra memory ~chunk_bytes.
+
+    h_ND: hidden states [N, D]; w_VD: LM head weight [V, D] (same dtype); targets_N: int64, `ignore_index` skipped.
+    accum_fp32: accumulate the head-weight gradient in fp32 (one fp32 [V, D] buffer) instead of the weight dtype.
+    """
+    rows = _chunk_rows(h_ND.shape[0], w_VD.shape[0], chunk_bytes)
+    return _ChunkedLinearCrossEntropy.apply(h_ND, w_VD, targets_N, ignore_index, rows, accum_fp32)
+
+
+@functools.lru_cache(maxsize=None)
+def liger_available() -> bool:
+    """Whether Liger's fused linear cross-entropy can be imported (it needs triton and a CUDA device)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss  # noqa: F401
+    except Exception:  # ImportError, or a triton that does not match this torch
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _liger_loss(ignore_index: int):
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, reduction="sum")
+
+
+def linear_cross_entropy_sum(
+    h_ND: torch.Tensor,
+    w_VD: torch.Tensor,
+    targets_N: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Summed token cross-entropy [] (fp32) of the LM head applied to h_ND [N, D], never forming [N, V] logits.
+
+    backend: "liger" (Triton kernel; raises if unavailable), "chunked" (torch), "auto" (liger on CUDA if importable,
+    else chunked), "reference" (full logits, for tests and ablations).
+    """
+    if backend == "reference":
+        return reference_linear_cross_entropy_sum(h_ND, w_VD, targets_N, ignore_index)
+    use_liger = backend == "liger" or (backend == "auto" and h_ND.is_cuda and liger_available())
+    if use_liger:
+        if not liger_available():
+            raise RuntimeError("liger_kernel is not importable here (needs liger-kernel, triton and a CUDA device)")
+        return _liger_loss(ignore_index)(w_VD, h_ND, targets_N).float()
+    if backend not in ("auto", "chunked"):
+        raise ValueError(f"unknown linear cross-entropy backend {backend!r}")
+    return chunked_linear_cross_entropy_sum(h_ND, w_VD, targets_N, ignore_index)
+
+
+def shift_labels(labels_BS: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Next-token targets [B, S] the way transformers forms them: labels shifted left, last position ignored."""
+    return F.pad(labels_BS[:, 1:], (0, 1), value=ignore_index)
+
+
+def num_chunks(num_rows: int, vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """How many chunks the torch backend uses (for logs and the memory planner)."""
+    return math.ceil(num_rows / _chunk_rows(num_rows, vocab, chunk_bytes))
