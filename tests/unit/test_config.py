@@ -1,0 +1,97 @@
+"""The recipe schema: presets by name, typed dotted overrides, one-line errors that name the closest valid key."""
+
+from __future__ import annotations
+
+import pytest
+
+from trainer.cli import main as moe
+from trainer.config import all_keys, list_presets, load_recipe, resolve_path
+from trainer.errors import EXIT_USER_ERROR, UserError
+
+REQUIRED_KEYS = [
+    "model.name_or_path", "data.train_path", "data.seq_len", "train.micro_batch_size", "train.grad_accum_steps",
+    "train.max_steps", "train.seed", "optim.lr", "output.dir", "checkpoint.every_steps", "checkpoint.resume",
+    "parallel.ep_size", "parallel.dp_shard_size", "model.dtype", "model.trust_remote_code", "model.config_overrides",
+    "model.from_config", "data.format", "data.packing", "data.long_samples", "optim.weight_decay", "optim.betas",
+    "optim.warmup_steps", "optim.min_lr_ratio", "optim.max_grad_norm", "train.precision", "train.log_every",
+    "checkpoint.keep_last", "output.overwrite", "parallel.dp_replicate_size", "parallel.dispatcher",
+    "parallel.activation_checkpointing", "parallel.compile", "train.nonfinite_max_consecutive",
+]
+
+
+def test_schema_has_every_documented_key():
+    assert set(REQUIRED_KEYS) <= set(all_keys())
+
+
+def test_presets_load_by_name():
+    assert {"tiny-moe", "qwen3-30b-a3b"} <= set(list_presets())
+    big = load_recipe("qwen3-30b-a3b")
+    assert big.model.name_or_path == "Qwen/Qwen3-30B-A3B"
+    assert big.data.seq_len == 4096 and big.train.precision == "bf16-mixed"
+    assert big.model.trust_remote_code is False
+
+
+def test_recipe_loads_from_a_yaml_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("model:\n  name_or_path: some/model\ndata:\n  train_path: train.jsonl\n  seq_len: 512\n")
+    recipe = load_recipe(str(path))
+    assert recipe.model.name_or_path == "some/model" and recipe.data.seq_len == 512
+
+
+def test_dotted_overrides_are_typed():
+    recipe = load_recipe("tiny-moe", [
+        "optim.lr=1e-4", "train.max_steps=7", "data.packing=false", "optim.betas=[0.8,0.9]",
+        "checkpoint.resume=never", "model.config_overrides.num_hidden_layers=1",
+    ])
+    assert recipe.optim.lr == pytest.approx(1e-4) and isinstance(recipe.optim.lr, float)
+    assert recipe.train.max_steps == 7 and recipe.data.packing is False
+    assert recipe.optim.betas == [0.8, 0.9] and recipe.checkpoint.resume == "never"
+    assert recipe.model.config_overrides == {"num_hidden_layers": 1}
+
+
+def test_builtin_paths_resolve_into_the_shipped_assets():
+    recipe = load_recipe("tiny-moe")
+    assert resolve_path(recipe.data.train_path).endswith("trainer/assets/data/sft.jsonl")
+    assert resolve_path("some/hub-id") == "some/hub-id"
+
+
+@pytest.mark.parametrize("override, closest", [
+    ("optim.lrr=1e-3", "optim.lr"),
+    ("train.max_step=3", "train.max_steps"),
+    ("lr=3e-4", "optim.lr"),
+    ("data.seqlen=128", "data.seq_len"),
+])
+def test_unknown_key_names_the_closest_valid_key(override, closest):
+    with pytest.raises(UserError, match=f"did you mean '{closest}'"):
+        load_recipe("tiny-moe", [override])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.max_steps=abc", "integer"),
+    ("train.precision=fp16", "auto|fp32|bf16-mixed|bf16"),
+    ("data.packing=maybe", "true or false"),
+    ("train.seed=1.5", "integer"),
+])
+def test_wrong_type_says_what_is_expected(override, expected):
+    with pytest.raises(UserError, match=expected):
+        load_recipe("tiny-moe", [override])
+
+
+def test_unknown_key_in_a_yaml_file_is_rejected(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("model:\n  name_or_path: x\n  dtyp: bfloat16\ndata:\n  train_path: t.jsonl\n")
+    with pytest.raises(UserError, match="did you mean 'model.dtype'"):
+        load_recipe(str(path))
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(UserError, match="did you mean 'tiny-moe'"):
+        load_recipe("tiny-mo")
+
+
+def test_cli_exits_2_with_one_line_naming_the_closest_key(capsys, tmp_path):
+    code = moe(["train", "tiny-moe", "optim.lrr=1e-3", f"output.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_USER_ERROR
+    assert len(err.splitlines()) == 1 and "optim.lr" in err and "optim.lrr" in err
+    assert not (tmp_path / "run").exists()  # a user error leaves no partial output
