@@ -40,3 +40,4 @@ test: $(STAMP) ## run the test suite on CPU
 
 clean: ## remove the virtual environment and demo runs
 	rm -rf $(VENV) runs/tiny-moe-demo
+include docker/images.mk
