@@ -11,7 +11,6 @@ from trainer.planner.hardware import GiB
 from trainer.planner.memory import unit_params
 from trainer.planner.model_shape import MoE
 
-GiB_ = GiB
 HF_BASELINE = PlanOptions(precision="bf16", keep_outputs=True, fsdp=False)
 
 TINY = {
@@ -168,5 +167,5 @@ MEASURED_HF_PEAKS = [
 @pytest.mark.parametrize("model,overrides,micro_batch,measured_gib", MEASURED_HF_PEAKS)
 def test_predicts_the_measured_transformers_peaks_within_3_percent(model, overrides, micro_batch, measured_gib):
     shape = shape_from_config(load_model_config(model, overrides))
-    predicted = estimate_memory(shape, Layout(1, micro_batch=micro_batch, seq_len=4096), HF_BASELINE).total / GiB_
+    predicted = estimate_memory(shape, Layout(1, micro_batch=micro_batch, seq_len=4096), HF_BASELINE).total / GiB
     assert predicted == pytest.approx(measured_gib, rel=0.03)
