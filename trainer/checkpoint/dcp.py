@@ -13,6 +13,7 @@ reloads them under another world size; with one process it writes plain tensors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -38,9 +39,14 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 META = "meta.json"
 
-# Single-process DCP warns that no process group exists; that is the intended mode there.
-warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
-warnings.filterwarnings("ignore", message=".*assuming the intent is to.*single process.*")
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """Single-process DCP warns that no process group exists; that is the intended mode there."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
+        yield
 
 
 def _rank() -> int:
@@ -109,7 +115,8 @@ def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, loader, kee
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    dcp.save(_state(model, optimizer, scheduler, loader, step), checkpoint_id=str(tmp))
+    with _quiet_single_process():
+        dcp.save(_state(model, optimizer, scheduler, loader, step), checkpoint_id=str(tmp))
     if _rank() == 0:
         (tmp / META).write_text(json.dumps({"step": step, "time": time.time(), "recipe": recipe}, indent=2))
         if final.exists():
@@ -130,7 +137,8 @@ def load_checkpoint(checkpoint: str | Path, model, optimizer, scheduler, loader)
     rng_key = f"rng/rank{_rank()}"
     if not any(k.startswith(rng_key + ".") or k == rng_key for k in saved_keys):
         state.pop(rng_key)  # saved under another world size: keep this rank's fresh generators
-    dcp.load(state, checkpoint_id=str(checkpoint))
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(checkpoint))
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     scheduler.load_state_dict(state["trainer"]["scheduler"])
@@ -144,7 +152,8 @@ def load_model_weights(checkpoint: str | Path, model) -> int:
     """Only the model part of a checkpoint (for export); returns its step."""
     meta = read_meta(checkpoint)
     state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(checkpoint))
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(checkpoint))
     set_model_state_dict(model, state["model"])
     return int(meta["step"])
 
