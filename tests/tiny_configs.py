@@ -58,3 +58,20 @@ def olmoe(**overrides) -> OlmoeConfig:
 
 
 FAMILIES = {"qwen3_moe": qwen3_moe, "mixtral": mixtral, "deepseek_v3": deepseek_v3, "qwen2_moe": qwen2_moe, "olmoe": olmoe}
+
+
+def nemotron_h(**overrides):
+    """Every Nemotron-H layer type: Mamba2 (M), MoE (E), attention (*), dense relu2 MLP (-). chunk_size 8 so a
+    24-token row spans three SSD chunks."""
+    from transformers import NemotronHConfig
+
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=32, layers_block_type=["mamba", "moe", "attention", "mlp", "moe", "mamba"],
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48, mamba_num_heads=4,
+        mamba_head_dim=8, n_groups=2, ssm_state_size=8, conv_kernel=4, chunk_size=8, n_routed_experts=8,
+        num_experts_per_tok=2, moe_intermediate_size=16, moe_shared_expert_intermediate_size=24,
+        routed_scaling_factor=2.5, n_group=1, topk_group=1, norm_topk_prob=True, max_position_embeddings=128,
+        use_cache=False, tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return NemotronHConfig(**kwargs)
