@@ -6,9 +6,16 @@ once the model is built with `experts_implementation="moe_fast"`. It keeps HF's 
 (`gate_up_proj [E, 2I, H]` or `up_proj [E, I, H]`, `down_proj [E, H, I]`, transposed variants, optional biases)
 and runs: dispatch (sort by expert, or all-to-all / DeepEP under expert parallelism) -> grouped GEMM -> activation ->
 grouped GEMM -> combine (weighted K-way sum, deterministic).
+
+Option (local path only, no bias): the memory-lean fused expert MLP (`trainer.kernels.fused_expert_mlp`), one
+autograd Function that saves the pre-activation and the down output only and builds its routing plan without a
+host synchronisation. Turn it on per module with `set_fused_experts(model)` (what `trainer.perf` does), or for
+every model with the environment variable MOE_FUSED_EXPERTS=1. Expert-parallel dispatchers keep the unfused path.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -16,6 +23,7 @@ from trainer.moe.dispatch import LOCAL_DISPATCHER
 from trainer.moe.grouped_gemm import grouped_mm
 
 IMPLEMENTATION_NAME = "moe_fast"
+FUSED_ENV = "MOE_FUSED_EXPERTS"
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -54,15 +62,76 @@ def expert_mlp(module: torch.nn.Module, x_SD: torch.Tensor, plan) -> torch.Tenso
     y_SD = grouped_mm(h_SF, down_EFH, offsets_E)
     if has_bias:
         y_SD = y_SD + _local(module.down_proj_bias)[expert_S]
+    if y_SD.shape[0] == 0:  # no rows here (expert parallelism): still give the weights a (zero) gradient, so every
+        y_SD = y_SD + 0 * (up_EHF.sum() + down_EFH.sum())  # rank joins the same FSDP gradient collectives
     return y_SD
+
+
+def _fused_enabled(module: torch.nn.Module) -> bool:
+    flag = getattr(module, "moe_fused_experts", None)
+    if flag is None:
+        flag = os.environ.get(FUSED_ENV, "0") == "1"
+    return bool(flag) and not getattr(module, "has_bias", False)
+
+
+def set_fused_experts(model: torch.nn.Module, enabled: bool = True, activation_backend: str = "torch") -> int:
+    """Turn the fused local expert MLP on or off for every experts module in `model`; returns how many.
+
+    activation_backend: "torch" (explicit formulas) or "liger" (Triton SwiGLU, CUDA only, falls back to torch).
+    """
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "gate_up_proj") or (hasattr(module, "up_proj") and hasattr(module, "down_proj")
+                                                  and getattr(module, "has_gate", None) is False):
+            if getattr(module, "num_experts", None) is None:
+                continue
+            module.moe_fused_experts = enabled
+            module.moe_activation_backend = activation_backend
+            module.__dict__.pop("_moe_activation", None)
+            count += 1
+    return count
+
+
+def _sync_free_plan(top_k_index: torch.Tensor, num_experts: int):
+    """Sort (token, k) pairs by expert; offsets by binary search, so the shapes never depend on the data."""
+    flat_S = top_k_index.reshape(-1)
+    expert_of_row_S, perm_S = torch.sort(flat_S, stable=True)
+    inv_perm_S = torch.empty_like(perm_S)
+    inv_perm_S[perm_S] = torch.arange(perm_S.numel(), device=perm_S.device)
+    boundaries_E = torch.arange(num_experts, device=flat_S.device, dtype=expert_of_row_S.dtype)
+    offsets_E = torch.searchsorted(expert_of_row_S, boundaries_E, right=True).to(torch.int32)
+    return perm_S, inv_perm_S, offsets_E
+
+
+def _fused_local_forward(module, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+    from trainer.kernels.fused_expert_mlp import activation_for, fused_expert_mlp
+
+    activation = module.__dict__.get("_moe_activation")
+    if activation is None:
+        activation = activation_for(module, getattr(module, "moe_activation_backend", "torch"))
+        module.__dict__["_moe_activation"] = activation
+    has_gate = getattr(module, "has_gate", True)
+    perm_S, inv_perm_S, offsets_E = _sync_free_plan(top_k_index, module.num_experts)
+    module.moe_last_tokens_per_expert = torch.diff(offsets_E.long(), prepend=offsets_E.new_zeros(1).long())
+    out_TD = fused_expert_mlp(
+        hidden_states, top_k_weights, _local(module.gate_up_proj if has_gate else module.up_proj),
+        _local(module.down_proj), perm_S, inv_perm_S, offsets_E, top_k_index.shape[1], activation,
+        is_transposed=getattr(module, "is_transposed", False),
+    )
+    return out_TD.to(hidden_states.dtype)
 
 
 def fast_experts_forward(
     module: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """ExpertsInterface entry: [T, H] tokens, [T, K] expert ids and weights -> [T, H]."""
+    if getattr(module, "moe_dispatcher", None) is None and _fused_enabled(module):
+        return _fused_local_forward(module, hidden_states, top_k_index, top_k_weights)
     dispatcher = getattr(module, "moe_dispatcher", None) or LOCAL_DISPATCHER
-    rows_SD, plan = dispatcher.dispatch(hidden_states, top_k_index, module.num_experts)
+    if getattr(dispatcher, "weights_at_dispatch", False):  # expert-parallel dispatchers weight on the expert side
+        rows_SD, plan = dispatcher.dispatch(hidden_states, top_k_index, module.num_experts, top_k_weights)
+    else:
+        rows_SD, plan = dispatcher.dispatch(hidden_states, top_k_index, module.num_experts)
     module.moe_last_tokens_per_expert = plan.tokens_per_expert_E.detach() if hasattr(plan, "tokens_per_expert_E") else None
     y_SD = expert_mlp(module, rows_SD, plan)
     return dispatcher.combine(y_SD, top_k_weights, plan).to(hidden_states.dtype)

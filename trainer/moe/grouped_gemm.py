@@ -1,5 +1,7 @@
 """Grouped GEMM over experts: rows [S, K] grouped by expert x weights [E, K, N] -> [S, N].
 
+Also the per-expert weight-gradient form: rows [S, K] and gradients [S, N] -> [E, K, N] (x[rows_e]^T @ g[rows_e]).
+
 On Hopper (and on Ampere+ with torch >= 2.9) this is one `grouped_mm` launch; elsewhere (CPU, older GPUs, torch
 builds without the op) a reference loop over experts computes the same product. Offsets are the cumulative row
 counts per expert (int32, [E]); rows past `offsets[-1]` are never read.
@@ -49,3 +51,27 @@ def grouped_mm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Tensor,
     if not force_loop and grouped_mm_supported(x_SK.device.type, x_SK.device.index):
         return _fused_grouped_mm(x_SK, w_EKN, offsets_E)
     return _looped_grouped_mm(x_SK, w_EKN, offsets_E)
+
+
+def _looped_weight_grad(a_SK: torch.Tensor, b_SN: torch.Tensor, offsets_E: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Reference: one a^T @ b per expert over its rows; experts without rows get zeros."""
+    out_EKN = a_SK.new_zeros(num_groups, a_SK.shape[1], b_SN.shape[1])
+    start = 0
+    for expert, end in enumerate(offsets_E.tolist()):
+        if end > start:
+            out_EKN[expert] = a_SK[start:end].t() @ b_SN[start:end]
+        start = end
+    return out_EKN
+
+
+def grouped_mm_weight_grad(
+    a_SK: torch.Tensor, b_SN: torch.Tensor, offsets_E: torch.Tensor, num_groups: int, *, force_loop: bool = False
+) -> torch.Tensor:
+    """Per-group a[rows_e]^T @ b[rows_e] -> [E, K, N] (rows grouped as in `grouped_mm`); a and b share a dtype.
+
+    This is the weight gradient of `grouped_mm`: with a = layer input rows and b = output-gradient rows it is
+    dW [E, in, out]; with the two swapped it is dW^T [E, out, in], HF's parameter layout.
+    """
+    if not force_loop and grouped_mm_supported(a_SK.device.type, a_SK.device.index):
+        return _fused_grouped_mm(a_SK.t(), b_SN, offsets_E)  # 2D x 2D with offsets along the contraction dim
+    return _looped_weight_grad(a_SK, b_SN, offsets_E, num_groups)

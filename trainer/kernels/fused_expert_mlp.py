@@ -1,0 +1,214 @@
+"""The whole local expert MLP as one autograd Function that keeps about half the activations of the unfused path.
+
+    out_TD = sum_k w_TK[t, k] * down_e(act(up_e(x_TD[t])))     e = expert index_TK[t, k]
+
+Forward: gather rows by expert -> grouped GEMM up -> activation (SwiGLU or relu^2) -> grouped GEMM down -> gather
+back -> weighted K-way combine. Saved for backward: the pre-activation [S, 2I] (or [S, I]) and the down-projection
+output [S, H], plus the routing plan (int vectors). The input x_TD is saved too, but it is the MoE block's input,
+which the router keeps alive anyway, so it costs nothing extra. Recomputed in backward: the row gather of x and the
+activation (both bandwidth-cheap next to the GEMMs). The unfused path (autograd through each op) also keeps the
+gathered rows [S, H], the activation output [S, I] (twice for SwiGLU) and the gathered combine input [S, H].
+
+Backward uses the three grouped-GEMM forms: dX = dY @ W^T (2D x 3D), and the per-expert weight gradient
+dW[e] = dY[rows_e]^T @ X[rows_e] (2D x 2D with offsets), written straight in HF's [E, out, in] layout.
+The reference is `trainer.moe.experts.expert_mlp` + `LocalDispatcher` (the unfused path), tested to agree in fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from trainer.moe.grouped_gemm import grouped_mm, grouped_mm_weight_grad
+
+
+# ---- activations: forward and an explicit backward on the saved pre-activation -------------------------------------
+
+def _swiglu_forward(pre_SF: torch.Tensor) -> torch.Tensor:
+    gate, up = pre_SF.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _swiglu_backward(pre_SF: torch.Tensor, grad_h_SI: torch.Tensor) -> torch.Tensor:
+    gate, up = pre_SF.float().chunk(2, dim=-1)
+    grad = grad_h_SI.float()
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    grad_gate = grad * up * sig * (1.0 + gate * (1.0 - sig))
+    return torch.cat([grad_gate, grad * silu], dim=-1).to(pre_SF.dtype)
+
+
+def _relu2_forward(pre_SI: torch.Tensor) -> torch.Tensor:
+    return torch.relu(pre_SI).square()
+
+
+def _relu2_backward(pre_SI: torch.Tensor, grad_h_SI: torch.Tensor) -> torch.Tensor:
+    return (2.0 * torch.relu(pre_SI.float()) * grad_h_SI.float()).to(pre_SI.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _liger_swiglu():
+    """Liger's Triton SwiGLU on the concatenated [gate | up] layout, or None if not importable."""
+    try:
+        from liger_kernel.ops.swiglu import swiglu_fused_gate_up_backward, swiglu_fused_gate_up_forward
+    except Exception:
+        return None
+    return swiglu_fused_gate_up_forward, swiglu_fused_gate_up_backward
+
+
+class Activation:
+    """How the expert MLP's activation runs: forward(pre) -> h and backward(pre, grad_h) -> grad_pre.
+
+    kind: "swiglu" (silu(gate) * up on [gate | up]), "relu2", or "module" (any `_apply_gate` / `act_fn`,
+    backward by autograd on a recomputed forward). backend: "torch" or "liger" (Triton, SwiGLU on CUDA only).
+    """
+
+    def __init__(self, kind: str, module: torch.nn.Module | None = None, backend: str = "torch"):
+        self.kind, self.module, self.backend = kind, module, backend
+
+    def _use_liger(self, pre: torch.Tensor) -> bool:
+        return self.backend == "liger" and self.kind == "swiglu" and pre.is_cuda and _liger_swiglu() is not None
+
+    def forward(self, pre: torch.Tensor) -> torch.Tensor:
+        if self._use_liger(pre):
+            return _liger_swiglu()[0](pre)[1]
+        if self.kind == "swiglu":
+            return _swiglu_forward(pre)
+        if self.kind == "relu2":
+            return _relu2_forward(pre)
+        return self._module_forward(pre)
+
+    def backward(self, pre: torch.Tensor, grad_h: torch.Tensor) -> torch.Tensor:
+        """Gradient w.r.t. the pre-activation. May overwrite `pre` (it is not needed afterwards)."""
+        if self._use_liger(pre):
+            return _liger_swiglu()[1](pre, grad_h.contiguous(), True)
+        if self.kind == "swiglu":
+            return _swiglu_backward(pre, grad_h)
+        if self.kind == "relu2":
+            return _relu2_backward(pre, grad_h)
+        with torch.enable_grad():
+            pre_leaf = pre.detach().requires_grad_(True)
+            h = self._module_forward(pre_leaf)
+            (grad_pre,) = torch.autograd.grad(h, pre_leaf, grad_h)
+        return grad_pre
+
+    def _module_forward(self, pre: torch.Tensor) -> torch.Tensor:
+        module = self.module
+        return module._apply_gate(pre) if getattr(module, "has_gate", True) else module.act_fn(pre)
+
+
+def activation_for(module: torch.nn.Module, backend: str = "torch") -> Activation:
+    """The fastest exact Activation for a HF experts module (standard SwiGLU / relu^2 get explicit formulas)."""
+    from transformers.integrations.moe import _default_apply_gate
+
+    act_name = type(getattr(module, "act_fn", None)).__name__
+    has_gate = getattr(module, "has_gate", True)
+    if has_gate:
+        apply_gate = getattr(module, "_apply_gate", None)
+        is_default_gate = (getattr(apply_gate, "__func__", apply_gate) is _default_apply_gate
+                           and getattr(module, "is_concatenated", True))
+        if is_default_gate and act_name in ("SiLU", "SiLUActivation"):
+            return Activation("swiglu", module, backend)
+    elif act_name in ("ReLUSquaredActivation",):
+        return Activation("relu2", module, backend)
+    return Activation("module", module, backend)
+
+
+# ---- the fused Function ------------------------------------------------------------------------------------------
+
+class _FusedExpertMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, top_k: int,
+                activation: Activation, is_transposed: bool, compute_dtype):
+        num_tokens = x_TD.shape[0]
+        # grouped GEMM wants [E, in, out]; HF stores [E, out, in] unless is_transposed
+        up_EHF = (up_w if is_transposed else up_w.transpose(-2, -1)).to(compute_dtype)
+        down_EIH = (down_w if is_transposed else down_w.transpose(-2, -1)).to(compute_dtype)
+        token_of_row_S = torch.div(perm_S, top_k, rounding_mode="floor")
+        x_SD = x_TD.to(compute_dtype).index_select(0, token_of_row_S)
+        pre_SF = grouped_mm(x_SD, up_EHF, offsets_E)
+        del x_SD
+        h_SI = activation.forward(pre_SF)
+        y_SD = grouped_mm(h_SI, down_EIH, offsets_E)
+        del h_SI
+        y_TKD = y_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, -1)
+        out_TD = torch.bmm(weights_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)
+        ctx.save_for_backward(x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, pre_SF, y_SD)
+        ctx.top_k, ctx.activation, ctx.is_transposed, ctx.compute_dtype = top_k, activation, is_transposed, compute_dtype
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, grad_out_TD):
+        x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, pre_SF, y_SD = ctx.saved_tensors
+        top_k, activation, is_transposed, dtype = ctx.top_k, ctx.activation, ctx.is_transposed, ctx.compute_dtype
+        num_tokens, hidden = x_TD.shape
+        grad_out_TD = grad_out_TD.to(dtype)
+
+        # combine: out[t] = sum_k w[t, k] * y[t, k]
+        y_TKD = y_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, hidden)
+        grad_weights_TK = torch.bmm(y_TKD, grad_out_TD.unsqueeze(2)).squeeze(2).to(weights_TK.dtype)
+        del y_TKD, y_SD
+        grad_y_TKD = weights_TK.to(dtype).unsqueeze(2) * grad_out_TD.unsqueeze(1)
+        grad_y_SD = grad_y_TKD.view(num_tokens * top_k, hidden).index_select(0, perm_S)
+        del grad_y_TKD
+
+        # down projection: y = h @ Wd[e]
+        up_EHF = (up_w if is_transposed else up_w.transpose(-2, -1)).to(dtype)
+        down_EIH = (down_w if is_transposed else down_w.transpose(-2, -1)).to(dtype)
+        h_SI = activation.forward(pre_SF)
+        grad_down = _weight_grad(h_SI, grad_y_SD, offsets_E, is_transposed, down_w)
+        del h_SI
+        grad_h_SI = grouped_mm(grad_y_SD, down_EIH.transpose(-2, -1), offsets_E)
+        del grad_y_SD
+
+        # activation, then up projection: pre = x @ Wu[e]
+        grad_pre_SF = activation.backward(pre_SF, grad_h_SI)
+        del grad_h_SI, pre_SF
+        token_of_row_S = torch.div(perm_S, top_k, rounding_mode="floor")
+        x_SD = x_TD.to(dtype).index_select(0, token_of_row_S)
+        grad_up = _weight_grad(x_SD, grad_pre_SF, offsets_E, is_transposed, up_w)
+        del x_SD
+        grad_x_SD = grouped_mm(grad_pre_SF, up_EHF.transpose(-2, -1), offsets_E)
+        del grad_pre_SF
+        grad_x_TD = grad_x_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, hidden).sum(dim=1)
+        return (grad_x_TD.to(x_TD.dtype), grad_weights_TK, grad_up, grad_down,
+                None, None, None, None, None, None, None)
+
+
+def _weight_grad(in_SK, grad_SN, offsets_E, is_transposed: bool, param: torch.Tensor) -> torch.Tensor:
+    """Per-expert in^T @ grad, in the parameter's own layout ([E, out, in] for HF, [E, in, out] if transposed)."""
+    num_experts = param.shape[0]
+    if is_transposed:
+        grad_w = grouped_mm_weight_grad(in_SK, grad_SN, offsets_E, num_experts)  # [E, in, out]
+    else:
+        grad_w = grouped_mm_weight_grad(grad_SN, in_SK, offsets_E, num_experts)  # [E, out, in]
+    return grad_w.to(param.dtype)
+
+
+def fused_expert_mlp(
+    x_TD: torch.Tensor,
+    weights_TK: torch.Tensor,
+    up_w: torch.Tensor,
+    down_w: torch.Tensor,
+    perm_S: torch.Tensor,
+    inv_perm_S: torch.Tensor,
+    offsets_E: torch.Tensor,
+    top_k: int,
+    activation: Activation,
+    is_transposed: bool = False,
+) -> torch.Tensor:
+    """Routed expert MLP with weighted combine. Returns [T, H] in the compute dtype.
+
+    x_TD [T, H]; weights_TK [T, K]; up_w [E, F, H] (F = 2I gated, I otherwise) and down_w [E, H, I] in HF layout
+    (or [E, H, F] / [E, I, H] when is_transposed); perm_S [T*K]: sorted row -> flat (token*K + k) index;
+    inv_perm_S its inverse; offsets_E int32 cumulative rows per expert. Under autocast the GEMMs run in the autocast
+    dtype and weight gradients come back in the parameters' dtype.
+    """
+    compute_dtype = up_w.dtype
+    if torch.is_autocast_enabled(x_TD.device.type):
+        compute_dtype = torch.get_autocast_dtype(x_TD.device.type)
+    with torch.autocast(x_TD.device.type, enabled=False):
+        return _FusedExpertMLP.apply(x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, top_k,
+                                     activation, is_transposed, compute_dtype)
