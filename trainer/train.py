@@ -71,16 +71,16 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
         loss, grad_norm, tokens, lr = _optimizer_step(model, optimizer, loader, recipe, rt)
         scheduler.step()
         step += 1
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
-        if nonfinite_in_a_row >= recipe.train.nonfinite_max_consecutive:
-            raise UserError(f"loss or gradient was NaN/inf for {nonfinite_in_a_row} steps in a row (step {step})",
-                            "lower optim.lr, keep optim.max_grad_norm > 0, or check the data")
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)  # a non-finite step was skipped, not applied
         seconds = time.perf_counter() - started
         record = _record(step, loss, lr, grad_norm, tokens, seconds, flops_tok, rt, tracker, skipped=not finite)
         losses.append(loss)
         if writer is not None:
             writer.write(record)
+        nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+        if nonfinite_in_a_row >= recipe.train.nonfinite_max_consecutive:
+            raise UserError(f"loss or gradient was NaN/inf for {nonfinite_in_a_row} steps in a row (step {step})",
+                            "lower optim.lr, keep optim.max_grad_norm > 0, or check the data")
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if bar.disable and rt.is_main and step % recipe.train.log_every == 0:

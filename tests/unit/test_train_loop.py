@@ -115,3 +115,12 @@ def test_expert_load_counts_every_routed_token_once_per_chosen_expert():
     assert counts_LE.shape == (config.num_hidden_layers, config.num_experts)
     assert counts_LE.sum(dim=1).tolist() == [2 * 10 * config.num_experts_per_tok] * config.num_hidden_layers
     assert tracker.pop().sum() == 0 and tracker.total_LE.sum() == counts_LE.sum()
+
+
+def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_path):
+    recipe = _recipe(tmp_path / "run", "train.max_steps=10", "optim.lr=1e30", "optim.max_grad_norm=0",
+                     "optim.warmup_steps=0", "train.nonfinite_max_consecutive=2", "data.seq_len=64")
+    with pytest.raises(UserError, match="NaN/inf for 2 steps in a row"):
+        train(recipe, progress=False)
+    records = read_metrics(tmp_path / "run")
+    assert records[-1].get("skipped") and records[-2].get("skipped") and not records[0].get("skipped")

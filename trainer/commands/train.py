@@ -9,15 +9,19 @@ from trainer.config import list_presets, load_recipe
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help=f"a recipe YAML path or a preset name ({', '.join(list_presets())})")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. optim.lr=1e-4")
+    # REMAINDER so flags may come after the overrides too (plain nargs="*" stops at the first flag).
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value",
+                        help="recipe overrides, e.g. optim.lr=1e-4")
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe, args.overrides)
+    overrides = [o for o in args.overrides if o != "--no-progress"]
+    no_progress = args.no_progress or len(overrides) != len(args.overrides)
+    recipe = load_recipe(args.recipe, overrides)
     from trainer.train import train  # heavy imports only once the recipe is known to be valid
 
-    result = train(recipe, progress=not args.no_progress)
+    result = train(recipe, progress=not no_progress)
     if result.losses:
         print(f"trained to step {result.step}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
     else:
