@@ -49,6 +49,9 @@ def plot_expert_load(counts_LE: torch.Tensor | None, path: Path) -> bool:
     share_LE = counts_LE / counts_LE.sum(dim=1, keepdim=True).clamp_min(1)
     fig, ax = plt.subplots(figsize=(max(4, 0.25 * share_LE.shape[1] + 2), max(3, 0.25 * share_LE.shape[0] + 1.5)))
     image = ax.imshow(share_LE.numpy(), aspect="auto", cmap="viridis")
+    layers, experts = share_LE.shape
+    ax.set_yticks(range(layers))
+    ax.set_xticks(range(0, experts, max(1, experts // 16)))
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
     ax.set_title("share of routed tokens per expert")
