@@ -107,6 +107,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # Triton (mamba's SSD scan, Liger) compiles small launchers at run time: it needs gcc and Python.h.
+# Unpinned apt packages for the same reason as in the base stage (they follow the pinned base image).
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-dev gcc libc6-dev ca-certificates \
