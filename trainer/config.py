@@ -273,5 +273,6 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, dict):
             return dict(value)
     name = getattr(hint, "__name__", str(hint))
-    expected = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "dict": "a mapping"}
+    expected = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+                "dict": "a mapping"}
     raise UserError(f"{key} must be {expected.get(name, name)}, got {value!r}", f"set {key}=<{name}>")

@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(export)
     trained = result.model.eval()
     messages = [{"role": "user", "content": PROMPTS[0]}]
-    input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    input_ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     with torch.no_grad():
         logits_trained = trained(input_ids=input_ids, use_cache=False).logits
         logits_reloaded = reloaded(input_ids=input_ids, use_cache=False).logits

@@ -47,7 +47,8 @@ def active_params_per_token(model: torch.nn.Module) -> int:
     for name, param in model.named_parameters():
         if param is embedding and not tied:
             continue
-        is_routed_expert = num_experts and ".experts." in f".{name}" and param.ndim >= 1 and param.shape[0] == num_experts
+        in_experts = ".experts." in f".{name}"
+        is_routed_expert = num_experts and in_experts and param.ndim >= 1 and param.shape[0] == num_experts
         total_active += param.numel() * (top_k / num_experts if is_routed_expert else 1.0)
     return int(total_active)
 

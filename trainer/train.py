@@ -62,6 +62,10 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
     if rt.is_main:
         save_model_files(run_dir, model, tokenizer)
 
+    def save() -> None:
+        save_checkpoint(run_dir, step, model, optimizer, scheduler, loader, recipe.checkpoint.keep_last,
+                        recipe.to_dict())
+
     tracker, writer = ExpertLoadTracker(model), MetricsWriter(run_dir, step) if rt.is_main else None
     flops_tok = flops_per_token(model, data.seq_len)
     bar = tqdm(total=recipe.train.max_steps, initial=step, disable=not (progress and rt.is_main), desc="train")
@@ -84,16 +88,14 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if bar.disable and rt.is_main and step % recipe.train.log_every == 0:
-            print(f"step {step}: loss {loss:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} {record['tokens_per_s']:.0f} tok/s")
+            print(_log_line(record), flush=True)
         if recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0:
-            save_checkpoint(run_dir, step, model, optimizer, scheduler, loader, recipe.checkpoint.keep_last,
-                            recipe.to_dict())
+            save()
             saved_step = step
             _fault_injection(step)
     bar.close()
     if saved_step != step:
-        save_checkpoint(run_dir, step, model, optimizer, scheduler, loader, recipe.checkpoint.keep_last,
-                        recipe.to_dict())
+        save()
     export_dir = None
     if recipe.output.export:
         export_dir = export_hf(model, tokenizer, run_dir / "export", export_dtype(recipe, rt), overwrite=True)
@@ -108,7 +110,8 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
 def _optimizer_step(model, optimizer, loader, recipe: Recipe, rt: Runtime) -> tuple[float, float, int, float]:
     """Forward/backward over grad_accum_steps micro-batches, clip, step; returns (loss, grad_norm, tokens, lr)."""
     lr = optimizer.param_groups[0]["lr"]
-    micro_batches = [{k: v.to(rt.device) for k, v in next(loader).items()} for _ in range(recipe.train.grad_accum_steps)]
+    accum = recipe.train.grad_accum_steps
+    micro_batches = [{k: v.to(rt.device) for k, v in next(loader).items()} for _ in range(accum)]
     num_targets = rt.all_reduce_sum(sum((b["targets"] != IGNORE_INDEX).sum() for b in micro_batches).float())
     aux_coef = getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0
     loss_sum = torch.zeros((), device=rt.device)
@@ -134,8 +137,8 @@ def _record(step, loss, lr, grad_norm, tokens, seconds, flops_tok, rt: Runtime, 
     tokens_per_s = tokens / max(seconds, 1e-9)
     tflops = flops_tok * tokens_per_s / 1e12
     record = {
-        "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens_per_s,
-        "tflops": tflops, "mfu": tflops / (PEAK_TFLOPS * rt.world_size), "peak_memory_gib": peak_memory_gib(),
+        "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+        "tokens_per_s": tokens_per_s, "tflops": tflops, "mfu": tflops / (PEAK_TFLOPS * rt.world_size), "peak_memory_gib": peak_memory_gib(),
         "step_seconds": seconds,
     }
     counts_LE = tracker.pop()
@@ -146,6 +149,11 @@ def _record(step, loss, lr, grad_norm, tokens, seconds, flops_tok, rt: Runtime, 
     if skipped:
         record["skipped"] = True
     return record
+
+
+def _log_line(record: dict) -> str:
+    return (f"step {record['step']}: loss {record['loss']:.4f} lr {record['lr']:.2e} "
+            f"grad_norm {record['grad_norm']:.3f} {record['tokens_per_s']:.0f} tok/s")
 
 
 def export_dtype(recipe: Recipe, rt: Runtime) -> torch.dtype:

@@ -22,7 +22,8 @@ def test_demo_trains_exports_reloads_and_generates(tmp_path):
         cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    first, last = map(float, re.search(r"loss: first \d+ steps ([\d.]+) -> last \d+ steps ([\d.]+)", result.stdout).groups())
+    summary = re.search(r"loss: first \d+ steps ([\d.]+) -> last \d+ steps ([\d.]+)", result.stdout)
+    first, last = float(summary.group(1)), float(summary.group(2))
     assert last < 0.5 * first
     assert "export reloaded with AutoModelForCausalLM" in result.stdout
     assert re.search(r"assistant: \S", result.stdout)  # a non-empty greedy reply

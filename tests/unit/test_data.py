@@ -118,7 +118,8 @@ def test_unpacked_rows_hold_one_sample_padded_to_the_longest(shipped, tokenizer)
     batch = next(StatefulLoader(shipped, SEQ_LEN, 4, tokenizer.pad_token_id, packing=False, seed=0))
     assert batch["num_samples"].item() == 4
     width = batch["input_ids"].shape[1]
-    sample_lengths = [next((i for i in range(1, width) if row[i] == 0), width) for row in batch["position_ids"].tolist()]
+    rows = batch["position_ids"].tolist()
+    sample_lengths = [next((i for i in range(1, width) if row[i] == 0), width) for row in rows]
     assert max(sample_lengths) == width <= SEQ_LEN
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", metavar="RUN_DIR", help="a run directory (its latest checkpoint) or a checkpoints/step_* dir")
+    parser.add_argument("source", metavar="RUN_DIR",
+                        help="a run directory (its latest checkpoint) or a checkpoints/step_* directory")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="where to write the Hugging Face checkpoint (must be empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",

@@ -21,8 +21,9 @@ class DatasetStats:
 
     def summary(self) -> str:
         return (
-            f"{self.samples} samples from {self.records} records ({self.tokens} tokens, {self.target_tokens} trained on); "
-            f"truncated {self.truncated}, dropped {self.dropped_long} too long and {self.dropped_no_target} without target"
+            f"{self.samples} samples from {self.records} records "
+            f"({self.tokens} tokens, {self.target_tokens} trained on); truncated {self.truncated}, "
+            f"dropped {self.dropped_long} too long and {self.dropped_no_target} without target"
         )
 
 

@@ -54,7 +54,8 @@ def render_record(record: dict, tokenizer, data_format: str = "auto") -> Tokeniz
         return render_chat(_checked_messages(record), tokenizer)
     prompt, completion = record.get("prompt"), record.get("completion")
     if not isinstance(prompt, str) or not isinstance(completion, str):
-        raise UserError(f"{record.get('_source', 'a record')} needs string 'prompt' and 'completion'", "fix that record")
+        source = record.get("_source", "a record")
+        raise UserError(f"{source} needs string 'prompt' and 'completion'", "fix that record")
     return render_prompt_completion(prompt, completion, tokenizer)
 
 
