@@ -12,7 +12,6 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import Recipe
-from trainer.errors import UserError
 
 
 @dataclass
@@ -72,25 +71,11 @@ def seed_everything(seed: int) -> None:
 
 
 def parallelize(model: torch.nn.Module, parallel_cfg, rt: Runtime) -> torch.nn.Module:
-    """The seam for `trainer.parallel`: FSDP2 + EP, activation checkpointing and compile are applied there.
+    """The seam to `trainer.parallel`: FSDP2 + EP over the job's mesh, activation checkpointing, compile.
 
-    Without that package (or with one process and nothing to apply) the model is returned as is; full activation
-    checkpointing then falls back to transformers' own gradient checkpointing.
+    With one process only checkpointing/compile apply; a model already sharded while loading is returned as is.
+    Gradient reductions average over all ranks (the loss is scaled to match, see trainer.train).
     """
-    import trainer.parallel as parallel_pkg
+    from trainer.parallel import parallelize as apply_parallel
 
-    apply = getattr(parallel_pkg, "parallelize", None)
-    if apply is not None:
-        return apply(model, parallel_cfg)
-    if rt.world_size > 1 and not _is_sharded(model):
-        raise UserError(
-            f"WORLD_SIZE={rt.world_size} but this install has no trainer.parallel.parallelize",
-            "run with one process, or install a version with distributed support",
-        )
-    if parallel_cfg.activation_checkpointing != "none":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
-
-
-def _is_sharded(model: torch.nn.Module) -> bool:
-    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+    return apply_parallel(model, parallel_cfg, precision=rt.precision)
