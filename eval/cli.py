@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from trainer.errors import EXIT_USER_ERROR, UserError
 
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--device", default="cpu")
+    t = sub.add_parser("tiny-export", help="write a random tiny Qwen3-MoE export (smoke-tests a server, no training)")
+    t.add_argument("out_dir")
+    t.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -43,6 +47,14 @@ def run(args: argparse.Namespace) -> int:
         from eval.serve import serve
 
         return serve(args.export, args.port, host=args.host, device=args.device)
+
+    if args.command == "tiny-export":
+        from eval.tiny import write_tiny_export
+
+        if Path(args.out_dir).exists() and any(Path(args.out_dir).iterdir()):
+            raise UserError(f"{args.out_dir} is not empty", "choose a new directory")
+        print(f"wrote {write_tiny_export(args.out_dir, seed=args.seed)}")
+        return 0
 
     from eval import multiple_choice
     from eval.validate import DEFAULT_PROMPTS, Thresholds, summary, validate

@@ -74,3 +74,11 @@ def test_summary_fits_one_screen_and_shows_the_first_divergence():
     assert text.splitlines()[0].startswith("validate FAILED")
     assert "first divergence on 'p0': token 1, char 2" in text
     assert len(text.splitlines()) <= 24
+
+
+def test_tiny_export_refuses_a_non_empty_directory(tmp_path, capsys):
+    from eval.cli import main
+
+    (tmp_path / "keep.txt").write_text("x")
+    assert main(["tiny-export", str(tmp_path)]) == 2
+    assert "is not empty" in capsys.readouterr().err
