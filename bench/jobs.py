@@ -1,0 +1,89 @@
+"""The benchmark jobs by name: model config, tokens per step, number of GPUs.
+
+B1-*  Qwen3-30B-A3B shapes with 12 layers (8.1B parameters), seq 4096, micro-batch 1/2/4, one GPU.
+B2    the B1 shape on two GPUs of one host (torchrun), EP=2 + FSDP2, micro-batch 4 per GPU.
+B3    Nemotron-3-Nano shapes, 6 layers [mamba, moe, mamba, moe, attention, moe], seq 4096, one GPU.
+smoke a tiny Qwen3-MoE (CPU, seconds): checks the whole pipeline, numbers meaningless.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    config_file: str | None
+    overrides: dict = field(default_factory=dict)
+    batch_size: int = 1
+    seq_len: int = 4096
+    gpus: int = 1
+    description: str = ""
+
+
+def _config_path(file_name: str) -> str:
+    """Prefer the project's shipped copy (trainer/assets/model-configs), else bench/configs."""
+    for folder in (os.path.join(REPO, "trainer", "assets", "model-configs"), os.path.join(HERE, "configs")):
+        path = os.path.join(folder, file_name)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(file_name)
+
+
+_QWEN = "qwen3-30b-a3b.json"
+_NEMOTRON = "nemotron-3-nano-30b-a3b.json"
+_B1 = {"num_hidden_layers": 12}
+_B3 = {"hybrid_override_pattern": "MEME*E", "num_hidden_layers": 6}
+SMOKE_OVERRIDES = dict(
+    vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
+    max_position_embeddings=128,
+)
+
+JOBS = {
+    "B1-bs1": Job("B1-bs1", _QWEN, _B1, 1, 4096, 1, "Qwen3-30B-A3B shape, 12 layers, bs1, seq 4096"),
+    "B1-bs2": Job("B1-bs2", _QWEN, _B1, 2, 4096, 1, "Qwen3-30B-A3B shape, 12 layers, bs2, seq 4096"),
+    "B1-bs4": Job("B1-bs4", _QWEN, _B1, 4, 4096, 1, "Qwen3-30B-A3B shape, 12 layers, bs4, seq 4096"),
+    "B1-8L-bs1": Job("B1-8L-bs1", _QWEN, {"num_hidden_layers": 8}, 1, 4096, 1, "Qwen3-30B-A3B shape, 8 layers, bs1"),
+    "B2": Job("B2", _QWEN, _B1, 4, 4096, 2, "B1 shape on 2 GPUs, EP=2 + FSDP2, bs4 per GPU"),
+    "B3": Job("B3", _NEMOTRON, _B3, 1, 4096, 1, "Nemotron-3-Nano shapes, 6 layers MEME*E, bs1, seq 4096"),
+    "smoke": Job("smoke", _QWEN, SMOKE_OVERRIDES, 2, 32, 1, "tiny Qwen3-MoE on CPU (pipeline check)"),
+}
+
+
+def config_dict(job: Job) -> dict:
+    """The job's HF config as a plain dict (published values, then the job's overrides; '_' keys dropped)."""
+    with open(_config_path(job.config_file)) as f:
+        values = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    values.update(job.overrides)
+    if job.name == "smoke":
+        values["tie_word_embeddings"] = False
+    return values
+
+
+def build_config(job: Job):
+    """A transformers config object for the job (no network: the class comes from `model_type`)."""
+    from transformers import AutoConfig
+
+    values = config_dict(job)
+    model_type = values.pop("model_type")
+    values.pop("architectures", None)
+    config = AutoConfig.for_model(model_type, **values)
+    config.use_cache = False
+    return config
+
+
+def resolve(names: str) -> list[Job]:
+    """'B1-bs1,B1-bs4' -> jobs; unknown names raise ValueError listing the known ones."""
+    jobs = []
+    for name in [n.strip() for n in names.split(",") if n.strip()]:
+        if name not in JOBS:
+            raise ValueError(f"unknown job {name!r}: choose from {', '.join(JOBS)}")
+        jobs.append(JOBS[name])
+    return jobs

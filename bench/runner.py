@@ -1,0 +1,246 @@
+"""One measured run in this process: build the model (native transformers or ours), train N steps, report.
+
+    result = run(RunSpec(job="B1-bs1", side="ours", variant="best", steps=4, warmup=2))
+
+Native follows docs/BENCHMARKS.md exactly: random init from config, sdpa attention, `grouped_mm` experts, bf16
+parameters, AdamW(foreach=True), labels=input_ids, output_router_logits=True. Ours: `MoEAutoModelForCausalLM`, sdpa,
+the variant's `trainer.perf` options. Both see the same seeded random token ids, step by step.
+Timing: CUDA-synchronised wall time per optimizer step, median over the measured steps. Peak memory:
+torch.cuda.max_memory_allocated over the whole run (init, warm-up and measured steps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import statistics
+import time
+import traceback
+from dataclasses import asdict, dataclass
+
+import torch
+
+from bench import flops
+from bench.jobs import JOBS, build_config, config_dict
+
+RESULT_PREFIX = "BENCH_RESULT "
+
+
+@dataclass
+class RunSpec:
+    job: str
+    side: str  # "native" | "ours"
+    variant: str = "base"  # trainer.perf option spec (ours only)
+    precision: str = "bf16"  # "bf16": bf16 params + bf16 AdamW states; "master-fp32": + fp32 master weights/states
+    steps: int = 4
+    warmup: int = 2
+    lr: float = 1e-4
+    seed: int = 0
+    repeat: int = 0
+    device: str = "auto"
+    profile: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.side == "native":
+            return "native"
+        return f"ours[{self.variant}]" + ("" if self.precision == "bf16" else f"({self.precision})")
+
+
+def _device(spec: RunSpec) -> torch.device:
+    if spec.device != "auto":
+        return torch.device(spec.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batches(job, vocab: int, count: int, seed: int, device) -> list[torch.Tensor]:
+    """The same token ids for both sides: one seeded generator on the CPU, step by step."""
+    g = torch.Generator().manual_seed(1234 + seed)
+    return [torch.randint(0, vocab, (job.batch_size, job.seq_len), generator=g).to(device) for _ in range(count)]
+
+
+def _build_native(config, device):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa",
+                                                 experts_implementation="grouped_mm")
+    return model
+
+
+def _build_ours(config, device, dtype):
+    from trainer.models import MoEAutoModelForCausalLM
+
+    with torch.device(device):
+        model = MoEAutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model
+
+
+def _native_step(model, ids):
+    kwargs = {"output_router_logits": True} if hasattr(model.config, "output_router_logits") else {}
+    out = model(input_ids=ids, labels=ids, use_cache=False, **kwargs)
+    out.loss.backward()
+    aux = getattr(out, "aux_loss", None)
+    return out.loss.detach(), aux
+
+
+def run(spec: RunSpec) -> dict:
+    """Build, warm up, measure; returns a JSON-able dict (error key set instead of numbers if it failed)."""
+    job = JOBS[spec.job]
+    device = _device(spec)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    result = {"spec": asdict(spec), "label": spec.label, "job": job.name, "side": spec.side, "world_size": world,
+              "batch_size": job.batch_size, "seq_len": job.seq_len, "config": config_dict(job), "notes": []}
+    torch.manual_seed(spec.seed)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        _measure(spec, job, device, world, result)
+    except torch.cuda.OutOfMemoryError as err:
+        result["error"] = "OOM: " + str(err).splitlines()[0][:300]
+    except Exception as err:  # one failing run must not sink the comparison
+        result["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+        result["traceback"] = traceback.format_exc()[-4000:]
+    if device.type == "cuda":
+        result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    else:
+        import resource
+
+        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process-wide, KiB
+    return result
+
+
+def _measure(spec: RunSpec, job, device, world: int, result: dict) -> None:
+    from trainer.perf import PerfOptions, apply_optimizations, build_optimizer, causal_lm_loss, disable_compile
+
+    config = build_config(job)
+    started = time.perf_counter()
+    options = PerfOptions()
+    if spec.side == "native":
+        model = _build_native(config, device)
+    else:
+        options = PerfOptions.parse(spec.variant)
+        if spec.precision == "master-fp32":
+            options.master = "fp32"
+        model = _build_ours(config, device, torch.bfloat16)
+        if world > 1:
+            _parallelize(model, job)
+        apply_optimizations(model, options)
+        result["options"] = options.as_dict()
+    model.train()
+    _sync(device)
+    result["init_s"] = time.perf_counter() - started
+    result["params"] = sum(p.numel() for p in model.parameters())
+    result["param_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    if spec.side == "native":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, foreach=world == 1)
+    else:
+        optimizer = build_optimizer(model, options, lr=spec.lr)
+
+    batches = _batches(job, config.vocab_size, spec.warmup + spec.steps, spec.seed, device)
+    times, losses, ces = [], [], []
+    for i, ids in enumerate(batches):
+        _sync(device)
+        t0 = time.perf_counter()
+        try:
+            loss, ce = _one_step(spec, model, optimizer, ids, options)
+        except Exception as err:
+            if i == 0 and spec.side == "ours" and disable_compile(model):
+                options.notes.append(f"compile failed at the first step ({type(err).__name__}): eager instead")
+                optimizer.zero_grad(set_to_none=True)
+                loss, ce = _one_step(spec, model, optimizer, ids, options)
+            else:
+                raise
+        _sync(device)
+        elapsed = time.perf_counter() - t0
+        losses.append(float(loss))
+        ces.append(float(ce))
+        if i >= spec.warmup:
+            times.append(elapsed)
+    tokens = job.batch_size * job.seq_len
+    step_s = statistics.median(times)
+    tok_s = tokens / step_s
+    result.update({
+        "step_s": step_s, "step_s_all": times, "tokens_per_step_per_gpu": tokens, "tok_s_per_gpu": tok_s,
+        "loss_last": losses[-1], "ce_last": ces[-1], "losses": losses,
+        **flops.throughput_metrics(config, job.seq_len, tok_s),
+        "flops_per_token": flops.flops_per_token(config, job.seq_len),
+    })
+    result["notes"] += options.notes
+    if spec.profile:
+        result["profile"] = _profile_step(spec, model, optimizer, batches[-1], options, device)
+    del model, optimizer, batches
+    gc.collect()
+
+
+def _one_step(spec, model, optimizer, ids, options):
+    from trainer.perf import causal_lm_loss
+
+    if spec.side == "native":
+        loss, aux = _native_step(model, ids)
+        coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
+        ce = loss - (coef * aux.detach() if aux is not None else 0.0)
+    else:
+        step = causal_lm_loss(model, ids, ids, options)
+        step.loss.backward()
+        loss, ce = step.loss.detach(), step.ce
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item(), float(ce)
+
+
+def _profile_step(spec, model, optimizer, ids, options, device) -> str:
+    """One extra step under torch.profiler: the top kernels by device time (not part of the timing)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        _one_step(spec, model, optimizer, ids, options)
+        _sync(device)
+    sort_key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_key, row_limit=30, max_name_column_width=70)
+
+
+def _parallelize(model, job) -> None:
+    """B2: EP=2 + FSDP2 through trainer.parallel (bf16 weights, bf16 gradient reduction as the native baseline)."""
+    from trainer.parallel import ParallelConfig, parallelize
+
+    parallelize(model, ParallelConfig(ep_size=job.gpus, param_dtype=None, reduce_dtype=None), precision="bf16")
+
+
+def main_worker(spec_json: str) -> int:
+    """Entry used by compare.py's subprocesses: run one spec, print one result line."""
+    spec = RunSpec(**json.loads(spec_json))
+    dist_ctx = contextlib.nullcontext()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist_ctx = _distributed()
+    with dist_ctx:
+        result = run(spec)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0
+
+
+@contextlib.contextmanager
+def _distributed():
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

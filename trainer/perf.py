@@ -1,0 +1,364 @@
+"""Speed and memory options of a training step, each independent and each with a fallback.
+
+    options = PerfOptions.parse("fused-ce+fused-experts+liger+ac=attn+opt=in-backward")
+    notes = apply_optimizations(model, options)          # patches modules in place; returns what it did / skipped
+    loss = causal_lm_loss(model, input_ids, labels, options).loss
+    optimizer = build_optimizer(model, options, lr=1e-4) # .step() / .zero_grad() (no-ops when stepping in backward)
+
+Options (the benchmark keeps each only where it pays, docs/BENCHMARKS.md):
+- loss: "hf" (the model's own forward + loss), "fused" (linear + cross-entropy without full logits: Liger's kernel
+  on CUDA if importable, else the chunked torch kernel), "chunked", "liger". The router aux loss is HF's own.
+- fused_experts: the memory-lean expert MLP Function (local experts path, `trainer.kernels.fused_expert_mlp`).
+- kernels: "eager" or "liger" (Liger Triton RMSNorm patched into every HF RMSNorm, Liger SwiGLU inside the experts);
+  falls back to eager with a note when liger is not importable.
+- compile: "none", "layers" (torch.compile each decoder layer, experts kept eager), "layers-all" (experts too),
+  "attn" (only the attention modules and norms). `disable_compile(model)` undoes it (first-step fallback).
+- ac: activation checkpointing "none", "full" (every decoder layer), "attn" (= "selective": only the attention
+  sub-block is recomputed: cheap to recompute per byte saved and it holds no router state), "mlp" (the MoE sub-block).
+- optimizer: "foreach" (torch AdamW default), "fused" (one kernel), "in-backward" (fused AdamW per parameter as soon as
+  its gradient is complete, so the full set of gradients never exists; no clipping, no accumulation).
+- master: "none" (optimizer works on the parameters' dtype) or "fp32" (fp32 master weights and AdamW states kept by
+  the optimizer, bf16 parameters for compute: the recommended recipe).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from trainer.kernels.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy_sum, shift_labels
+
+CHOICES = {
+    "loss": ("hf", "fused", "chunked", "liger"),
+    "kernels": ("eager", "liger"),
+    "compile": ("none", "layers", "layers-all", "attn"),
+    "ac": ("none", "full", "attn", "selective", "mlp"),
+    "optimizer": ("foreach", "fused", "in-backward"),
+    "master": ("none", "fp32"),
+}
+
+# Short names for the benchmark's --variants: "base+fused-ce+ac=attn" applies each token in order.
+SHORTCUTS = {
+    "base": {},
+    "fused-ce": {"loss": "fused"},
+    "fused-experts": {"fused_experts": True},
+    "liger": {"kernels": "liger"},
+    "compile": {"compile": "layers"},
+    "compile-all": {"compile": "layers-all"},
+    "compile-attn": {"compile": "attn"},
+    "fused-adamw": {"optimizer": "fused"},
+    "opt-in-bwd": {"optimizer": "in-backward"},
+    "master-fp32": {"master": "fp32"},
+    "fp8": {"fp8": True},
+    "best": {"loss": "fused", "fused_experts": True, "kernels": "liger", "optimizer": "in-backward"},
+}
+
+
+@dataclass
+class PerfOptions:
+    loss: str = "hf"
+    fused_experts: bool = False
+    kernels: str = "eager"
+    compile: str = "none"
+    ac: str = "none"
+    optimizer: str = "foreach"
+    master: str = "none"
+    fp8: bool = False
+    notes: list[str] = field(default_factory=list, compare=False)
+
+    @classmethod
+    def parse(cls, spec: str) -> "PerfOptions":
+        """"base", "best", "fused-ce+fused-experts", "loss=chunked+ac=full", ... (tokens applied left to right)."""
+        options = cls()
+        for token in [t for t in spec.replace(",", "+").split("+") if t]:
+            if token in SHORTCUTS:
+                for key, value in SHORTCUTS[token].items():
+                    setattr(options, key, value)
+                continue
+            key, sep, value = token.partition("=")
+            key = {"opt": "optimizer"}.get(key, key).replace("-", "_")
+            if not sep or key not in {f.name for f in dataclasses.fields(cls)} or key == "notes":
+                raise ValueError(f"unknown option {token!r}: use one of {sorted(SHORTCUTS)} or key=value "
+                                 f"with keys {sorted(CHOICES) + ['fused_experts', 'fp8']}")
+            if key in ("fused_experts", "fp8"):
+                setattr(options, key, value.lower() in ("1", "true", "on", "yes"))
+                continue
+            if value not in CHOICES[key]:
+                raise ValueError(f"option {key}={value!r}: choose one of {CHOICES[key]}")
+            setattr(options, key, value)
+        return options
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "notes"}
+
+
+# ---- model patches ---------------------------------------------------------------------------------------------
+
+def apply_optimizations(model: torch.nn.Module, options: PerfOptions) -> list[str]:
+    """Patch `model` in place for `options`; returns human-readable notes (what ran, what fell back and why)."""
+    notes = options.notes
+    if options.fused_experts:
+        from trainer.moe.experts import set_fused_experts
+
+        backend = "liger" if options.kernels == "liger" and _liger_importable() else "torch"
+        count = set_fused_experts(model, True, activation_backend=backend)
+        notes.append(f"fused experts on {count} MoE layers (activation: {backend})")
+    if options.kernels == "liger":
+        if _liger_importable():
+            notes.append(f"liger RMSNorm on {_patch_liger_rmsnorm(model)} modules")
+        else:
+            notes.append("liger not importable: eager RMSNorm / SwiGLU")
+    if options.fp8:
+        notes.append(_apply_fp8(model))
+    if options.ac != "none":
+        notes.append(_apply_checkpointing(model, options.ac))
+    if options.compile != "none":
+        notes.append(_apply_compile(model, options.compile))
+    return notes
+
+
+def _liger_importable() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import liger_kernel.ops.rms_norm  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _is_plain_rmsnorm(module: torch.nn.Module) -> bool:
+    name = type(module).__name__
+    return (name.endswith("RMSNorm") and "Gated" not in name and isinstance(getattr(module, "weight", None), torch.Tensor)
+            and module.weight.ndim == 1 and hasattr(module, "variance_epsilon"))
+
+
+def _patch_liger_rmsnorm(model: torch.nn.Module) -> int:
+    """HF RMSNorm (fp32 statistics, `weight * x_normed.to(dtype)`) == Liger's "llama" casting mode."""
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+    def forward(self, hidden_states):
+        return LigerRMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon, 0.0, "llama", False)
+
+    count = 0
+    for module in model.modules():
+        if _is_plain_rmsnorm(module):
+            module.forward = forward.__get__(module)
+            count += 1
+    return count
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks (HF `_no_split_modules` classes) in model order."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
+        layers = list(getattr(base, "layers", []))
+    return layers
+
+
+def _sub_blocks(layer: torch.nn.Module, which: str) -> list[torch.nn.Module]:
+    """The attention (or MoE/MLP) sub-modules of one decoder layer, for Llama-style and Nemotron-H-style blocks."""
+    if which == "attn":
+        found = [getattr(layer, n) for n in ("self_attn", "attention") if hasattr(layer, n)]
+    else:
+        found = [getattr(layer, n) for n in ("mlp", "block_sparse_moe", "feed_forward") if hasattr(layer, n)]
+    mixer = getattr(layer, "mixer", None)
+    if mixer is not None:
+        kind = str(getattr(layer, "block_type", ""))
+        is_attn = "attention" in kind
+        if (which == "attn") == is_attn:
+            found.append(mixer)
+    return found
+
+
+def _checkpointed(forward):
+    from torch.utils.checkpoint import checkpoint
+
+    def wrapper(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return wrapper
+
+
+def _apply_checkpointing(model: torch.nn.Module, mode: str) -> str:
+    if mode == "full":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return "activation checkpointing: every decoder layer"
+    which = "attn" if mode in ("attn", "selective") else "mlp"
+    count = 0
+    for layer in decoder_layers(model):
+        for sub in _sub_blocks(layer, which):
+            sub.forward = _checkpointed(sub.forward)
+            count += 1
+    return f"activation checkpointing: {count} {which} sub-blocks"
+
+
+def _apply_compile(model: torch.nn.Module, mode: str) -> str:
+    if mode == "attn":
+        targets = [sub for layer in decoder_layers(model) for sub in _sub_blocks(layer, "attn")]
+        targets += [m for m in model.modules() if _is_plain_rmsnorm(m)]
+    else:
+        targets = decoder_layers(model)
+        if mode == "layers":  # the experts run our own kernels; keep dynamo out of their data-dependent plan
+            for module in model.modules():
+                if hasattr(module, "num_experts") and hasattr(module, "down_proj") and module.down_proj.ndim == 3:
+                    module.forward = torch.compiler.disable(module.forward)
+    for module in targets:
+        module.compile(dynamic=False)
+    model._moe_compiled = targets  # noqa: SLF001 - read by disable_compile
+    return f"torch.compile ({mode}) on {len(targets)} modules"
+
+
+def disable_compile(model: torch.nn.Module) -> bool:
+    """Undo `compile` (eager again); True if anything was compiled. Used when the first compiled step fails."""
+    targets = getattr(model, "_moe_compiled", None)
+    if not targets:
+        return False
+    for module in targets:
+        module._compiled_call_impl = None  # what nn.Module.compile sets
+    model._moe_compiled = []
+    return True
+
+
+def _apply_fp8(model: torch.nn.Module) -> str:
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except Exception as err:
+        return f"fp8 skipped: torchao not importable ({type(err).__name__})"
+
+    def only_attention_linears(module, fqn: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and any(p in fqn for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+
+    convert_to_float8_training(model, module_filter_fn=only_attention_linears)
+    return "fp8 (torchao float8, tensorwise) on the attention projections"
+
+
+# ---- the loss --------------------------------------------------------------------------------------------------
+
+@dataclass
+class StepLoss:
+    loss: torch.Tensor  # what backward runs on: token-mean cross-entropy + coef * aux
+    ce: torch.Tensor  # token-mean cross-entropy, detached
+    aux: torch.Tensor | None
+
+
+def _aux_loss(model, router_logits, attention_mask=None):
+    fn = getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
+    if fn is None or not router_logits:
+        return None
+    config = model.config
+    num_experts = getattr(model, "num_experts", None) or getattr(config, "num_experts", None) or \
+        getattr(config, "num_local_experts", None)
+    top_k = getattr(model, "num_experts_per_tok", None) or config.num_experts_per_tok
+    return fn(router_logits, num_experts, top_k, attention_mask)
+
+
+def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, options: PerfOptions,
+                   output_router_logits: bool = True) -> StepLoss:
+    """Next-token loss of a HF causal LM on [B, S] ids/labels, computed as `options.loss` says.
+
+    "hf": model(input_ids, labels=...) exactly. Otherwise the base model runs, the LM head and the cross-entropy are
+    fused (no [B*S, V] logits), and HF's router aux loss is added with the config's coefficient, as HF does.
+    """
+    if options.loss == "hf":
+        kwargs = {"output_router_logits": True} if output_router_logits and _accepts_router_logits(model) else {}
+        out = model(input_ids=input_ids, labels=labels, use_cache=False, **kwargs)
+        aux = getattr(out, "aux_loss", None)
+        coef = _aux_coef(model)
+        ce = out.loss.detach() - (coef * aux.detach() if aux is not None else 0.0)
+        return StepLoss(out.loss, ce, aux)
+    base = getattr(model, model.base_model_prefix)
+    want_router = output_router_logits and _accepts_router_logits(model)
+    out = base(input_ids=input_ids, use_cache=False, **({"output_router_logits": True} if want_router else {}))
+    hidden_ND = out.last_hidden_state.flatten(0, 1)
+    targets_N = shift_labels(labels).flatten()
+    backend = {"fused": "auto", "chunked": "chunked", "liger": "liger"}[options.loss]
+    head = model.get_output_embeddings()
+    ce = linear_cross_entropy_sum(hidden_ND, head.weight, targets_N, IGNORE_INDEX, backend)
+    ce = ce / (targets_N != IGNORE_INDEX).sum().clamp_min(1)
+    loss, aux = ce, None
+    if want_router:
+        aux = _aux_loss(model, getattr(out, "router_logits", None))
+        if aux is not None:
+            loss = ce + _aux_coef(model) * aux.to(ce.device)
+    return StepLoss(loss, ce.detach(), aux)
+
+
+def _aux_coef(model) -> float:
+    return float(getattr(model, "router_aux_loss_coef", None) or getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
+
+
+def _accepts_router_logits(model) -> bool:
+    return hasattr(model.config, "output_router_logits")
+
+
+# ---- optimizers ------------------------------------------------------------------------------------------------
+
+class _PerParamAdamW:
+    """Fused AdamW per parameter, optionally on an fp32 master copy (bf16 params, fp32 weights + states).
+
+    `in_backward=True` steps each parameter from a post-accumulate-grad hook and frees its gradient at once, so at
+    most a few gradients exist at any time. Otherwise `step()` walks the parameters one by one (the fp32 copy of a
+    gradient is made per parameter, never for all at once).
+    """
+
+    def __init__(self, params, lr: float, betas, eps: float, weight_decay: float, master_fp32: bool, in_backward: bool):
+        self.master_fp32, self.in_backward = master_fp32, in_backward
+        self._entries = {}
+        for p in params:
+            target = p.detach().float().clone().requires_grad_(True) if master_fp32 and p.dtype != torch.float32 else p
+            fused = target.is_cuda
+            opt = torch.optim.AdamW([target], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                    **({"fused": True} if fused else {"foreach": False}))
+            self._entries[p] = (target, opt)
+            if in_backward:
+                p.register_post_accumulate_grad_hook(self._step_param)
+
+    @torch.no_grad()
+    def _step_param(self, p: torch.Tensor) -> None:
+        target, opt = self._entries[p]
+        if p.grad is None:
+            return
+        if target is not p:
+            target.grad = p.grad.float()
+        opt.step()
+        if target is not p:
+            p.copy_(target)
+            target.grad = None
+        p.grad = None
+
+    def step(self) -> None:
+        if not self.in_backward:
+            for p in self._entries:
+                self._step_param(p)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self._entries:
+            p.grad = None
+
+    def state_bytes(self) -> int:
+        total = 0
+        for p, (target, opt) in self._entries.items():
+            total += (target.numel() * target.element_size()) if target is not p else 0
+            for state in opt.state.values():
+                total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+        return total
+
+
+def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e-4, betas=(0.9, 0.95),
+                    eps: float = 1e-8, weight_decay: float = 0.0):
+    """AdamW as `options.optimizer` / `options.master` say. Has .step() and .zero_grad(set_to_none=True)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    in_backward = options.optimizer == "in-backward"
+    if in_backward or options.master == "fp32":
+        return _PerParamAdamW(params, lr, betas, eps, weight_decay, options.master == "fp32", in_backward)
+    on_cuda = all(p.is_cuda for p in params)
+    kind = {"fused": True} if options.optimizer == "fused" and on_cuda else {"foreach": True}
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kind)
