@@ -6,6 +6,7 @@ It speaks the same OpenAI-style endpoints the validator uses (/health, /v1/model
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import sys
@@ -43,11 +44,10 @@ def serve(export: str | Path, port: int, host: str = "127.0.0.1", device: str = 
     if not (Path(export) / "config.json").is_file():
         raise UserError(f"{export} is not an exported checkpoint (no config.json)", "pass the directory that `moe export` wrote")
     ensure_port_free(host, port)
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
-        raise UserError("transformers serve needs its serving extras", "pip install 'transformers[serving]'") from None
+    missing = [m for m in ("fastapi", "uvicorn", "openai", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        # accelerate: transformers serve always loads with a device_map, which needs it.
+        raise UserError(f"transformers serve needs {', '.join(missing)}", "pip install 'transformers[serving]' accelerate")
     command = serve_command(export, host, port, device)
     os.execve(command[0], command, serve_environment())
     return 0  # not reached
