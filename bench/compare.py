@@ -21,6 +21,8 @@ from dataclasses import asdict
 
 from bench.jobs import JOBS, resolve
 from bench.runner import RESULT_PREFIX, RunSpec
+from trainer.errors import UserError
+from trainer.perf import PerfOptions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_VARIANTS = "best"
@@ -52,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def plan_runs(args) -> list[RunSpec]:
     """The ordered list of runs: per repeat, per job: native, then each variant, then the recipe row."""
-    jobs = [JOBS["smoke"]] if args.smoke else resolve(args.jobs)
+    jobs = [JOBS["smoke"]] if args.smoke and args.jobs in ("", "B1-bs1") else resolve(args.jobs)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     common = dict(steps=args.steps, warmup=args.warmup, lr=args.lr, device=args.device,
                   profile=bool(getattr(args, "profile", False)))
@@ -100,7 +102,7 @@ def _launch(spec: RunSpec, timeout: float) -> dict:
 
 def _skip_reason(spec: RunSpec) -> str | None:
     job = JOBS[spec.job]
-    if job.gpus > 1:
+    if job.gpus > 1 and spec.device != "cpu":
         try:
             import torch
 
@@ -108,6 +110,7 @@ def _skip_reason(spec: RunSpec) -> str | None:
                 return f"needs {job.gpus} GPUs, found {torch.cuda.device_count()}"
         except Exception:
             return "torch not importable"
+    if job.gpus > 1:
         import importlib.util
 
         if importlib.util.find_spec("trainer.parallel.config") is None:
@@ -123,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         return main_worker(argv[1])
     parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    try:
+        return run(parser.parse_args(argv))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 def run(args) -> int:
@@ -133,8 +140,13 @@ def run(args) -> int:
         args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
         args.device = "cpu" if args.device == "auto" else args.device
         args.timeout = max(args.timeout, 600)
+    try:
+        runs = plan_runs(args)
+        for variant in {r.variant for r in runs if r.side == "ours"}:
+            PerfOptions.parse(variant)
+    except ValueError as err:
+        raise UserError(str(err), "see --help for job names and variant options") from None
     os.makedirs(args.out, exist_ok=True)
-    runs = plan_runs(args)
     print(f"{len(runs)} runs: " + ", ".join(f"{r.job}:{r.label}" for r in runs), flush=True)
     results, json_path = [], os.path.join(args.out, "results.json")
     for spec in runs:

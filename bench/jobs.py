@@ -54,6 +54,7 @@ JOBS = {
     "B2": Job("B2", _QWEN, _B1, 4, 4096, 2, "B1 shape on 2 GPUs, EP=2 + FSDP2, bs4 per GPU"),
     "B3": Job("B3", _NEMOTRON, _B3, 1, 4096, 1, "Nemotron-3-Nano shapes, 6 layers MEME*E, bs1, seq 4096"),
     "smoke": Job("smoke", _QWEN, SMOKE_OVERRIDES, 2, 32, 1, "tiny Qwen3-MoE on CPU (pipeline check)"),
+    "smoke-ep2": Job("smoke-ep2", _QWEN, SMOKE_OVERRIDES, 2, 32, 2, "tiny Qwen3-MoE, 2 processes, EP=2 + FSDP2"),
 }
 
 
@@ -62,7 +63,7 @@ def config_dict(job: Job) -> dict:
     with open(_config_path(job.config_file)) as f:
         values = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
     values.update(job.overrides)
-    if job.name == "smoke":
+    if job.name.startswith("smoke"):
         values["tie_word_embeddings"] = False
     return values
 

@@ -24,7 +24,6 @@ Options (the benchmark keeps each only where it pays, docs/BENCHMARKS.md):
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -249,45 +248,58 @@ class StepLoss:
     aux: torch.Tensor | None
 
 
-def _aux_loss(model, router_logits, attention_mask=None):
-    fn = getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
-    if fn is None or not router_logits:
-        return None
+def _head_forward(self, hidden_states):
+    """LM head patched for the fused loss: returns the summed cross-entropy [] while targets are set, else logits."""
+    targets_N = self.__dict__.get("_moe_ce_targets")
+    if targets_N is None:
+        return torch.nn.functional.linear(hidden_states, self.weight, self.bias)
+    backend = self.__dict__["_moe_ce_backend"]
+    return linear_cross_entropy_sum(hidden_states.flatten(0, 1), self.weight, targets_N, IGNORE_INDEX, backend)
+
+
+def _fused_head(model) -> torch.nn.Module | None:
+    """The LM head, patched once to compute the fused loss inside the model's own forward, or None if unsafe."""
+    head = model.get_output_embeddings()
     config = model.config
-    num_experts = getattr(model, "num_experts", None) or getattr(config, "num_experts", None) or \
-        getattr(config, "num_local_experts", None)
-    top_k = getattr(model, "num_experts_per_tok", None) or config.num_experts_per_tok
-    return fn(router_logits, num_experts, top_k, attention_mask)
+    scaled = any(getattr(config, name, None) not in (None, 1.0) for name in
+                 ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"))
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or scaled:
+        return None
+    if "_moe_ce_backend" not in head.__dict__:
+        head.forward = _head_forward.__get__(head)
+    return head
 
 
 def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, options: PerfOptions,
                    output_router_logits: bool = True) -> StepLoss:
     """Next-token loss of a HF causal LM on [B, S] ids/labels, computed as `options.loss` says.
 
-    "hf": model(input_ids, labels=...) exactly. Otherwise the base model runs, the LM head and the cross-entropy are
-    fused (no [B*S, V] logits), and HF's router aux loss is added with the config's coefficient, as HF does.
+    "hf": model(input_ids, labels=...) exactly. Otherwise the model's own forward runs without labels while its LM
+    head returns the fused linear cross-entropy (never [B*S, V] logits); running inside the model's forward keeps
+    FSDP2's hooks and HF's router aux loss (added with the config's coefficient, as HF does) exactly as they are.
+    Heads with a bias or logit scaling/soft-capping fall back to "hf" (noted in options.notes).
     """
-    if options.loss == "hf":
-        kwargs = {"output_router_logits": True} if output_router_logits and _accepts_router_logits(model) else {}
+    want_router = output_router_logits and _accepts_router_logits(model)
+    kwargs = {"output_router_logits": True} if want_router else {}
+    head = None if options.loss == "hf" else _fused_head(model)
+    if head is None:
+        if options.loss != "hf" and "fused loss unsupported for this head: hf loss" not in options.notes:
+            options.notes.append("fused loss unsupported for this head: hf loss")
         out = model(input_ids=input_ids, labels=labels, use_cache=False, **kwargs)
         aux = getattr(out, "aux_loss", None)
-        coef = _aux_coef(model)
-        ce = out.loss.detach() - (coef * aux.detach() if aux is not None else 0.0)
+        ce = out.loss.detach() - (_aux_coef(model) * aux.detach() if aux is not None else 0.0)
         return StepLoss(out.loss, ce, aux)
-    base = getattr(model, model.base_model_prefix)
-    want_router = output_router_logits and _accepts_router_logits(model)
-    out = base(input_ids=input_ids, use_cache=False, **({"output_router_logits": True} if want_router else {}))
-    hidden_ND = out.last_hidden_state.flatten(0, 1)
     targets_N = shift_labels(labels).flatten()
-    backend = {"fused": "auto", "chunked": "chunked", "liger": "liger"}[options.loss]
-    head = model.get_output_embeddings()
-    ce = linear_cross_entropy_sum(hidden_ND, head.weight, targets_N, IGNORE_INDEX, backend)
-    ce = ce / (targets_N != IGNORE_INDEX).sum().clamp_min(1)
-    loss, aux = ce, None
-    if want_router:
-        aux = _aux_loss(model, getattr(out, "router_logits", None))
-        if aux is not None:
-            loss = ce + _aux_coef(model) * aux.to(ce.device)
+    head.__dict__["_moe_ce_backend"] = {"fused": "auto", "chunked": "chunked", "liger": "liger"}[options.loss]
+    head.__dict__["_moe_ce_targets"] = targets_N
+    try:
+        out = model(input_ids=input_ids, use_cache=False, logits_to_keep=0, **kwargs)
+    finally:
+        head.__dict__["_moe_ce_targets"] = None
+    ce = out.logits.float().reshape(()) / (targets_N != IGNORE_INDEX).sum().clamp_min(1)
+    loss, aux = ce, getattr(out, "aux_loss", None)
+    if aux is not None:
+        loss = ce + _aux_coef(model) * aux.to(ce.device)
     return StepLoss(loss, ce.detach(), aux)
 
 

@@ -1,0 +1,87 @@
+"""The benchmark pipeline end to end on CPU: tiny job, 2 steps, native and ours, JSON + markdown + table out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import compare, report
+from bench.flops import flops_per_token, matmul_params_per_token
+from bench.jobs import JOBS, build_config
+from trainer.cli import main as moe_main
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    code = compare.main(["--smoke", "--in-process", "--variants", "base,best", "--out", str(out)])
+    assert code == 0
+    with open(out / "results.json") as f:
+        return out, json.load(f)
+
+
+def test_smoke_run_writes_one_result_per_run_with_memory_config_and_loss(smoke_results):
+    out, payload = smoke_results
+    labels = [r["label"] for r in payload["results"]]
+    assert labels == ["native", "ours[base]", "ours[best]", "ours[best](master-fp32)"]
+    for result in payload["results"]:
+        assert "error" not in result, result.get("traceback")
+        assert result["tok_s_per_gpu"] > 0 and result["tflops_per_gpu"] > 0
+        assert len(result["losses"]) == 3  # 1 warm-up + 2 measured
+        assert result["config"]["num_hidden_layers"] == 2 and "peak_rss_gib" in result
+    first_losses = {r["label"]: r["losses"][0] for r in payload["results"]}
+    assert len({round(v, 4) for v in first_losses.values()}) == 1  # same data, same init seed -> same first loss
+    assert payload["environment"]["torch"]
+    assert (out / "results.md").read_text().startswith("| job | run |")
+
+
+def test_report_table_has_ratios_against_native(smoke_results):
+    _, payload = smoke_results
+    rows = {r["label"]: r for r in report.rows(payload["results"])}
+    assert rows["native"]["speedup"] == 1.0
+    assert rows["ours[best]"]["speedup"] > 0
+    assert "ours[best]" in report.summary_table(payload["results"])
+
+
+def test_a_failing_run_is_recorded_and_does_not_stop_the_others(tmp_path):
+    code = compare.main(["--smoke", "--in-process", "--ours-only", "--recipe", "none", "--variants",
+                         "base,ac=full+compile=none+loss=liger", "--out", str(tmp_path)])
+    assert code == 0
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert "error" not in results[0]
+    assert "liger_kernel is not importable" in results[1]["error"] or "tok_s_per_gpu" in results[1]
+
+
+def test_moe_bench_subcommand_reaches_the_same_code(tmp_path, capsys):
+    code = moe_main(["bench", "--smoke", "--in-process", "--native-only", "--out", str(tmp_path)])
+    assert code == 0
+    assert "native" in capsys.readouterr().out
+    assert (tmp_path / "results.json").exists()
+
+
+def test_flops_count_only_top_k_experts_and_half_of_causal_attention():
+    config = build_config(JOBS["B1-bs1"])
+    per_layer_attention = 2048 * 4096 + 2 * 2048 * 512 + 4096 * 2048
+    per_layer_moe = 2048 * 128 + 8 * 3 * 2048 * 768
+    assert matmul_params_per_token(config) == 12 * (per_layer_attention + per_layer_moe) + 2048 * 151936
+    attention = 6 * 12 * 32 * 128 * 4096
+    assert flops_per_token(config, 4096) == 6 * matmul_params_per_token(config) + attention
+
+
+def test_nemotron_flops_count_mamba_projections_and_state_terms():
+    config = build_config(JOBS["B3"])
+    assert [k for k in config.layers_block_type] == ["linear_attention", "moe", "linear_attention", "moe",
+                                                     "full_attention", "moe"]
+    flops = flops_per_token(config, 4096)
+    state_terms = 12 * 2 * 64 * 64 * 128
+    attention = 6 * 1 * 32 * 128 * 4096
+    assert flops == 6 * matmul_params_per_token(config) + attention + state_terms
+
+
+def test_unknown_job_or_variant_is_a_one_line_error_before_anything_runs(tmp_path, capsys):
+    assert compare.main(["--jobs", "B9", "--out", str(tmp_path / "a")]) == 2
+    assert "choose from B1-bs1" in capsys.readouterr().err
+    assert moe_main(["bench", "--smoke", "--variants", "fast-please", "--out", str(tmp_path / "b")]) == 2
+    assert "unknown option 'fast-please'" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -1,0 +1,137 @@
+"""trainer.perf: every speed/memory option leaves the training step's math unchanged (fp32, CPU).
+
+Tolerances: 1e-5 relative on the loss and the gradients (summation order only). The optimizer variants must give
+the same parameters as torch's AdamW after a few steps.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import tiny_configs
+from trainer.models import MoEAutoModelForCausalLM
+from trainer.perf import PerfOptions, apply_optimizations, build_optimizer, causal_lm_loss, disable_compile
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    config = tiny_configs.qwen3_moe(output_router_logits=True, router_aux_loss_coef=0.01)
+    model = MoEAutoModelForCausalLM.from_config(config)
+    for name, p in model.named_parameters():
+        if "norm" not in name:
+            torch.nn.init.normal_(p, std=0.2)
+    return model
+
+
+IDS = torch.randint(0, tiny_configs.VOCAB, (2, 20), generator=torch.Generator().manual_seed(5))
+
+
+def _loss_and_grads(model, spec: str):
+    options = PerfOptions.parse(spec)
+    apply_optimizations(model, options)
+    step = causal_lm_loss(model, IDS, IDS, options)
+    step.loss.backward()
+    return step, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_option_strings_parse_shortcuts_and_key_values():
+    options = PerfOptions.parse("best+ac=attn+compile=none")
+    assert (options.loss, options.fused_experts, options.kernels, options.optimizer, options.ac) == (
+        "fused", True, "liger", "in-backward", "attn")
+    assert PerfOptions.parse("base") == PerfOptions()
+    with pytest.raises(ValueError, match="unknown option 'nope'"):
+        PerfOptions.parse("nope")
+    with pytest.raises(ValueError, match="choose one of"):
+        PerfOptions.parse("ac=everything")
+
+
+@pytest.mark.parametrize("spec", ["loss=chunked", "loss=chunked+fused-experts", "fused-experts+ac=attn",
+                                  "loss=chunked+ac=mlp", "loss=chunked+fused-experts+ac=full"])
+def test_step_loss_and_gradients_equal_the_hf_forward(spec):
+    reference, optimized = _model(), _model()
+    ref_step, ref_grads = _loss_and_grads(reference, "base")
+    step, grads = _loss_and_grads(optimized, spec)
+    assert ref_step.aux is not None and step.aux is not None
+    assert abs(step.loss.item() - ref_step.loss.item()) <= 1e-5 * abs(ref_step.loss.item())
+    assert abs(step.ce.item() - ref_step.ce.item()) <= 1e-5 * abs(ref_step.ce.item())
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert _relative(grad, ref_grads[name]) <= 1e-5, name
+
+
+def test_fused_loss_never_returns_full_logits():
+    model = _model()
+    options = PerfOptions.parse("loss=chunked")
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda m, i, out: seen.append(tuple(out.shape)))
+    causal_lm_loss(model, IDS, IDS, options)
+    handle.remove()
+    assert seen == [()]  # the head returned the summed loss, not [B, S, V] logits
+    assert model(IDS).logits.shape == (2, 20, tiny_configs.VOCAB)  # outside the loss the head is a plain linear
+
+
+def _train(spec: str, steps=3, dtype=torch.float32):
+    model = _model().to(dtype)
+    options = PerfOptions.parse(spec)
+    optimizer = build_optimizer(model, options, lr=1e-2)
+    for _ in range(steps):
+        causal_lm_loss(model, IDS, IDS, options).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model
+
+
+@pytest.mark.parametrize("spec", ["fused-adamw", "opt-in-bwd", "master-fp32"])
+def test_optimizer_variants_reach_the_same_parameters_as_torch_adamw(spec):
+    reference, other = _train("base"), _train(spec)
+    for (name, a), (_, b) in zip(reference.named_parameters(), other.named_parameters()):
+        assert _relative(b.detach(), a.detach()) <= 1e-5, name
+
+
+def test_fp32_master_weights_keep_updates_that_bf16_weights_would_round_away():
+    model = _model().to(torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    options = PerfOptions.parse("master-fp32")
+    optimizer = build_optimizer(model, options, lr=1e-6)
+    for _ in range(4):
+        causal_lm_loss(model, IDS, IDS, options).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    master = optimizer._entries[model.lm_head.weight][0]
+    assert master.dtype == torch.float32
+    assert not torch.equal(master.bfloat16(), master)  # the fp32 copy holds more than bf16 can
+    assert (master - before["lm_head.weight"].float()).abs().max() > 0
+
+
+def test_in_backward_optimizer_leaves_no_gradients_behind():
+    model = _model()
+    options = PerfOptions.parse("opt-in-bwd")
+    build_optimizer(model, options, lr=1e-3)
+    causal_lm_loss(model, IDS, IDS, options).loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_disable_compile_restores_eager_modules():
+    model = _model()
+    options = PerfOptions.parse("compile")
+    notes = apply_optimizations(model, options)
+    assert any("torch.compile" in n for n in notes)
+    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    assert disable_compile(model)
+    assert all(layer._compiled_call_impl is None for layer in model.model.layers)
+    causal_lm_loss(model, IDS, IDS, options).loss.backward()  # runs eagerly
+
+
+def test_liger_falls_back_with_a_note_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU fallback")
+    model = _model()
+    notes = apply_optimizations(model, PerfOptions.parse("liger"))
+    assert any("liger not importable" in n for n in notes)
