@@ -83,14 +83,20 @@ def _launch(spec: RunSpec, timeout: float) -> dict:
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     started = time.perf_counter()
+    # own session: on timeout (or if this process is stopped) the whole worker tree dies, so no orphan keeps the GPU
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-        output, code = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as err:
-        output = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
-        output += (err.stderr or b"").decode(errors="replace") if isinstance(err.stderr, bytes) else (err.stderr or "")
+        output, _ = proc.communicate(timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        output = proc.communicate()[0] or ""
         return {"spec": asdict(spec), "label": spec.label, "job": spec.job, "side": spec.side,
                 "error": f"timeout after {timeout:.0f}s", "log_tail": output[-3000:]}
+    except BaseException:
+        _kill_tree(proc)
+        raise
     for line in reversed(output.splitlines()):
         if line.startswith(RESULT_PREFIX):
             result = json.loads(line[len(RESULT_PREFIX):])
@@ -98,6 +104,29 @@ def _launch(spec: RunSpec, timeout: float) -> dict:
             return result
     return {"spec": asdict(spec), "label": spec.label, "job": spec.job, "side": spec.side,
             "error": f"worker exited {code} without a result", "log_tail": output[-3000:]}
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def _stop_on_sigterm() -> None:
+    """`timeout` sends SIGTERM: turn it into an exception so the running worker's process group is killed."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. called from a test runner thread)
+        pass
 
 
 def _skip_reason(spec: RunSpec) -> str | None:
@@ -147,6 +176,8 @@ def run(args) -> int:
     except ValueError as err:
         raise UserError(str(err), "see --help for job names and variant options") from None
     os.makedirs(args.out, exist_ok=True)
+    if not args.in_process:
+        _stop_on_sigterm()
     print(f"{len(runs)} runs: " + ", ".join(f"{r.job}:{r.label}" for r in runs), flush=True)
     results, json_path = [], os.path.join(args.out, "results.json")
     for spec in runs:

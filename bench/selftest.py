@@ -74,9 +74,12 @@ def fused_experts():
     index = torch.rand(tokens, 12, device=device).argsort(-1)[:, :4]  # experts 12..15 get no tokens
     weights = torch.rand(tokens, 4, device=device)
     x = torch.randn(tokens, 256, device=device, dtype=torch.bfloat16)
+    from trainer.kernels.fused_expert_mlp import _liger_swiglu
+
     grads = {}
-    for fused in (False, True):
-        set_fused_experts(experts, fused)
+    modes = [(False, "torch"), (True, "torch")] + ([(True, "liger")] if device.type == "cuda" and _liger_swiglu() else [])
+    for fused, backend in modes:
+        set_fused_experts(experts, fused, activation_backend=backend)
         experts.zero_grad(set_to_none=True)
         if fused and device.type == "cuda":  # poison the allocator: uninitialised memory now reads as NaN
             junk = torch.full((64 << 20,), float("nan"), device=device)
@@ -85,12 +88,16 @@ def fused_experts():
         wi = weights.clone().requires_grad_(True)
         out = fast_experts_forward(experts, xi, index, wi)
         out.float().square().sum().backward()
-        grads[fused] = (out.detach(), xi.grad, wi.grad, experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone())
-    errors = [_rel(a, b) for a, b in zip(grads[True], grads[False])]
-    empty = grads[True][3][12:]
-    assert torch.isfinite(empty).all() and empty.abs().max().item() == 0, "empty experts' grads not zero"
-    assert max(errors) < 2e-2, f"relative errors {errors}"
-    return "max rel err %.1e" % max(errors)
+        grads[(fused, backend)] = (out.detach(), xi.grad, wi.grad, experts.gate_up_proj.grad.clone(),
+                                   experts.down_proj.grad.clone())
+    report = []
+    for mode in modes[1:]:
+        errors = [_rel(a, b) for a, b in zip(grads[mode], grads[(False, "torch")])]
+        empty = grads[mode][3][12:]
+        assert torch.isfinite(empty).all() and empty.abs().max().item() == 0, f"{mode}: empty experts' grads not zero"
+        assert max(errors) < 2e-2, f"{mode}: relative errors {errors}"
+        report.append(f"{mode[1]} activation: max rel err {max(errors):.1e}")
+    return "; ".join(report)
 
 
 @check("linear cross-entropy chunked/liger == full logits")

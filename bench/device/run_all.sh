@@ -35,12 +35,12 @@ for name in ("torch", "transformers", "triton", "liger_kernel", "torchao"):
 PY
 
 if [ "${SELFTEST:-1}" = "1" ]; then
-  timeout 150 "$PY" -m bench.selftest 2>&1 | grep -E "^(PASS|FAIL|SKIP|selftest|torch|   )" | tee "$OUT_DIR/selftest.txt"
+  timeout 90 "$PY" -m bench.selftest 2>&1 | grep -E "^(PASS|FAIL|SKIP|selftest|torch|   )" | tee "$OUT_DIR/selftest.txt"
 fi
 
 # job | ours variants (comma-separated, each '+'-joined options) | seconds for the whole job
-DEFAULT_PLAN="B1-bs1|base,fused-ce+fused-adamw,best,best+compile|230
-B1-bs4|best,best+ac=attn,best+compile|230"
+DEFAULT_PLAN="B1-bs1|base,best,best+compile|220
+B1-bs4|best,best+ac=attn|200"
 PLAN="${PLAN:-$DEFAULT_PLAN}"
 EXTRA=()
 [ "${PROFILE:-0}" = "1" ] && EXTRA+=(--profile)
@@ -48,7 +48,7 @@ EXTRA=()
 while IFS='|' read -r job variants budget; do
   [ -z "$job" ] && continue
   echo "=== $job: native + ours[$variants] + recipe[${RECIPE:-best}] (budget ${budget}s)"
-  timeout --signal=TERM "$budget" "$PY" -m bench.compare --jobs "$job" --variants "$variants" \
+  timeout -k 15 --signal=TERM "$budget" "$PY" -m bench.compare --jobs "$job" --variants "$variants" \
     --recipe "${RECIPE:-best}" --steps "${STEPS:-4}" --warmup "${WARMUP:-2}" --repeat "${REPEAT:-1}" \
     --timeout "${RUN_TIMEOUT:-200}" --out "$OUT_DIR/$job" "${EXTRA[@]}" 2>&1 | grep -v "^\s*$" | tail -60
   echo "=== $job done (exit ${PIPESTATUS[0]})"
