@@ -1,0 +1,93 @@
+"""Rank-side bodies of the distributed tests (imported by the spawned processes)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+
+import tiny_configs
+from trainer.models import MoEAutoModelForCausalLM
+from trainer.parallel import ParallelConfig, parallelize
+
+SEQ = 16
+ROWS_PER_RANK = 2
+
+
+def random_model(config, seed: int = 0):
+    """The fast single-process model with every weight random (HF zero-inits some router weights)."""
+    torch.manual_seed(seed)
+    model = MoEAutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.normal_(std=0.2)
+    return model
+
+
+def _routing_override(kind: str):
+    """Forward hook on routers that rewrites the expert choice (same rule in both models)."""
+
+    def hook(module, inputs, output):
+        logits, weights, index = output
+        if kind == "few_experts":  # every token picks experts 0 and 1: all other experts get no tokens
+            index = torch.stack([torch.zeros_like(index[:, 0]), torch.ones_like(index[:, 1])], dim=1)
+        elif kind == "skewed":  # nearly every token's first choice is expert 5
+            first = torch.where(torch.arange(index.shape[0]) % 8 == 0, index[:, 0], torch.full_like(index[:, 0], 5))
+            index = torch.stack([first, index[:, 1]], dim=1)
+        return logits, weights, index
+
+    return hook
+
+
+def _routers(model):
+    return [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def ep_parity(parallel: dict, steps: list[str], num_experts: int = 8) -> dict:
+    """Train `len(steps)` AdamW steps sharded and unsharded on the same global batches; return per-step loss
+    pairs and the worst relative gradient difference (all ranks check; rank 0's numbers are returned)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    config = tiny_configs.qwen3_moe(num_experts=num_experts)
+    reference = random_model(config)
+    sharded = parallelize(copy.deepcopy(reference), ParallelConfig(**parallel, param_dtype=None))
+    opt_ref = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+    opt_sharded = torch.optim.AdamW(sharded.parameters(), lr=1e-3)
+    losses, worst_grad = [], 0.0
+    for step, kind in enumerate(steps):
+        handles = []
+        if kind != "random":
+            for model in (reference, sharded):
+                handles += [r.register_forward_hook(_routing_override(kind)) for r in _routers(model)]
+        ids = torch.randint(0, tiny_configs.VOCAB, (world * ROWS_PER_RANK, SEQ), generator=torch.Generator().manual_seed(step))
+        ref_loss = reference(ids, labels=ids).loss
+        ref_loss.backward()
+        mine = ids[rank * ROWS_PER_RANK : (rank + 1) * ROWS_PER_RANK]
+        loss = sharded(mine, labels=mine).loss
+        loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        losses.append((ref_loss.item(), mean_loss.item() / world))
+        ref_grads = dict(reference.named_parameters())
+        for name, param in sharded.named_parameters():
+            ref_grad = ref_grads[name].grad
+            grad = _full(param.grad)
+            rel = ((grad - ref_grad).norm() / ref_grad.norm().clamp_min(1e-30)).item()
+            worst_grad = max(worst_grad, rel)
+        for h in handles:
+            h.remove()
+        opt_ref.step()
+        opt_sharded.step()
+        opt_ref.zero_grad()
+        opt_sharded.zero_grad()
+    return {"losses": losses, "worst_grad_rel": worst_grad}
+
+
+def ep_parity_many(layouts: list[dict], steps: list[str]) -> list[dict]:
+    """`ep_parity` for several mesh layouts in one set of processes (process start-up dominates the test time)."""
+    return [ep_parity(layout, steps) for layout in layouts]

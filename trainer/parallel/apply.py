@@ -1,0 +1,128 @@
+"""Apply expert parallelism, activation checkpointing, compile and FSDP2 to a HF model (meta or materialised).
+
+Order (each step assumes the previous one):
+1. experts: every stacked expert tensor [E, ...] becomes a DTensor `Shard(0)` over the "ep" mesh dim (this rank keeps
+   experts [r*E/ep, (r+1)*E/ep)), and the experts module gets the EP dispatcher;
+2. activation checkpointing per decoder block (transformers' own, non-reentrant; "selective" saves matmul outputs);
+3. optional `torch.compile` per block;
+4. FSDP2: each experts module over the expert-FSDP mesh (gradients divided by the whole data-parallel size: expert
+   gradients already hold every rank's tokens), each block over the dense mesh, then the root (embeddings, head).
+Parameter names never change, so state dicts, DCP and HF export see the plain HF names.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+
+from trainer.parallel.config import ParallelConfig
+from trainer.parallel.mesh import ParallelMesh
+
+logger = logging.getLogger("trainer.parallel")
+
+try:  # torch >= 2.6 exports FSDP2 here
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+except ImportError:  # pragma: no cover
+    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+def experts_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules holding stacked expert tensors: an int `num_experts` and a 3-D parameter with that many rows."""
+    found = []
+    for module in model.modules():
+        num_experts = getattr(module, "num_experts", None)
+        if not isinstance(num_experts, int):
+            continue
+        params = list(module.parameters(recurse=False))
+        if any(p.dim() == 3 and p.shape[0] == num_experts for p in params):
+            found.append(module)
+    return found
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks: the longest `nn.ModuleList` in the model (HF's `model.layers` / `backbone.layers`)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        return []
+    return list(max(lists, key=len))
+
+
+def shard_experts(module: nn.Module, pmesh: ParallelMesh) -> None:
+    """Replace each [E, ...] parameter by a DTensor `Shard(0)` over "ep" holding this rank's E/ep experts."""
+    ep, rank = pmesh.sizes.ep, pmesh.ep_rank
+    for name, param in list(module.named_parameters(recurse=False)):
+        if param.shape[0] != module.num_experts or isinstance(param, DTensor):
+            continue
+        per_rank = param.shape[0] // ep
+        local = param.detach()[rank * per_rank : (rank + 1) * per_rank]
+        local = local if local.is_meta else local.clone()  # do not keep the full tensor alive through a view
+        dtensor = DTensor.from_local(local, pmesh.ep, [Shard(0)], run_check=False)
+        setattr(module, name, nn.Parameter(dtensor, requires_grad=param.requires_grad))
+
+
+def enable_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """'full': recompute each block in backward; 'selective': recompute it but keep matmul outputs."""
+    if mode == "none":
+        return
+    kwargs = {"use_reentrant": False}
+    if mode == "selective":
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _save_matmuls)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _save_matmuls(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    saved = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default}
+    grouped = getattr(torch.ops.aten, "_grouped_mm", None)
+    if grouped is not None:
+        saved.add(grouped.default)
+    return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _divide_expert_gradients(module: nn.Module, ep_size: int, world_size: int) -> None:
+    """Expert gradients must be divided by the whole data-parallel size (each rank's experts already summed every
+    rank's tokens through the all-to-all backward), FSDP divides by its expert mesh only: divide by ep on top.
+
+    Done in FSDP's post-reduce hook rather than with a custom divide factor: that needs NCCL's PREMUL_SUM (absent
+    on gloo), and with an expert-FSDP group of one rank some torch versions apply the factor twice."""
+    set_hook = getattr(module, "set_all_reduce_hook", None)
+    if set_hook is not None:
+        set_hook(lambda reduced: reduced.div_(ep_size))
+        return
+    setter = getattr(module, "set_gradient_divide_factor", None) or module.set_reduce_scatter_divide_factor
+    setter(float(world_size))
+
+
+def apply_parallelism(model: nn.Module, cfg: ParallelConfig, pmesh: ParallelMesh, dispatcher) -> nn.Module:
+    """Shard `model` in place (steps 1-4 above) and return it. `dispatcher` serves every MoE layer."""
+    experts = experts_modules(model)
+    if pmesh.sizes.ep > 1:
+        for module in experts:
+            shard_experts(module, pmesh)
+            module.moe_dispatcher = dispatcher
+    enable_activation_checkpointing(model, cfg.activation_checkpointing)
+    layers = decoder_layers(model)
+    if cfg.compile:
+        for layer in layers:
+            layer.compile()
+
+    mp_policy = MixedPrecisionPolicy(param_dtype=cfg.param_torch_dtype, reduce_dtype=cfg.reduce_torch_dtype)
+    dense = {"mesh": pmesh.dense_fsdp, "mp_policy": mp_policy}
+    for layer in layers:
+        if pmesh.sizes.ep > 1:
+            for module in experts_modules(layer):
+                fully_shard(module, mesh=pmesh.expert_fsdp, mp_policy=mp_policy,
+                            reshard_after_forward=cfg.reshard_after_forward)
+                _divide_expert_gradients(module, pmesh.sizes.ep, pmesh.sizes.world)
+        fully_shard(layer, reshard_after_forward=cfg.reshard_after_forward, **dense)
+    fully_shard(model, **dense)  # embeddings, final norm, head; the root keeps its weights gathered after forward
+    model.moe_parallel_mesh = pmesh
+    model.moe_parallel_config = cfg
+    return model

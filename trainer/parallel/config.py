@@ -1,0 +1,76 @@
+"""`ParallelConfig`: how a model is spread over the processes of a torchrun job.
+
+    world = dp_replicate_size x dp_shard_size            (every rank is a data-parallel rank)
+    dp_shard_size = efsdp x ep_size                       (expert parallelism borrows from the sharded data-parallel ranks)
+
+Non-expert weights are FSDP2-sharded over dp_shard (and replicated over dp_replicate: HSDP); expert weights are split
+over `ep` (dim 0, whole experts) and FSDP2-sharded over the `efsdp` ranks left. The same fields exist in the recipe's
+`parallel.*` section; `ParallelConfig.from_any` accepts either object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from trainer.errors import UserError
+
+DISPATCHERS = ("auto", "alltoall", "deepep")
+CHECKPOINTING = ("none", "full", "selective")
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class ParallelConfig:
+    """Mesh sizes, dispatcher and FSDP2 options. -1 for dp_shard_size means "all ranks left"."""
+
+    ep_size: int = 1
+    dp_shard_size: int = -1
+    dp_replicate_size: int = 1
+    dispatcher: Literal["auto", "alltoall", "deepep"] = "auto"
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    compile: bool = False
+    # FSDP2 mixed precision: weights are all-gathered in param_dtype for compute (None: the master dtype itself),
+    # gradients reduced in reduce_dtype. The master copy keeps the dtype the model was loaded in (fp32 by default).
+    param_dtype: str | None = "bfloat16"
+    reduce_dtype: str | None = "float32"
+    reshard_after_forward: bool = True
+
+    def __post_init__(self):
+        if self.dispatcher not in DISPATCHERS:
+            raise UserError(f"unknown parallel.dispatcher '{self.dispatcher}'", f"use one of {'|'.join(DISPATCHERS)}")
+        if self.activation_checkpointing not in CHECKPOINTING:
+            raise UserError(
+                f"unknown parallel.activation_checkpointing '{self.activation_checkpointing}'",
+                f"use one of {'|'.join(CHECKPOINTING)}",
+            )
+        for name in ("param_dtype", "reduce_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in _DTYPES:
+                raise UserError(f"parallel {name} '{value}' is not a dtype name", f"use one of {', '.join(_DTYPES)}")
+
+    @property
+    def param_torch_dtype(self) -> torch.dtype | None:
+        return _DTYPES[self.param_dtype] if self.param_dtype else None
+
+    @property
+    def reduce_torch_dtype(self) -> torch.dtype | None:
+        return _DTYPES[self.reduce_dtype] if self.reduce_dtype else None
+
+    @classmethod
+    def from_any(cls, cfg, precision: str | None = None) -> ParallelConfig:
+        """From this class, the recipe's `parallel` section, or a dict. `precision` (the recipe's resolved
+        train.precision) picks the FSDP2 compute dtype: bf16-mixed -> bf16, fp32/bf16 -> the master dtype."""
+        if isinstance(cfg, cls) and precision is None:
+            return cfg
+        if isinstance(cfg, dict):
+            values = dict(cfg)
+        else:
+            names = {f.name for f in dataclasses.fields(cls)}
+            values = {name: getattr(cfg, name) for name in names if hasattr(cfg, name)}
+        if precision is not None:
+            values["param_dtype"] = "bfloat16" if precision == "bf16-mixed" else None
+        return cls(**values)
