@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=420.0, help="seconds per run before it is killed")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU job, 2 steps: checks the pipeline")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--native-layouts", default="fsdp",
+                        help="multi-GPU jobs: HF native layouts to run (fsdp = fsdp_size=N; ep = tp_size=N with "
+                             "enable_expert_parallel), comma-separated")
     parser.add_argument("--in-process", action="store_true",
                         help="run everything in this process (faster start; no isolation between runs)")
     parser.add_argument("--profile", action="store_true",
@@ -63,6 +66,9 @@ def plan_runs(args) -> list[RunSpec]:
         for job in jobs:
             if not args.ours_only and job.gpus == 1:
                 runs.append(RunSpec(job.name, "native", repeat=repeat, **common))
+            elif not args.ours_only:  # HF's own distributed layouts (protocol): FSDP2, and EP on the tp dimension
+                for layout in [x for x in args.native_layouts.split(",") if x]:
+                    runs.append(RunSpec(job.name, "native", layout, repeat=repeat, **common))
             if not args.native_only:
                 for variant in variants:
                     runs.append(RunSpec(job.name, "ours", variant, repeat=repeat, **common))
@@ -171,7 +177,7 @@ def run(args) -> int:
         args.timeout = max(args.timeout, 600)
     try:
         runs = plan_runs(args)
-        for variant in {r.variant for r in runs if r.side == "ours"}:
+        for variant in {r.variant for r in runs if r.side == "ours"}:  # fail before anything runs
             PerfOptions.parse(variant)
     except ValueError as err:
         raise UserError(str(err), "see --help for job names and variant options") from None

@@ -45,7 +45,7 @@ class RunSpec:
     @property
     def label(self) -> str:
         if self.side == "native":
-            return "native"
+            return "native" if self.variant in ("base", "") else f"native[{self.variant}]"
         return f"ours[{self.variant}]" + ("" if self.precision == "bf16" else f"({self.precision})")
 
 
@@ -74,6 +74,37 @@ def _build_native(config, device):
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa",
                                                  experts_implementation="grouped_mm")
+    return model
+
+
+def _build_native_distributed(config, device, job, layout: str, result: dict):
+    """HF's own distributed path (protocol): save the random model once, reload with a DistributedConfig.
+
+    layout "fsdp": DistributedConfig(fsdp_size=world); "ep": tp_size=world + enable_expert_parallel (HF 5.17 rides
+    expert parallelism on the tp dimension). Peak memory is reset after loading (the one-off save is not training).
+    """
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, DistributedConfig
+
+    world = dist.get_world_size()
+    folder = os.path.join(os.environ.get("BENCH_CKPT_DIR", "/tmp/bench-ckpt"), job.name)
+    if dist.get_rank() == 0 and not os.path.exists(os.path.join(folder, "config.json")):
+        with torch.device(device):
+            full = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        full.save_pretrained(folder)
+        del full
+        gc.collect()
+        torch.cuda.empty_cache()
+    dist.barrier()
+    if layout == "ep":
+        distributed = DistributedConfig(tp_size=world, enable_expert_parallel=True)
+    else:
+        distributed = DistributedConfig(fsdp_size=world)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="sdpa",
+                                                 experts_implementation="grouped_mm", distributed_config=distributed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    result["notes"].append(f"native {layout} via DistributedConfig; peak reset after loading")
     return model
 
 
@@ -127,7 +158,9 @@ def _measure(spec: RunSpec, job, device, world: int, result: dict) -> None:
     config = build_config(job)
     started = time.perf_counter()
     options = PerfOptions()
-    if spec.side == "native":
+    if spec.side == "native" and world > 1:
+        model = _build_native_distributed(config, device, job, "ep" if spec.variant == "ep" else "fsdp", result)
+    elif spec.side == "native":
         model = _build_native(config, device)
     else:
         options = PerfOptions.parse(spec.variant)

@@ -369,8 +369,12 @@ def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e
     """AdamW as `options.optimizer` / `options.master` say. Has .step() and .zero_grad(set_to_none=True)."""
     params = [p for p in model.parameters() if p.requires_grad]
     in_backward = options.optimizer == "in-backward"
+    if in_backward and any(type(p).__name__ == "DTensor" for p in params):
+        # FSDP2 writes sharded gradients itself after its reduce-scatter: autograd's per-parameter hooks never fire
+        options.notes.append("optimizer in backward is not possible with FSDP2/EP-sharded parameters: fused AdamW")
+        in_backward = False
     if in_backward or options.master == "fp32":
         return _PerParamAdamW(params, lr, betas, eps, weight_decay, options.master == "fp32", in_backward)
     on_cuda = all(p.is_cuda for p in params)
-    kind = {"fused": True} if options.optimizer == "fused" and on_cuda else {"foreach": True}
+    kind = {"fused": True} if options.optimizer in ("fused", "in-backward") and on_cuda else {"foreach": True}
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kind)

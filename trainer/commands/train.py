@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from trainer.config import list_presets, load_recipe
 
@@ -22,6 +23,8 @@ def run(args: argparse.Namespace) -> int:
     from trainer.train import train  # heavy imports only once the recipe is known to be valid
 
     result = train(recipe, progress=not no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     if result.losses:
         print(f"trained to step {result.step}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
     else:
