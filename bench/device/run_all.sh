@@ -4,6 +4,8 @@
 #   bash bench/device/run_all.sh                 # default plan below, results under $OUT/bench (or ./runs/bench)
 #   PLAN="B1-bs1|base,best|200" bash bench/device/run_all.sh      # one line per job: job|variants|seconds budget
 #   STEPS=4 WARMUP=2 REPEAT=1 RECIPE=best PROFILE=1 SELFTEST=0 bash bench/device/run_all.sh
+#   PLAN="B2|fused-ce+fused-experts+liger+fused-adamw|420" bash bench/device/run_all.sh     # 2 GPUs: EP=2 + FSDP2;
+#       native runs HF's DistributedConfig(fsdp_size=2) (NATIVE_LAYOUTS=fsdp,ep adds tp_size=2 + expert parallel)
 #
 # Wheels in .whl/ (e.g. liger_kernel) are installed into /tmp/site first, without dependencies and without network.
 set -uo pipefail
@@ -50,7 +52,7 @@ while IFS='|' read -r job variants budget; do
   echo "=== $job: native + ours[$variants] + recipe[${RECIPE:-best}] (budget ${budget}s)"
   timeout -k 15 --signal=TERM "$budget" "$PY" -m bench.compare --jobs "$job" --variants "$variants" \
     --recipe "${RECIPE:-best}" --steps "${STEPS:-4}" --warmup "${WARMUP:-2}" --repeat "${REPEAT:-1}" \
-    --timeout "${RUN_TIMEOUT:-200}" --out "$OUT_DIR/$job" "${EXTRA[@]}" 2>&1 | grep -v "^\s*$" | tail -60
+    --timeout "${RUN_TIMEOUT:-200}" --native-layouts "${NATIVE_LAYOUTS:-fsdp}" --out "$OUT_DIR/$job" "${EXTRA[@]}" 2>&1 | grep -v "^\s*$" | tail -60
   echo "=== $job done (exit ${PIPESTATUS[0]})"
 done <<< "$PLAN"
 
