@@ -42,12 +42,14 @@ def test_sigkill_then_resume_gives_identical_per_step_losses(tmp_path):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = interrupted / "checkpoints" / "latest"
     deadline = time.monotonic() + 300
-    while not (latest.exists() and latest.read_text() == "step_00000010"):
-        assert process.poll() is None, "the run ended before its step-10 checkpoint"
-        assert time.monotonic() < deadline, "no step-10 checkpoint in time"
-        time.sleep(0.2)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
+    try:
+        while not (latest.exists() and latest.read_text() == "step_00000010"):
+            assert process.poll() is None, "the run ended before its step-10 checkpoint"
+            assert time.monotonic() < deadline, "no step-10 checkpoint in time"
+            time.sleep(0.2)
+    finally:
+        os.kill(process.pid, signal.SIGKILL)  # also when the wait above failed: never leave it hanging
+        process.wait(timeout=30)
     assert process.returncode == -signal.SIGKILL
     assert max(_losses(interrupted)) == 10
 
