@@ -16,8 +16,8 @@ RUN_OUTPUTS = ("checkpoints", "export", "metrics.jsonl", "tensorboard", "loss.pn
                MODEL_FILES)
 
 
-def prepare_run_dir(recipe: Recipe, is_main: bool = True) -> Path | None:
-    """Create output.dir; return the checkpoint to resume from, or None for a fresh start.
+def resolve_resume(recipe: Recipe) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh start; writes nothing.
 
     checkpoint.resume=auto continues from the newest checkpoint in output.dir; `never` starts fresh, which is only
     allowed in a directory without another run's checkpoints or export unless output.overwrite=true; a path
@@ -29,25 +29,30 @@ def prepare_run_dir(recipe: Recipe, is_main: bool = True) -> Path | None:
     occupied = latest is not None or _non_empty(run / "export")
     if resume == "auto" and latest is not None:
         _check_same_model(latest, recipe)
-        checkpoint = latest
-    elif resume not in ("auto", "never"):
+        return latest
+    if resume not in ("auto", "never"):
         checkpoint = Path(resume)
         read_meta(checkpoint)  # UserError unless it is a checkpoint
         own = checkpoints_dir(run).resolve() in checkpoint.resolve().parents
         if occupied and not own and not recipe.output.overwrite:
             raise _occupied_error(run, latest)
         _check_same_model(checkpoint, recipe)
-    else:
-        checkpoint = None
-        if occupied and not recipe.output.overwrite:
-            raise _occupied_error(run, latest)
+        return checkpoint
+    if occupied and not recipe.output.overwrite:
+        raise _occupied_error(run, latest)
+    return None
+
+
+def create_run_dir(recipe: Recipe, fresh: bool, is_main: bool = True) -> Path:
+    """Create output.dir (cleared first for a fresh start with output.overwrite) and record the recipe in it."""
+    run = Path(recipe.output.dir)
     if is_main:
-        if checkpoint is None and recipe.output.overwrite:
+        if fresh and recipe.output.overwrite:
             _clear(run)
         run.mkdir(parents=True, exist_ok=True)
         (run / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     remove_stale_temporaries(run)
-    return checkpoint
+    return run
 
 
 def _occupied_error(run: Path, latest: Path | None) -> UserError:

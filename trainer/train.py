@@ -27,7 +27,7 @@ from trainer.errors import UserError
 from trainer.loss import forward_loss_sum
 from trainer.metrics import PEAK_TFLOPS, ExpertLoadTracker, MetricsWriter, flops_per_token, imbalance, peak_memory_gib
 from trainer.optim import build_optimizer, build_scheduler, clip_grad_norm
-from trainer.run_dir import prepare_run_dir, save_model_files
+from trainer.run_dir import create_run_dir, resolve_resume, save_model_files
 from trainer.runtime import Runtime, parallelize, setup_runtime
 
 
@@ -44,14 +44,15 @@ class TrainResult:
 def train(recipe: Recipe, progress: bool = True) -> TrainResult:
     rt = setup_runtime(recipe)
     recipe.output.export_dtype = str(export_dtype(recipe, rt)).removeprefix("torch.")  # recorded in checkpoints
-    resume_from = prepare_run_dir(recipe, rt.is_main)
-    run_dir = Path(recipe.output.dir)
+    # Everything a user can get wrong is checked before the run directory is touched.
+    resume_from = resolve_resume(recipe)
     tokenizer = load_tokenizer(recipe.model)
-    model = build_model(recipe.model, rt.param_dtype, rt.device, recipe.parallel if rt.world_size > 1 else None)
-    model = parallelize(model, recipe.parallel, rt)
     data = recipe.data
     dataset = build_dataset(resolve_path(data.train_path), tokenizer, data.seq_len, data.format, data.long_samples)
     _say(rt, f"data: {dataset.stats.summary()}")
+    model = build_model(recipe.model, rt.param_dtype, rt.device, recipe.parallel if rt.world_size > 1 else None)
+    model = parallelize(model, recipe.parallel, rt)
+    run_dir = create_run_dir(recipe, fresh=resume_from is None, is_main=rt.is_main)
     loader = StatefulLoader(dataset, data.seq_len, recipe.train.micro_batch_size, tokenizer.pad_token_id,
                             data.packing, data.shuffle, recipe.train.seed, rt.rank, rt.world_size)
     optimizer = build_optimizer(model, recipe.optim)

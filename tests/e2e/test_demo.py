@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_demo_trains_exports_reloads_and_generates(tmp_path):
     # Fewer steps than the default demo to keep the suite fast; the loss still has to fall clearly.
     result = subprocess.run(
-        [sys.executable, "-m", "trainer.demo", f"output.dir={tmp_path / 'demo'}", "train.max_steps=150",
+        [sys.executable, "-m", "trainer.demo", f"output.dir={tmp_path / 'demo'}", "train.max_steps=120",
          "checkpoint.every_steps=0"],
         cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600,
     )

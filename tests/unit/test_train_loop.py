@@ -124,3 +124,9 @@ def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_pat
         train(recipe, progress=False)
     records = read_metrics(tmp_path / "run")
     assert records[-1].get("skipped") and records[-2].get("skipped") and not records[0].get("skipped")
+
+
+def test_a_user_error_leaves_no_run_directory(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        train(_recipe(tmp_path / "run", f"data.train_path={tmp_path / 'missing.jsonl'}"), progress=False)
+    assert not (tmp_path / "run").exists()
