@@ -26,7 +26,6 @@ LOGITS_ATOL = 1e-4
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()
     try:
         recipe = load_recipe("tiny-moe", DEMO_OVERRIDES + list(argv))
