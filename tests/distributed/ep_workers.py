@@ -91,3 +91,19 @@ def ep_parity(parallel: dict, steps: list[str], num_experts: int = 8) -> dict:
 def ep_parity_many(layouts: list[dict], steps: list[str]) -> list[dict]:
     """`ep_parity` for several mesh layouts in one set of processes (process start-up dominates the test time)."""
     return [ep_parity(layout, steps) for layout in layouts]
+
+
+def export_matches_single_process(directory: str, parallel: dict) -> dict:
+    """Load `directory/original` sharded, check the loss against one process, export to `directory/sharded`."""
+    import os
+
+    rank = dist.get_rank()
+    original = os.path.join(directory, "original")
+    model = MoEAutoModelForCausalLM.from_pretrained(original, parallel=ParallelConfig(**parallel, param_dtype=None))
+    reference = MoEAutoModelForCausalLM.from_pretrained(original)
+    ids = torch.randint(0, tiny_configs.VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        loss, ref_loss = model(ids, labels=ids).loss.item(), reference(ids, labels=ids).loss.item()
+    model.save_pretrained(os.path.join(directory, "sharded"), max_shard_size="20KB")
+    model.save_pretrained(os.path.join(directory, "sharded_single_file"))
+    return {"rank": rank, "loss": loss, "ref_loss": ref_loss}
