@@ -26,7 +26,8 @@ from trainer.data import IGNORE_INDEX, StatefulLoader, build_dataset
 from trainer.errors import UserError
 from trainer.loss import forward_loss_sum
 from trainer.metrics import PEAK_TFLOPS, ExpertLoadTracker, MetricsWriter, flops_per_token, imbalance, peak_memory_gib
-from trainer.optim import build_optimizer, build_scheduler, clip_grad_norm
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.parallel.grad_norm import clip_grad_norm  # works across the expert and dense meshes
 from trainer.run_dir import create_run_dir, resolve_resume, save_model_files
 from trainer.runtime import Runtime, parallelize, setup_runtime
 
