@@ -15,7 +15,7 @@ import torch.distributed as dist
 from trainer.errors import UserError
 from trainer.parallel.config import ParallelConfig
 
-__all__ = ["ParallelConfig", "parallelize", "setup_mesh"]
+__all__ = ["ParallelConfig", "parallelize", "setup_mesh", "teardown"]
 
 _MESHES: dict = {}
 
@@ -77,3 +77,12 @@ def parallelize(model: torch.nn.Module, parallel_cfg, precision: str | None = No
         hidden = getattr(model.config, "hidden_size", None)
         dispatcher = make_dispatcher(cfg.dispatcher, pmesh.ep.get_group(), _device_type(), hidden)
     return apply_parallelism(model, cfg, pmesh, dispatcher)
+
+
+def teardown() -> None:
+    """Release communication buffers (DeepEP) before `destroy_process_group`; safe to call always."""
+    import sys
+
+    deepep = sys.modules.get("trainer.parallel.deepep")
+    if deepep is not None:
+        deepep.close_all()

@@ -104,9 +104,10 @@ def apply_parallelism(model: nn.Module, cfg: ParallelConfig, pmesh: ParallelMesh
     """Shard `model` in place (steps 1-4 above) and return it. `dispatcher` serves every MoE layer."""
     experts = experts_modules(model)
     if pmesh.sizes.ep > 1:
-        for module in experts:
+        for layer_index, module in enumerate(experts):
             shard_experts(module, pmesh)
-            module.moe_dispatcher = dispatcher
+            per_layer = getattr(dispatcher, "for_layer", None)  # DeepEP keeps a per-layer replay slot
+            module.moe_dispatcher = per_layer(layer_index) if per_layer is not None else dispatcher
     enable_activation_checkpointing(model, cfg.activation_checkpointing)
     layers = decoder_layers(model)
     if cfg.compile:
