@@ -107,3 +107,43 @@ def export_matches_single_process(directory: str, parallel: dict) -> dict:
     model.save_pretrained(os.path.join(directory, "sharded"), max_shard_size="20KB")
     model.save_pretrained(os.path.join(directory, "sharded_single_file"))
     return {"rank": rank, "loss": loss, "ref_loss": ref_loss}
+
+
+def dcp_reshard(directory: str) -> dict:
+    """Train one step under EP=2, save model + optimizer with DCP, load into an FSDP-only (EP=1) model and an
+    EP=2 model again; return whether every gathered weight and optimizer moment came back equal."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    rank = dist.get_rank()
+    base = random_model(tiny_configs.qwen3_moe())
+
+    def sharded(ep_size):
+        model = parallelize(copy.deepcopy(base), ParallelConfig(ep_size=ep_size, param_dtype=None))
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    model, optimizer = sharded(2)
+    ids = torch.randint(0, tiny_configs.VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(rank))
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
+             checkpoint_id=directory)
+    expected = {n: _full(p).clone() for n, p in model.named_parameters()}
+    expected_moments = {n: _full(s["exp_avg"]).clone() for n, s in
+                        zip([n for n, _ in model.named_parameters()], optimizer.state.values())}
+    equal = {}
+    for ep_size in (1, 2):
+        other, other_opt = sharded(ep_size)
+        other(ids, labels=ids).loss.backward()  # materialise optimizer state to load into
+        other_opt.step()
+        state = {"model": get_model_state_dict(other), "optim": get_optimizer_state_dict(other, other_opt)}
+        dcp.load(state, checkpoint_id=directory)
+        set_model_state_dict(other, state["model"])
+        set_optimizer_state_dict(other, other_opt, state["optim"])
+        names = [n for n, _ in other.named_parameters()]
+        weights_ok = all(torch.equal(_full(p), expected[n]) for n, p in other.named_parameters())
+        moments_ok = all(torch.equal(_full(s["exp_avg"]), expected_moments[n])
+                         for n, s in zip(names, other_opt.state.values()))
+        equal[f"ep{ep_size}"] = weights_ok and moments_ok
+    return equal
