@@ -28,6 +28,7 @@ from trainer.loss import forward_loss_sum
 from trainer.metrics import PEAK_TFLOPS, ExpertLoadTracker, MetricsWriter, flops_per_token, imbalance, peak_memory_gib
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallel.grad_norm import clip_grad_norm  # works across the expert and dense meshes
+from trainer.parallel.resume import check_resume_world_size
 from trainer.run_dir import create_run_dir, resolve_resume, save_model_files
 from trainer.runtime import Runtime, parallelize, setup_runtime
 
@@ -47,6 +48,8 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
     recipe.output.export_dtype = str(export_dtype(recipe, rt)).removeprefix("torch.")  # recorded in checkpoints
     # Everything a user can get wrong is checked before the run directory is touched.
     resume_from = resolve_resume(recipe)
+    if resume_from:
+        check_resume_world_size(resume_from, rt.world_size)  # any mesh layout, but the same number of processes
     tokenizer = load_tokenizer(recipe.model)
     data = recipe.data
     dataset = build_dataset(resolve_path(data.train_path), tokenizer, data.seq_len, data.format, data.long_samples)
