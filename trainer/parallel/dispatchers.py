@@ -82,13 +82,13 @@ def make_dispatcher(choice: str, group: dist.ProcessGroup, device_type: str, hid
     if choice == "alltoall":
         return _announce(AllToAllDispatcher(group), "parallel.dispatcher=alltoall")
     reason = deepep_unavailable_reason(group, device_type)
+    if choice == "deepep" and reason is not None:  # raise before any collective: no rank waits on this one
+        raise UserError(f"parallel.dispatcher=deepep but DeepEP cannot run here: {reason}", DEEPEP_INSTALL_HINT)
     agreed = _group_agrees(reason is None, group, device_type)
     if choice == "deepep":
         if not agreed:
-            raise UserError(
-                f"parallel.dispatcher=deepep but DeepEP cannot run here: {reason or 'it cannot run on another rank'}",
-                DEEPEP_INSTALL_HINT,
-            )
+            raise UserError("parallel.dispatcher=deepep but DeepEP cannot run on another rank of the EP group",
+                            DEEPEP_INSTALL_HINT)
         from trainer.parallel.deepep import DeepEPDispatcher
 
         return _announce(DeepEPDispatcher(group, hidden_size), "parallel.dispatcher=deepep")
