@@ -101,3 +101,34 @@ def test_ep2_on_two_processes_matches_one_process():
         for step, (reference, sharded) in zip(STEPS, result["losses"]):
             assert abs(sharded - reference) <= TOL * abs(reference), f"step '{step}': {sharded} vs {reference}"
         assert result["worst_grad_rel"] <= TOL, f"gradient differs by {result['worst_grad_rel']:.2e}"
+
+
+def _files(directory) -> dict[str, bytes]:
+    import os
+
+    return {name: open(os.path.join(directory, name), "rb").read() for name in sorted(os.listdir(directory))}
+
+
+def test_ep2_sharded_load_computes_the_same_loss_and_exports_the_same_bytes(tmp_path):
+    import json
+
+    import ep_workers
+    from transformers import AutoModelForCausalLM
+
+    from trainer.models import MoEAutoModelForCausalLM
+
+    torch.manual_seed(0)
+    hf_model = AutoModelForCausalLM.from_config(copy.deepcopy(tiny_configs.nemotron_h()))
+    hf_model.save_pretrained(tmp_path / "original", max_shard_size="20KB")
+    single = MoEAutoModelForCausalLM.from_pretrained(str(tmp_path / "original"))
+    single.save_pretrained(tmp_path / "single", max_shard_size="20KB")
+    single.save_pretrained(tmp_path / "single_file")
+
+    results = run_ranks(ep_workers.export_matches_single_process, 2, str(tmp_path), {"ep_size": 2}, timeout=150)
+
+    for result in results:
+        assert result["loss"] == pytest.approx(result["ref_loss"], rel=1e-6)
+    assert _files(tmp_path / "sharded") == _files(tmp_path / "single")
+    assert _files(tmp_path / "sharded_single_file") == _files(tmp_path / "single_file")
+    config = json.loads(_files(tmp_path / "sharded")["config.json"])
+    assert config["hybrid_override_pattern"] == "ME*-EM" and "layers_block_type" not in config
