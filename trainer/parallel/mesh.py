@@ -72,6 +72,8 @@ class ParallelMesh:
 
     mesh: DeviceMesh
     sizes: MeshSizes
+    dp_shard_mesh: DeviceMesh | None = None  # the flattened meshes as `_flatten` returned them (newer torch
+    dp_mesh: DeviceMesh | None = None  # deprecates slicing flattened dims out of the root mesh)
 
     @property
     def ep(self) -> DeviceMesh:
@@ -80,7 +82,9 @@ class ParallelMesh:
     @property
     def dense_fsdp(self) -> DeviceMesh:
         """Non-expert weights: HSDP over (dp_replicate, dp_shard), or plain FSDP over dp_shard."""
-        return self.mesh["dp_replicate", "dp_shard"] if self.sizes.dp_replicate > 1 else self.mesh["dp_shard"]
+        if self.sizes.dp_replicate > 1:
+            return self.mesh["dp_replicate", "dp_shard"]
+        return self.dp_shard_mesh if self.dp_shard_mesh is not None else self.mesh["dp_shard"]
 
     @property
     def expert_fsdp(self) -> DeviceMesh:
@@ -89,7 +93,7 @@ class ParallelMesh:
 
     @property
     def dp(self) -> DeviceMesh:
-        return self.mesh["dp"]
+        return self.dp_mesh if self.dp_mesh is not None else self.mesh["dp"]
 
     @property
     def ep_rank(self) -> int:
@@ -102,6 +106,6 @@ def build_mesh(cfg: ParallelConfig, device_type: str, num_experts: int | None = 
     mesh = init_device_mesh(
         device_type, (sizes.dp_replicate, sizes.efsdp, sizes.ep), mesh_dim_names=("dp_replicate", "efsdp", "ep")
     )
-    mesh["efsdp", "ep"]._flatten("dp_shard")  # noqa: SLF001 (public in newer torch as flatten; same semantics)
-    mesh["dp_replicate", "efsdp", "ep"]._flatten("dp")  # noqa: SLF001
-    return ParallelMesh(mesh, sizes)
+    dp_shard = mesh["efsdp", "ep"]._flatten("dp_shard")  # noqa: SLF001 (the torch 2.7..2.13 way to merge dims)
+    dp = mesh["dp_replicate", "efsdp", "ep"]._flatten("dp")  # noqa: SLF001
+    return ParallelMesh(mesh, sizes, dp_shard, dp)
