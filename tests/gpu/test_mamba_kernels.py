@@ -64,7 +64,8 @@ def test_mixer_kernel_path_matches_reference_in_outputs_and_gradients(kernels, p
     seq_idx = seq_idx_from_position_ids(_packed_positions([100, 29, 127], 2)) if packed else None
 
     results = []
-    for forward in (lambda: kernel_forward(mixer, x, seq_idx, kernels), lambda: reference_forward(mixer, x, None, seq_idx)):
+    paths = (lambda: kernel_forward(mixer, x, seq_idx, kernels), lambda: reference_forward(mixer, x, None, seq_idx))
+    for forward in paths:
         mixer.zero_grad(set_to_none=True)
         x.grad = None
         y = forward()
@@ -86,7 +87,8 @@ def test_model_kernel_path_matches_reference_logits_and_loss():
         set_implementation(model, implementation)
         outputs[implementation] = model(ids, labels=ids, use_cache=False)
     assert _relative(outputs["kernel"].logits, outputs["reference"].logits) <= TOLERANCE
-    assert abs(outputs["kernel"].loss.item() - outputs["reference"].loss.item()) <= TOLERANCE * outputs["reference"].loss.item()
+    kernel_loss, reference_loss = outputs["kernel"].loss.item(), outputs["reference"].loss.item()
+    assert abs(kernel_loss - reference_loss) <= TOLERANCE * reference_loss
 
 
 def test_kernel_path_keeps_packed_samples_apart():
@@ -96,10 +98,9 @@ def test_kernel_path_keeps_packed_samples_apart():
     samples = [torch.randint(0, tiny_configs.VOCAB, (1, n), device="cuda") for n in lengths]
     with torch.no_grad():
         packed = model(torch.cat(samples, dim=1), position_ids=_packed_positions(lengths, 1), use_cache=False).logits
-        alone = torch.cat(
-            [model(s, position_ids=torch.arange(s.shape[1], device="cuda")[None], use_cache=False).logits for s in samples],
-            dim=1,
-        )
+        alone = [model(s, position_ids=torch.arange(s.shape[1], device="cuda")[None], use_cache=False).logits
+                 for s in samples]
+        alone = torch.cat(alone, dim=1)
     assert _relative(packed, alone) <= TOLERANCE
 
 

@@ -147,6 +147,8 @@ def reference_forward(mixer, x_BSD: torch.Tensor, mask_BS: torch.Tensor | None, 
 def kernel_forward(mixer, x_BSD: torch.Tensor, seq_idx_BS: torch.Tensor | None, kernels=None):
     """The fused path (conv + scan + gated RMSNorm + out_proj in one autograd function): [B, S, D] -> [B, S, D]."""
     kernels = kernels or mamba_kernels.load()
+    if kernels is None:
+        raise RuntimeError(f"Mamba2 kernel path requested but unavailable: {mamba_kernels.status()[1]}")
     if seq_idx_BS is not None:
         seq_idx_BS = seq_idx_BS.to(device=x_BSD.device, dtype=torch.int32).expand(x_BSD.shape[0], -1).contiguous()
     return kernels.split_conv1d_scan_combined(
@@ -174,7 +176,8 @@ def kernel_forward(mixer, x_BSD: torch.Tensor, seq_idx_BS: torch.Tensor | None, 
 def mixer_forward(self, hidden_states, cache_params=None, attention_mask=None, seq_idx=None, **kwargs):
     """Replacement for `NemotronHMamba2Mixer.forward`: [B, S, D] -> [B, S, D]."""
     if cache_params is not None:  # generation: transformers' own path (decode steps, conv/SSM state updates)
-        return type(self).forward(self, hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
+        hf_forward = type(self).forward
+        return hf_forward(self, hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
     if attention_mask is not None:  # a 2D padding mask (transformers passes one only when some entry is 0)
         hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
     if seq_idx is not None and seq_idx.shape[0] != hidden_states.shape[0]:

@@ -50,7 +50,8 @@ PublishedFormatConfig = NemotronHConfig
 
 def published_config_dict(config: _TransformersNemotronHConfig, *, use_diff: bool = False) -> dict:
     """The config as the published checkpoint spells it: pattern strings, not transformers 5's layer lists."""
-    values = _TransformersNemotronHConfig.to_diff_dict(config) if use_diff else _TransformersNemotronHConfig.to_dict(config)
+    base = _TransformersNemotronHConfig
+    values = base.to_diff_dict(config) if use_diff else base.to_dict(config)
     values.pop("layers_block_type", None)
     values.pop("layer_types", None)
     values.pop("mtp_layers_block_type", None)
@@ -91,7 +92,8 @@ class NemotronHAdapter(FamilyAdapter):
         intermediate = config.mamba_num_heads * config.mamba_head_dim
         if intermediate % config.n_groups:
             raise UserError(
-                f"config mamba_num_heads * mamba_head_dim = {intermediate} is not divisible by n_groups={config.n_groups}",
+                f"config mamba_num_heads * mamba_head_dim = {intermediate} is not divisible by "
+                f"n_groups={config.n_groups}",
                 "fix the Mamba2 sizes in config.json",
             )
 
