@@ -26,10 +26,13 @@ def _check(result: dict, layout: dict) -> None:
     assert result["worst_grad_rel"] <= TOL, f"{layout}: gradient differs by {result['worst_grad_rel']:.2e}"
 
 
-def test_ep2_on_two_processes_matches_one_process():
-    results = run_ranks(ep_workers.ep_parity, 2, {"ep_size": 2}, STEPS)
-    for result in results:  # every rank saw the same gathered numbers
-        _check(result, {"ep_size": 2})
+def test_ep2_on_two_processes_matches_one_process_with_and_without_activation_checkpointing():
+    layouts = [{"ep_size": 2}, {"ep_size": 2, "activation_checkpointing": "full"},
+               {"ep_size": 2, "activation_checkpointing": "selective"}]
+    results = run_ranks(ep_workers.ep_parity_many, 2, layouts, STEPS, timeout=120)
+    for per_rank in results:  # every rank saw the same gathered numbers
+        for layout, result in zip(layouts, per_rank):
+            _check(result, layout)
 
 
 def test_ep4_ep2_x_fsdp2_and_hsdp_on_four_processes_match_one_process():
