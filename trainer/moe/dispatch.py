@@ -6,6 +6,8 @@
 
 `LocalDispatcher` (no expert parallelism) only permutes. The expert-parallel implementations (all-to-all, DeepEP)
 live in `trainer/parallel/` and follow the same two methods; the experts forward never knows which one it has.
+They set `weights_at_dispatch = True`: each token travels once per destination rank and the expert side applies the
+routing weights before sending one row per (token, rank) back, so they take `top_k_weights_TK` at dispatch.
 """
 
 from __future__ import annotations
