@@ -67,7 +67,7 @@ def run(config, dispatcher: str, args, device, world: int) -> dict:
             times.append(time.perf_counter() - started)
     step_s = statistics.median(times)
     result = {
-        "dispatcher": type(model.model.layers[0].mlp.experts.moe_dispatcher).__name__,
+        "dispatcher": getattr(model.model.layers[0].mlp.experts.moe_dispatcher, "name", "local"),
         "step_s": step_s,
         "tokens_per_s_per_gpu": args.batch * args.seq / step_s,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,

@@ -72,6 +72,7 @@ def _recompute_non_persistent_buffers(model: torch.nn.Module) -> None:
 def load_parallel(name_or_path: str, config, adapter, parallel, **hf_kwargs):
     """Sharded `from_pretrained` for torchrun jobs. parallel: a ParallelConfig (or the recipe's section)."""
     device = init_distributed()
+    config = hf_kwargs.get("config") or config  # a caller's edited config (recipe overrides) wins
     directory = resolve_checkpoint_dir(name_or_path, hf_kwargs)
     dtype = _master_dtype(hf_kwargs)
     if not isinstance(parallel, ParallelConfig):
