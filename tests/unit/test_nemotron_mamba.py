@@ -73,12 +73,13 @@ def fake_kernel_packages(tmp_path, monkeypatch):
     for path, text in files.items():
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text(textwrap.dedent(text))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    importlib.invalidate_caches()
+    # imported before the fakes are on the path: transformers picks its kernels at import time
     from transformers.models.nemotron_h import modeling_nemotron_h as hf
 
     for attr in mamba_kernels._TRANSFORMERS_FUNCTIONS:  # expose_to_transformers() rewraps them: restore after
         monkeypatch.setattr(hf, attr, getattr(hf, attr))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
     mamba_kernels.reset_for_tests()
     yield
     for name in [n for n in sys.modules if n.split(".")[0] in ("mamba_ssm", "causal_conv1d")]:
