@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from trainer.config import ModelConfig, resolve_path
+from trainer.config import ModelConfig, PerfConfig, resolve_path
 from trainer.errors import UserError
 from trainer.models import MoEAutoModelForCausalLM
+from trainer.perf import PerfOptions
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -53,7 +54,24 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, para
         if cfg.config_overrides:
             hf_kwargs["config"] = load_model_config(cfg)
         hf_kwargs["trust_remote_code"] = cfg.trust_remote_code
+        hf_kwargs["use_safetensors"] = True  # weights are never unpickled: a .bin-only checkpoint is refused
         model = MoEAutoModelForCausalLM.from_pretrained(resolve_path(cfg.name_or_path), parallel=parallel, **hf_kwargs)
     if next(model.parameters()).device.type == "meta" or next(model.parameters()).device != device:
         model = model.to(device)
     return model.train()
+
+
+def perf_options(cfg: PerfConfig, device: torch.device) -> PerfOptions:
+    """The recipe's `perf` section resolved for `device` (auto: what pays there, docs/BENCHMARKS.md)."""
+    cuda = device.type == "cuda"
+
+    def enabled(value: str, auto: bool) -> bool:
+        return value == "on" or (value == "auto" and auto)
+
+    return PerfOptions(
+        loss="fused" if enabled(cfg.fused_ce, True) else "hf",
+        fused_experts=enabled(cfg.fused_experts, cuda),
+        kernels="liger" if cfg.kernels == "liger" or (cfg.kernels == "auto" and cuda) else "eager",
+        optimizer={"auto": "fused" if cuda else "foreach"}.get(cfg.optimizer, cfg.optimizer),
+    )
+

@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from trainer.errors import EXIT_USER_ERROR, UserError
+from trainer.redact import redact
 
 SUBCOMMANDS = {
     "train": "fine-tune a model from a recipe (a preset name or a YAML path) with key=value overrides",
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact(str(err))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -95,6 +95,19 @@ class ParallelConfig:
     dispatcher: Literal["auto", "alltoall", "deepep"] = "auto"
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     compile: bool = False
+    check_memory: bool = True  # on GPUs, refuse (before loading weights) a layout the planner says cannot fit
+
+
+@dataclass
+class PerfConfig:
+    """Speed/memory options of the step (trainer.perf); `auto` picks what pays on the device (docs/BENCHMARKS.md)."""
+
+    fused_ce: Literal["auto", "on", "off"] = "auto"  # linear + cross-entropy in chunks, never full logits (auto: on)
+    fused_experts: Literal["auto", "on", "off"] = "auto"  # memory-lean expert MLP (auto: on CUDA)
+    kernels: Literal["auto", "liger", "torch"] = "auto"  # auto: Liger RMSNorm/SwiGLU when importable on CUDA
+    # AdamW kernel; auto: fused on CUDA, foreach on CPU. (Stepping inside backward is a benchmark option only: it
+    # leaves no moment where all gradients exist, so no clipping, no accumulation and no skipping a NaN step.)
+    optimizer: Literal["auto", "fused", "foreach"] = "auto"
 
 
 @dataclass
@@ -106,6 +119,7 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -9,10 +9,11 @@ import torch
 from trainer.config import OptimConfig
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, kernel: str = "auto") -> torch.optim.AdamW:
     """AdamW over the trainable parameters; no weight decay on 1-D tensors (norms, biases, router biases).
 
-    The fused kernel is used when every parameter is on CUDA (one launch per step), the foreach path otherwise.
+    kernel (perf.optimizer): "fused" (one launch per step; CUDA only), "foreach", or "auto": fused when every
+    parameter is on CUDA, foreach otherwise. Fused on CPU parameters falls back to foreach.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -20,7 +21,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     on_cuda = all(p.device.type == "cuda" for p in params)
-    kind = {"fused": True} if on_cuda else {"foreach": True}
+    kind = {"fused": True} if on_cuda and kernel in ("auto", "fused") else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kind)
 
 

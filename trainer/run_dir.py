@@ -7,9 +7,16 @@ from pathlib import Path
 
 import yaml
 
-from trainer.checkpoint.dcp import checkpoints_dir, latest_checkpoint, read_meta, remove_stale_temporaries
+from trainer.checkpoint.dcp import (
+    checkpoints_dir,
+    latest_checkpoint,
+    read_meta,
+    remove_stale_temporaries,
+    verify_checkpoint,
+)
 from trainer.config import Recipe
 from trainer.errors import UserError
+from trainer.redact import redact_tree
 
 MODEL_FILES = "hf"  # config, generation config and tokenizer of the run: what `moe export` rebuilds the model from
 RUN_OUTPUTS = ("checkpoints", "export", "metrics.jsonl", "tensorboard", "loss.png", "expert_load.png", "recipe.yaml",
@@ -21,14 +28,14 @@ def resolve_resume(recipe: Recipe) -> Path | None:
 
     checkpoint.resume=auto continues from the newest checkpoint in output.dir; `never` starts fresh, which is only
     allowed in a directory without another run's checkpoints or export unless output.overwrite=true; a path
-    resumes from that checkpoint.
+    resumes from that checkpoint, which must be complete and of the same model.
     """
     run = Path(recipe.output.dir)
     resume = recipe.checkpoint.resume
     latest = latest_checkpoint(run)
     occupied = latest is not None or _non_empty(run / "export")
     if resume == "auto" and latest is not None:
-        _check_same_model(latest, recipe)
+        _check_resumable(latest, recipe)
         return latest
     if resume not in ("auto", "never"):
         checkpoint = Path(resume)
@@ -36,7 +43,7 @@ def resolve_resume(recipe: Recipe) -> Path | None:
         own = checkpoints_dir(run).resolve() in checkpoint.resolve().parents
         if occupied and not own and not recipe.output.overwrite:
             raise _occupied_error(run, latest)
-        _check_same_model(checkpoint, recipe)
+        _check_resumable(checkpoint, recipe)
         return checkpoint
     if occupied and not recipe.output.overwrite:
         raise _occupied_error(run, latest)
@@ -50,9 +57,14 @@ def create_run_dir(recipe: Recipe, fresh: bool, is_main: bool = True) -> Path:
         if fresh and recipe.output.overwrite:
             _clear(run)
         run.mkdir(parents=True, exist_ok=True)
-        (run / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        (run / "recipe.yaml").write_text(yaml.safe_dump(saved_recipe(recipe), sort_keys=False))
     remove_stale_temporaries(run)
     return run
+
+
+def saved_recipe(recipe: Recipe) -> dict:
+    """The recipe as written to recipe.yaml and into every checkpoint: credentials redacted."""
+    return redact_tree(recipe.to_dict())
 
 
 def _occupied_error(run: Path, latest: Path | None) -> UserError:
@@ -63,10 +75,15 @@ def _occupied_error(run: Path, latest: Path | None) -> UserError:
     )
 
 
+def _check_resumable(checkpoint: Path, recipe: Recipe) -> None:
+    verify_checkpoint(checkpoint)
+    _check_same_model(checkpoint, recipe)
+
+
 def _check_same_model(checkpoint: Path, recipe: Recipe) -> None:
     saved = read_meta(checkpoint).get("recipe", {}).get("model", {})
     for key in ("name_or_path", "config_overrides"):
-        if key in saved and saved[key] != getattr(recipe.model, key):
+        if key in saved and saved[key] != redact_tree(getattr(recipe.model, key)):  # saved values are redacted
             raise UserError(
                 f"checkpoint {checkpoint} was trained with model.{key}={saved[key]!r}, "
                 f"not {getattr(recipe.model, key)!r}",

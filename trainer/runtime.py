@@ -37,6 +37,14 @@ class Runtime:
             dist.all_reduce(value)
         return value
 
+    def any_rank(self, flag: int) -> int:
+        """1 if `flag` is set on any rank (every rank gets the same answer)."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([flag], dtype=torch.int32, device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return int(value.item())
+
 
 def setup_runtime(recipe: Recipe) -> Runtime:
     """Initialise the process group (under torchrun), pick the device, resolve precision, seed every generator."""
@@ -59,6 +67,13 @@ def setup_runtime(recipe: Recipe) -> Runtime:
         dtype_name = "bfloat16" if precision == "bf16" else "float32"
     seed_everything(recipe.train.seed)
     return Runtime(device, rank, world_size, precision, getattr(torch, dtype_name))
+
+
+def accelerator_memory_gib(rt: Runtime) -> float | None:
+    """Total memory of this rank's GPU in GiB, or None on CPU (where no memory plan applies)."""
+    if rt.device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(rt.device).total_memory / 2**30
 
 
 def seed_everything(seed: int) -> None:

@@ -1,7 +1,12 @@
 """The training loop: recipe in, checkpoints, metrics and a Hugging Face export out.
 
-    recipe -> runtime (device, precision, seed) -> run dir (resume or fresh) -> tokenizer, model, parallelize
-           -> data loader -> AdamW + warmup/cosine -> steps (grad accumulation, clipping) -> DCP checkpoints -> export
+    recipe -> runtime (device, precision, seed) -> resume choice -> tokenizer, data -> layout/memory check
+           -> model, parallelize, perf options -> AdamW + warmup/cosine -> resume state -> run dir
+           -> steps (grad accumulation, clipping, non-finite skip) -> DCP checkpoints -> export
+
+Everything a user can get wrong is checked before the run directory is touched, so a refused start leaves no
+trace. SIGTERM/SIGUSR1 finish the current step, checkpoint and return (`TrainResult.preempted`); a second
+signal stops at once (`trainer.preemption`). Nothing printed or saved carries a credential (`trainer.redact`).
 
 One optimizer step: `grad_accum_steps` micro-batches, each loss summed over trained tokens and divided by the number
 of trained tokens in the whole step (all micro-batches, all ranks), so the gradient is the exact token mean no matter
@@ -18,19 +23,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from trainer.build import build_model, load_tokenizer
+from trainer.build import build_model, load_model_config, load_tokenizer, perf_options
 from trainer.checkpoint.dcp import load_checkpoint, save_checkpoint
 from trainer.checkpoint.export import DTYPES, export_hf
 from trainer.config import Recipe, resolve_path
 from trainer.data import IGNORE_INDEX, StatefulLoader, build_dataset
 from trainer.errors import UserError
+from trainer.faults import fault_point
 from trainer.loss import forward_loss_sum
 from trainer.metrics import PEAK_TFLOPS, ExpertLoadTracker, MetricsWriter, flops_per_token, imbalance, peak_memory_gib
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallel.grad_norm import clip_grad_norm  # works across the expert and dense meshes
 from trainer.parallel.resume import check_resume_world_size
-from trainer.run_dir import create_run_dir, resolve_resume, save_model_files
-from trainer.runtime import Runtime, parallelize, setup_runtime
+from trainer.perf import apply_optimizations
+from trainer.preemption import PreemptionGuard
+from trainer.redact import redact
+from trainer.run_dir import create_run_dir, resolve_resume, save_model_files, saved_recipe
+from trainer.runtime import Runtime, accelerator_memory_gib, parallelize, setup_runtime
 
 
 @dataclass
@@ -41,6 +50,7 @@ class TrainResult:
     export_dir: Path | None
     model: torch.nn.Module
     tokenizer: object
+    preempted: str = ""  # the signal's name (SIGTERM, SIGUSR1) when the run stopped early at a checkpoint
 
 
 def train(recipe: Recipe, progress: bool = True) -> TrainResult:
@@ -54,14 +64,19 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
     data = recipe.data
     dataset = build_dataset(resolve_path(data.train_path), tokenizer, data.seq_len, data.format, data.long_samples)
     _say(rt, f"data: {dataset.stats.summary()}")
+    check_layout(recipe, rt)
     model = build_model(recipe.model, rt.param_dtype, rt.device, recipe.parallel if rt.world_size > 1 else None)
     model = parallelize(model, recipe.parallel, rt)
-    run_dir = create_run_dir(recipe, fresh=resume_from is None, is_main=rt.is_main)
+    perf = perf_options(recipe.perf, rt.device)
+    for note in apply_optimizations(model, perf):
+        _say(rt, f"perf: {note}")
+    fused_ce = perf.loss != "hf"
     loader = StatefulLoader(dataset, data.seq_len, recipe.train.micro_batch_size, tokenizer.pad_token_id,
                             data.packing, data.shuffle, recipe.train.seed, rt.rank, rt.world_size)
-    optimizer = build_optimizer(model, recipe.optim)
+    optimizer = build_optimizer(model, recipe.optim, perf.optimizer)
     scheduler = build_scheduler(optimizer, recipe.optim, recipe.train.max_steps)
     step = load_checkpoint(resume_from, model, optimizer, scheduler, loader) if resume_from else 0
+    run_dir = create_run_dir(recipe, fresh=resume_from is None, is_main=rt.is_main)
     if resume_from:
         _say(rt, f"resumed from {resume_from} at step {step}")
     if rt.is_main:
@@ -69,50 +84,80 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
 
     def save() -> None:
         save_checkpoint(run_dir, step, model, optimizer, scheduler, loader, recipe.checkpoint.keep_last,
-                        recipe.to_dict())
+                        saved_recipe(recipe), rt.world_size)
 
     tracker, writer = ExpertLoadTracker(model), MetricsWriter(run_dir, step) if rt.is_main else None
     flops_tok = flops_per_token(model, data.seq_len)
     bar = tqdm(total=recipe.train.max_steps, initial=step, disable=not (progress and rt.is_main), desc="train")
-    losses, nonfinite_in_a_row, saved_step = [], 0, step
-    while step < recipe.train.max_steps:
-        started = time.perf_counter()
-        loss, grad_norm, tokens, lr = _optimizer_step(model, optimizer, loader, recipe, rt)
-        scheduler.step()
-        step += 1
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)  # a non-finite step was skipped, not applied
-        seconds = time.perf_counter() - started
-        record = _record(step, loss, lr, grad_norm, tokens, seconds, flops_tok, rt, tracker, skipped=not finite)
-        losses.append(loss)
-        if writer is not None:
-            writer.write(record)
-        nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
-        if nonfinite_in_a_row >= recipe.train.nonfinite_max_consecutive:
-            raise UserError(f"loss or gradient was NaN/inf for {nonfinite_in_a_row} steps in a row (step {step})",
-                            "lower optim.lr, keep optim.max_grad_norm > 0, or check the data")
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if bar.disable and rt.is_main and step % recipe.train.log_every == 0:
-            print(_log_line(record), flush=True)
-        if recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0:
+    losses, nonfinite_in_a_row, saved_step, preempted = [], 0, step, ""
+    with PreemptionGuard() as guard:
+        while step < recipe.train.max_steps:
+            started = time.perf_counter()
+            loss, grad_norm, tokens, lr = _optimizer_step(model, optimizer, loader, recipe, rt, fused_ce)
+            scheduler.step()
+            step += 1
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)  # a non-finite step was skipped, not applied
+            seconds = time.perf_counter() - started
+            record = _record(step, loss, lr, grad_norm, tokens, seconds, flops_tok, rt, tracker, skipped=not finite)
+            losses.append(loss)
+            if writer is not None:
+                writer.write(record)
+            nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+            if nonfinite_in_a_row >= recipe.train.nonfinite_max_consecutive:
+                raise UserError(f"loss or gradient was NaN/inf for {nonfinite_in_a_row} steps in a row (step {step})",
+                                "lower optim.lr, keep optim.max_grad_norm > 0, or check the data")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if bar.disable and rt.is_main and step % recipe.train.log_every == 0:
+                _say(rt, _log_line(record))
+            if recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0:
+                save()
+                saved_step = step
+                fault_point("MOE_FAULT_HANG_AFTER_CHECKPOINT", step, f"hanging after checkpoint {step}")
+            fault_point("MOE_FAULT_PAUSE_AFTER_STEP", step, f"paused after step {step}",
+                        until=lambda: guard.received is not None)
+            if guard.should_stop(rt.any_rank):
+                preempted = guard.signal_name or "a signal on another rank"
+                break
+        bar.close()
+        if saved_step != step:
             save()
-            saved_step = step
-            _fault_injection(step)
-    bar.close()
-    if saved_step != step:
-        save()
-    export_dir = None
-    if recipe.output.export:
-        export_dir = export_hf(model, tokenizer, run_dir / "export", export_dtype(recipe, rt), overwrite=True)
-        _say(rt, f"exported a Hugging Face checkpoint to {export_dir}")
+        if preempted:
+            _say(rt, f"stopped by {preempted} at step {step}: checkpoint saved; run the same command to resume")
+        export_dir = None
+        if recipe.output.export and not preempted:
+            # The start-up check refused an output.dir holding another run's export, so this one is ours to replace.
+            export_dir = export_hf(model, tokenizer, run_dir / "export", export_dtype(recipe, rt), overwrite=True)
+            _say(rt, f"exported a Hugging Face checkpoint to {export_dir}")
     if writer is not None:
         writer.close()
         _plots(run_dir, tracker)
     tracker.remove()
-    return TrainResult(run_dir, step, losses, export_dir, model, tokenizer)
+    return TrainResult(run_dir, step, losses, export_dir, model, tokenizer, preempted)
 
 
-def _optimizer_step(model, optimizer, loader, recipe: Recipe, rt: Runtime) -> tuple[float, float, int, float]:
+def check_layout(recipe: Recipe, rt: Runtime) -> None:
+    """Mesh sizes against the world size and the expert count, and on GPUs the memory plan (`trainer.planner`),
+    from the model config alone: a layout that cannot run is refused before any weight is loaded."""
+    from trainer.models.base import num_experts
+    from trainer.parallel.config import ParallelConfig
+    from trainer.parallel.mesh import mesh_sizes
+
+    config = load_model_config(recipe.model)
+    parallel = recipe.parallel
+    if rt.world_size == 1 and parallel.ep_size > 1:
+        raise UserError(f"parallel.ep_size={parallel.ep_size} needs as many processes, this is one",
+                        "launch with torchrun --nproc-per-node N or set parallel.ep_size=1")
+    mesh_sizes(ParallelConfig.from_any(parallel), rt.world_size, num_experts(config))
+    memory_gib = accelerator_memory_gib(rt)
+    if memory_gib is not None and parallel.check_memory:
+        from trainer.planner import check_fits
+
+        check_fits(recipe, config, rt.world_size, memory_gib)
+
+
+def _optimizer_step(model, optimizer, loader, recipe: Recipe, rt: Runtime, fused_ce: bool
+                    ) -> tuple[float, float, int, float]:
     """Forward/backward over grad_accum_steps micro-batches, clip, step; returns (loss, grad_norm, tokens, lr)."""
     lr = optimizer.param_groups[0]["lr"]
     accum = recipe.train.grad_accum_steps
@@ -122,7 +167,7 @@ def _optimizer_step(model, optimizer, loader, recipe: Recipe, rt: Runtime) -> tu
     loss_sum = torch.zeros((), device=rt.device)
     for batch in micro_batches:
         with rt.autocast():
-            token_loss_sum, aux_loss = forward_loss_sum(model, batch)
+            token_loss_sum, aux_loss = forward_loss_sum(model, batch, fused_ce)
         # Gradient reductions average over ranks, so scale by world size to get the global token mean.
         loss = token_loss_sum * rt.world_size / num_targets.clamp_min(1)
         if aux_loss is not None:
@@ -179,15 +224,4 @@ def _plots(run_dir: Path, tracker: ExpertLoadTracker) -> None:
 
 def _say(rt: Runtime, message: str) -> None:
     if rt.is_main:
-        print(message, flush=True)
-
-
-def _fault_injection(step: int) -> None:
-    """Test hook: MOE_FAULT_HANG_AFTER_CHECKPOINT=<step> stops making progress after that checkpoint, so a test
-    can kill the process at a known point (a real SIGKILL, as a preempted node would see)."""
-    import os
-
-    if os.environ.get("MOE_FAULT_HANG_AFTER_CHECKPOINT") == str(step):
-        print(f"fault injection: hanging after checkpoint {step}", flush=True)
-        while True:
-            time.sleep(1)
+        print(redact(message), flush=True)

@@ -5,15 +5,21 @@ Layout of a run directory:
     <output.dir>/checkpoints/step_00000100/   one DCP checkpoint (each rank writes its shards) + meta.json
     <output.dir>/checkpoints/latest           the name of the newest complete checkpoint, written last
 
-A checkpoint is written to `.tmp-step_*`, renamed into place when complete, and only then does `latest` move to it
-(atomic replace), so a crash at any moment leaves the previous checkpoint intact and `latest` never points at a
-partial one. DCP stores DTensor shards as they are, so the same code saves FSDP2/EP-sharded models and
+A checkpoint is written to `.tmp-step_*`, fsynced (files, then the directory), renamed into place when complete, and
+only then does `latest` move to it (atomic replace, fsynced), so a crash or power loss at any moment leaves the
+previous checkpoint intact and `latest` never points at a partial one. Before writing, the free space is checked
+against the size of the state (a full disk must not be discovered half-way through a save).
+
+Non-tensor state (schedule, data position, RNG) goes through DCP's byte items; they are read back with
+`torch.load(weights_only=True)`, so a checkpoint cannot run code through them. DCP's own `.metadata` index is a
+pickle of its dataclasses: resume only from checkpoints this trainer wrote. DCP stores DTensor shards as they are, so the same code saves FSDP2/EP-sharded models and
 reloads them under another world size; with one process it writes plain tensors.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import random
@@ -26,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -34,11 +41,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from trainer.errors import UserError
+from trainer.faults import fault_point
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 META = "meta.json"
-
+SPACE_MARGIN = 1.1  # DCP adds headers and per-file overhead on top of the raw tensor bytes
 
 
 @contextlib.contextmanager
@@ -84,15 +92,18 @@ def read_meta(checkpoint: str | Path) -> dict:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]  # plain types: weights_only loads
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(_as_tuples(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -107,38 +118,122 @@ def _state(model, optimizer, scheduler, loader, step: int) -> dict:
     }
 
 
-def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, loader, keep_last: int, recipe: dict) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it, keep only the newest `keep_last`."""
+def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, loader, keep_last: int, recipe: dict,
+                    world_size: int = 1) -> Path:
+    """Write checkpoint `step` atomically, point `latest` at it, keep only the newest `keep_last`.
+
+    `recipe` must already be redacted (it is stored in meta.json). UserError before anything is written when the
+    disk cannot hold the checkpoint.
+    """
     root = checkpoints_dir(run_dir)
     final, tmp = root / step_name(step), root / f".tmp-{step_name(step)}"
+    state = _state(model, optimizer, scheduler, loader, step)
+    check_disk_space(root, step, _all_ranks_sum(state_bytes(state)))
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
     with _quiet_single_process():
-        dcp.save(_state(model, optimizer, scheduler, loader, step), checkpoint_id=str(tmp))
+        dcp.save(state, checkpoint_id=str(tmp))  # DCP fsyncs every file it writes
+    fault_point("MOE_FAULT_HANG_DURING_SAVE", step, f"hanging while saving checkpoint {step} (in {tmp.name})")
     if _rank() == 0:
-        (tmp / META).write_text(json.dumps({"step": step, "time": time.time(), "recipe": recipe}, indent=2))
+        meta = {"step": step, "time": time.time(), "world_size": world_size, "recipe": recipe}
+        _write_synced(tmp / META, json.dumps(meta, indent=2))
+        _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync_dir(root)
         _write_atomically(root / LATEST, final.name)
         _prune(root, keep_last)
     _barrier()
     return final
 
 
+def state_bytes(state) -> int:
+    """Bytes of the tensors this rank holds in `state` (DTensors count their local shard)."""
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    if isinstance(state, torch.Tensor):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    return 0
+
+
+def free_bytes(directory: Path) -> int:
+    """Free space of the filesystem holding `directory` (its nearest existing parent)."""
+    path = Path(directory)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def check_disk_space(root: Path, step: int, needed: int) -> None:
+    """UserError (one line) when the disk under `root` cannot hold a checkpoint of `needed` bytes."""
+    needed = int(needed * SPACE_MARGIN)
+    free = free_bytes(root)
+    if free < needed:
+        raise UserError(
+            f"not enough disk space for checkpoint step {step} in {root}: needs about {needed / 2**30:.2f} GiB, "
+            f"{free / 2**30:.2f} GiB free",
+            "free some space, lower checkpoint.keep_last, or point output.dir at a larger disk",
+        )
+
+
+def _all_ranks_sum(value: int) -> int:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        total = torch.tensor([value], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            total = total.cuda()
+        dist.all_reduce(total)
+        return int(total.item())
+    return value
+
+
+class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP's planner, except that byte items must load under `torch.load(weights_only=True)` (no arbitrary code)."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            torch.load(value, weights_only=True)
+        except Exception as err:
+            raise UserError(f"checkpoint item {read_item.dest_index.fqn} holds more than plain data ({err})",
+                            "resume only from checkpoints this trainer wrote") from None
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+def verify_checkpoint(checkpoint: str | Path) -> None:
+    """UserError unless every shard file the checkpoint's index names is there and long enough."""
+    checkpoint = Path(checkpoint)
+    read_meta(checkpoint)
+    fix = "resume from an older checkpoint (checkpoint.resume=<path>) or start fresh with output.overwrite=true"
+    if not (checkpoint / ".metadata").is_file():
+        raise UserError(f"checkpoint {checkpoint} is incomplete (no .metadata index)", fix)
+    metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata()
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        shard = checkpoint / name
+        if not shard.is_file():
+            raise UserError(f"checkpoint {checkpoint} is missing shard file {name}", fix)
+        if shard.stat().st_size < size:
+            raise UserError(f"checkpoint {checkpoint} has a truncated shard file {name}", fix)
+
+
 def load_checkpoint(checkpoint: str | Path, model, optimizer, scheduler, loader) -> int:
     """Restore everything `save_checkpoint` wrote into live objects; returns the step to continue after."""
     checkpoint = Path(checkpoint)
-    read_meta(checkpoint)
+    verify_checkpoint(checkpoint)
     state = _state(model, optimizer, scheduler, loader, step=0)
     saved_keys = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata.keys()
     rng_key = f"rng/rank{_rank()}"
     if not any(k.startswith(rng_key + ".") or k == rng_key for k in saved_keys):
         state.pop(rng_key)  # saved under another world size: keep this rank's fresh generators
-    with _quiet_single_process():
-        dcp.load(state, checkpoint_id=str(checkpoint))
+    _load(state, checkpoint)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     scheduler.load_state_dict(state["trainer"]["scheduler"])
@@ -151,11 +246,26 @@ def load_checkpoint(checkpoint: str | Path, model, optimizer, scheduler, loader)
 def load_model_weights(checkpoint: str | Path, model) -> int:
     """Only the model part of a checkpoint (for export); returns its step."""
     meta = read_meta(checkpoint)
+    verify_checkpoint(checkpoint)
     state = {"model": get_model_state_dict(model)}
-    with _quiet_single_process():
-        dcp.load(state, checkpoint_id=str(checkpoint))
+    _load(state, checkpoint)
     set_model_state_dict(model, state["model"])
     return int(meta["step"])
+
+
+def _load(state: dict, checkpoint: Path) -> None:
+    """dcp.load with safe byte items; a checkpoint that does not fit the live model is a UserError."""
+    try:
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(checkpoint), planner=_WeightsOnlyLoadPlanner())
+    except UserError:
+        raise
+    except Exception as err:  # DCP wraps per-rank failures (shape mismatch, missing key) in CheckpointException
+        detail = next((line.strip() for line in str(err).splitlines() if "size" in line or "shape" in line
+                       or "Missing key" in line or "mismatch" in line), type(err).__name__)
+        raise UserError(f"checkpoint {checkpoint} does not fit the model being trained ({detail[:200]})",
+                        "resume with the model config it was trained with, or start fresh with "
+                        "checkpoint.resume=never output.overwrite=true") from None
 
 
 def remove_stale_temporaries(run_dir) -> None:
@@ -175,5 +285,44 @@ def _prune(root: Path, keep_last: int) -> None:
 
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    _write_synced(tmp, text)
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under `root`, then every directory bottom-up, so the rename publishes durable data."""
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a directory's entries (a rename, a new file) durable; not possible on every platform."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _as_tuples(value):
+    """random.setstate wants tuples; a round trip through a checkpoint may hand back lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -25,7 +25,9 @@ def run(args: argparse.Namespace) -> int:
     result = train(recipe, progress=not no_progress)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    if result.losses:
+    if result.preempted:
+        print(f"stopped by {result.preempted} at step {result.step} (checkpoint saved)")
+    elif result.losses:
         print(f"trained to step {result.step}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
     else:
         print(f"nothing to train: the run is already at step {result.step}")

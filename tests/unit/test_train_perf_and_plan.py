@@ -1,0 +1,84 @@
+"""The loop's perf options and start-up memory check: the fused loss equals the plain one without building full
+logits, the recipe's `perf` section resolves per device, and `moe train` refuses a layout the planner says cannot
+fit (before any weight is loaded, leaving no run directory) unless `parallel.check_memory=false`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from trainer.build import perf_options
+from trainer.cli import main as moe
+from trainer.config import PerfConfig, load_recipe, resolve_path
+from trainer.data import IGNORE_INDEX
+from trainer.loss import forward_loss_sum
+from trainer.models import MoEAutoModelForCausalLM
+
+TINY = ["data.seq_len=64", "train.micro_batch_size=2", "output.export=false", "train.max_steps=1"]
+
+
+def _batch(vocab: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (2, 24), generator=generator)
+    targets = input_ids.roll(-1, dims=1)
+    targets[:, -1] = IGNORE_INDEX
+    targets[0, :5] = IGNORE_INDEX  # a prompt: not trained on
+    return {"input_ids": input_ids, "targets": targets, "position_ids": torch.arange(24).repeat(2, 1)}
+
+
+def test_fused_loss_equals_the_plain_loss_and_gradients_without_full_logits():
+    config = AutoConfig.from_pretrained(resolve_path("builtin:tiny-qwen3-moe"))
+    torch.manual_seed(0)
+    plain = MoEAutoModelForCausalLM.from_config(config)
+    fused = MoEAutoModelForCausalLM.from_config(config)
+    fused.load_state_dict(plain.state_dict())
+    batch = _batch(config.vocab_size)
+    head_outputs = []
+    fused.lm_head.register_forward_hook(lambda m, i, out: head_outputs.append(tuple(out.shape)))
+
+    loss_plain, _ = forward_loss_sum(plain, batch, fused_ce=False)
+    loss_fused, _ = forward_loss_sum(fused, batch, fused_ce=True)
+    loss_plain.backward()
+    loss_fused.backward()
+
+    assert head_outputs == [()]  # the head returned the summed loss, never [B, S, V] logits
+    torch.testing.assert_close(loss_fused, loss_plain, rtol=1e-5, atol=0)  # summation order only
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert fused(batch["input_ids"]).logits.shape == (2, 24, config.vocab_size)  # outside the loss: plain logits
+
+
+def test_perf_defaults_are_fused_everything_on_gpu_and_only_the_fused_loss_on_cpu():
+    gpu = perf_options(PerfConfig(), torch.device("cuda"))
+    assert (gpu.loss, gpu.fused_experts, gpu.kernels, gpu.optimizer) == ("fused", True, "liger", "fused")
+    cpu = perf_options(PerfConfig(), torch.device("cpu"))
+    assert (cpu.loss, cpu.fused_experts, cpu.kernels, cpu.optimizer) == ("fused", False, "eager", "foreach")
+    off = perf_options(PerfConfig(fused_ce="off", kernels="torch", optimizer="foreach"), torch.device("cuda"))
+    assert (off.loss, off.kernels, off.optimizer) == ("hf", "eager", "foreach")
+
+
+def test_moe_train_refuses_a_layout_that_does_not_fit_the_gpu_before_loading(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("trainer.train.accelerator_memory_gib", lambda rt: 0.5)  # a "GPU" of 0.5 GiB
+    run_dir = tmp_path / "run"
+    code = moe(["train", "tiny-moe", *TINY, f"output.dir={run_dir}", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: layout ep=1 shard=1") and "needs about" in err and "\n" not in err
+    assert "parallel.check_memory=false" in err
+    assert not run_dir.exists()
+
+
+def test_parallel_check_memory_false_lets_it_try(tmp_path, monkeypatch):
+    monkeypatch.setattr("trainer.train.accelerator_memory_gib", lambda rt: 0.5)
+    code = moe(["train", "tiny-moe", *TINY, f"output.dir={tmp_path / 'run'}", "parallel.check_memory=false",
+                "--no-progress"])
+    assert code == 0 and (tmp_path / "run/checkpoints/latest").is_file()
+
+
+@pytest.mark.parametrize("key", ["perf.fused_ce=maybe", "perf.optimizer=in-backward"])
+def test_perf_values_outside_the_schema_are_refused(key):
+    from trainer.errors import UserError
+
+    with pytest.raises(UserError, match="must be one of"):
+        load_recipe("tiny-moe", [key])
