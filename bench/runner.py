@@ -68,9 +68,15 @@ def _batches(job, vocab: int, count: int, seed: int, device) -> list[torch.Tenso
     return [torch.randint(0, vocab, (job.batch_size, job.seq_len), generator=g).to(device) for _ in range(count)]
 
 
-def _build_native(config, device):
+def _build_native(config, device, result: dict | None = None):
     from transformers import AutoModelForCausalLM
 
+    if getattr(config, "model_type", None) == "nemotron_h":  # native uses mamba_ssm/causal_conv1d when installed
+        from trainer.kernels import mamba
+
+        used = mamba.expose_to_transformers()
+        if result is not None:
+            result["notes"].append(f"native Mamba2 path: {'mamba_ssm + causal_conv1d kernels' if used else 'torch'}")
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa",
                                                  experts_implementation="grouped_mm")
@@ -161,7 +167,7 @@ def _measure(spec: RunSpec, job, device, world: int, result: dict) -> None:
     if spec.side == "native" and world > 1:
         model = _build_native_distributed(config, device, job, "ep" if spec.variant == "ep" else "fsdp", result)
     elif spec.side == "native":
-        model = _build_native(config, device)
+        model = _build_native(config, device, result)
     else:
         options = PerfOptions.parse(spec.variant)
         if spec.precision == "master-fp32":
@@ -249,7 +255,9 @@ def _parallelize(model, job) -> None:
     """B2: EP=2 + FSDP2 through trainer.parallel (bf16 weights, bf16 gradient reduction as the native baseline)."""
     from trainer.parallel import ParallelConfig, parallelize
 
-    parallelize(model, ParallelConfig(ep_size=job.gpus, param_dtype=None, reduce_dtype=None), precision="bf16")
+    dispatcher = os.environ.get("MOE_BENCH_DISPATCHER", "auto")
+    parallelize(model, ParallelConfig(ep_size=job.gpus, dispatcher=dispatcher, param_dtype=None, reduce_dtype=None),
+                precision="bf16")
 
 
 def main_worker(spec_json: str) -> int:
