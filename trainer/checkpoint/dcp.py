@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -260,9 +261,10 @@ def _load(state: dict, checkpoint: Path) -> None:
             dcp.load(state, checkpoint_id=str(checkpoint), planner=_WeightsOnlyLoadPlanner())
     except UserError:
         raise
-    except Exception as err:  # DCP wraps per-rank failures (shape mismatch, missing key) in CheckpointException
-        detail = next((line.strip() for line in str(err).splitlines() if "size" in line or "shape" in line
-                       or "Missing key" in line or "mismatch" in line), type(err).__name__)
+    except (Exception, CheckpointException) as err:  # DCP wraps rank failures in a BaseException subclass
+        lines = [line.strip() for line in str(err).splitlines()]
+        detail = next((line for line in lines if "mismatch" in line.lower() or "missing key" in line.lower()
+                       or "shape" in line.lower()), type(err).__name__)
         raise UserError(f"checkpoint {checkpoint} does not fit the model being trained ({detail[:200]})",
                         "resume with the model config it was trained with, or start fresh with "
                         "checkpoint.resume=never output.overwrite=true") from None

@@ -13,7 +13,11 @@ def read_records(path: str) -> list[dict]:
     file = Path(path)
     if not file.is_file():
         raise UserError(f"data file {path} does not exist", "set data.train_path to a JSONL or Parquet file")
-    records = _read_parquet(file) if file.suffix == ".parquet" else _read_jsonl(file)
+    try:
+        records = _read_parquet(file) if file.suffix == ".parquet" else _read_jsonl(file)
+    except OSError as err:  # permissions, a vanished mount, an I/O error
+        raise UserError(f"cannot read data file {path} ({err.strerror or err})",
+                        "check its permissions, or copy it to a readable location") from None
     if not records:
         raise UserError(f"data file {path} holds no records", "add at least one example to it")
     return records
@@ -21,8 +25,12 @@ def read_records(path: str) -> list[dict]:
 
 def _read_jsonl(file: Path) -> list[dict]:
     records = []
-    with open(file, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with open(file, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{file}:{line_number} is not UTF-8 text", "re-save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
