@@ -15,7 +15,7 @@ import statistics
 import sys
 from collections import OrderedDict
 
-from bench.flops import PEAK_TFLOPS
+from trainer.flops import PEAK_TFLOPS
 
 
 def environment() -> dict:

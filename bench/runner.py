@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from bench import flops
+from trainer import flops
 from bench.jobs import JOBS, build_config, config_dict
 
 RESULT_PREFIX = "BENCH_RESULT "

@@ -120,17 +120,17 @@ def transformer_engine_available() -> Check:
 
 @functools.lru_cache(maxsize=None)
 def mamba_kernels_available() -> Check:
-    """mamba-ssm's fused SSD scan and causal-conv1d's CUDA kernel, as Nemotron-H's fast path uses them."""
-    missing = [m for m in ("mamba_ssm", "causal_conv1d") if importlib.util.find_spec(m) is None]
-    if missing:
-        return False, f"{', '.join(missing)} not installed; Nemotron-H uses the pure-torch scan (slow)"
-    if not _cuda_device_present():
-        return False, "mamba_ssm and causal_conv1d installed but no CUDA device; Nemotron-H uses the pure-torch scan"
-    for module in ("mamba_ssm.ops.triton.ssd_combined", "causal_conv1d"):
-        imported, reason = _import(module)
-        if imported is None:
-            return False, f"{module} fails to import ({reason}); Nemotron-H uses the pure-torch scan"
-    return True, f"mamba_ssm {_version('mamba_ssm') or _version('mamba-ssm')}, causal_conv1d {_version('causal_conv1d') or _version('causal-conv1d')}"
+    """mamba-ssm's fused SSD scan and causal-conv1d's CUDA kernel, as Nemotron-H's fast path loads them.
+
+    Asks `trainer.kernels.mamba`, the one module that imports them (it bypasses mamba_ssm's package __init__, which
+    needs the CUDA Mamba1 extension that a Triton-only mamba-ssm build does not have).
+    """
+    from trainer.kernels import mamba
+
+    available, detail = mamba.status()
+    if available and not _cuda_device_present():
+        return False, f"{detail}; no CUDA device: Nemotron-H uses the pure-torch scan"
+    return available, detail
 
 
 @functools.lru_cache(maxsize=None)

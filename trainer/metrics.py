@@ -1,18 +1,8 @@
 """What a training step is worth: tokens/s, FLOPs and MFU, memory, expert load; and where metrics go.
 
-FLOPs per trained token (forward + backward), documented so MFU is comparable across runs:
-
-    flops_per_token = 6 * active_params_per_token + 6 * n_layers * n_heads * head_dim * seq_len
-
-- `active_params_per_token`: every parameter a token touches in a matmul. Routed experts count only for the
-  top-k experts a token visits: non-expert params + expert params * top_k / num_experts. The input embedding is a
-  lookup, not a matmul, and is left out; the LM head counts (untied or tied).
-- attention scores and values: 2 matmuls of 2 * n_heads * head_dim * seq_len FLOPs each per token and layer in the
-  forward, x3 for forward + backward = 12 * L * H * d * S; causal masking halves the useful part -> 6 * L * H * d * S.
-  With packing, `seq_len` is the row length, an upper bound on each sample's context.
-
-MFU = achieved FLOP/s / (PEAK_TFLOPS * 1e12 * world size); PEAK_TFLOPS is the dense bf16 peak of one H100/H200
-(989 TFLOP/s). On CPU the number is meaningless but still reported, so the logs keep one shape.
+FLOPs per trained token (forward + backward) come from the model config, one formula for the training loop, the
+benchmark and MFU: see `trainer/flops.py` (only the top-k routed experts count; causal attention at half; Mamba2
+state terms for hybrid models).
 """
 
 from __future__ import annotations
@@ -24,46 +14,14 @@ from pathlib import Path
 
 import torch
 
+from trainer.flops import flops_per_token as config_flops_per_token
+
 PEAK_TFLOPS = 989.0
 
 
-def _config_int(config, *names: str) -> int | None:
-    for name in names:
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def active_params_per_token(model: torch.nn.Module) -> int:
-    """Parameters a token uses in matmuls (see the module docstring); DTensor shards count at their global size."""
-    config = model.config
-    num_experts = _config_int(config, "num_experts", "num_local_experts", "n_routed_experts")
-    top_k = _config_int(config, "num_experts_per_tok", "moe_topk") or 1
-    embedding = model.get_input_embeddings().weight
-    output = model.get_output_embeddings()
-    tied = output is not None and output.weight is embedding
-    total_active = 0.0
-    for name, param in model.named_parameters():
-        if param is embedding and not tied:
-            continue
-        in_experts = ".experts." in f".{name}"
-        is_routed_expert = num_experts and in_experts and param.ndim >= 1 and param.shape[0] == num_experts
-        total_active += param.numel() * (top_k / num_experts if is_routed_expert else 1.0)
-    return int(total_active)
-
-
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) per token at context `seq_len`."""
-    config = model.config
-    layers = _config_int(config, "num_hidden_layers") or 0
-    heads = _config_int(config, "num_attention_heads") or 0
-    head_dim = _config_int(config, "head_dim") or (config.hidden_size // max(1, heads))
-    attention_layers = layers
-    pattern = getattr(config, "layers_block_type", None)  # hybrid models: only attention layers have this term
-    if isinstance(pattern, (list, tuple)):
-        attention_layers = sum(1 for kind in pattern if "attention" in str(kind))
-    return 6.0 * active_params_per_token(model) + 6.0 * attention_layers * heads * head_dim * seq_len
+    """Training FLOPs (forward + backward) per token at context `seq_len` (see trainer/flops.py)."""
+    return config_flops_per_token(model.config, seq_len)
 
 
 def peak_memory_gib() -> float:

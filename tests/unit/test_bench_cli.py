@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bench import compare, report
-from bench.flops import flops_per_token, matmul_params_per_token
+from trainer.flops import flops_per_token, matmul_params_per_token
 from bench.jobs import JOBS, build_config
 from trainer.cli import main as moe_main
 

@@ -1,5 +1,6 @@
 """Data parallelism changes nothing but speed: 2 ranks (torchrun, gloo, FSDP2) x micro-batch 2 reproduce one
-process with micro-batch 2 and 2 accumulation steps, loss for loss, and write one sharded checkpoint."""
+process with micro-batch 2 and 2 accumulation steps, loss for loss, write one sharded checkpoint and export the
+same weights."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-COMMON = ["data.seq_len=96", "train.micro_batch_size=2", "train.max_steps=4", "output.export=false", "--no-progress"]
+COMMON = ["data.seq_len=96", "train.micro_batch_size=2", "train.max_steps=4", "output.export=true", "--no-progress"]
 
 
 def _losses(run_dir: Path) -> list[float]:
@@ -41,3 +42,11 @@ def test_two_ranks_match_one_process_with_gradient_accumulation(tmp_path):
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
     checkpoint = tmp_path / "two" / "checkpoints" / "step_00000004"
     assert sorted(p.name for p in checkpoint.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    # The final export of the sharded run is a standard checkpoint with the same weights as the one-process run.
+    from transformers import AutoModelForCausalLM
+
+    one = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "export").state_dict()
+    two_state = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "export").state_dict()
+    assert sorted(one) == sorted(two_state)
+    for key in one:
+        assert two_state[key].float().allclose(one[key].float(), rtol=1e-3, atol=1e-5), key

@@ -1,7 +1,7 @@
 """Write the trained model as a standard Hugging Face checkpoint directory (safetensors, config, tokenizer).
 
 The directory is assembled under a temporary name and renamed at the end, so a failed export leaves nothing behind.
-Sharded (FSDP2/EP) models are gathered to full tensors on CPU on rank 0 first, through DCP's state-dict API.
+Sharded (FSDP2/EP) models are streamed to rank 0 one safetensors file at a time (`save_sharded_pretrained`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from trainer.errors import UserError
 
@@ -28,32 +27,39 @@ def check_export_target(out_dir: str | Path, overwrite: bool) -> None:
 
 
 def export_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype, overwrite: bool = False) -> Path:
-    """model (+ tokenizer) -> `out_dir` with config.json, generation_config.json, *.safetensors, tokenizer files."""
+    """model (+ tokenizer) -> `out_dir` with config.json, generation_config.json, *.safetensors, tokenizer files.
+
+    Collective under torchrun: a sharded (FSDP2/EP) model is written by `save_sharded_pretrained`, which streams
+    one safetensors file at a time to rank 0, so no rank ever holds the full model.
+    """
     out = Path(out_dir)
     check_export_target(out, overwrite)
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if distributed:
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if dist.get_rank() != 0:
-            dist.barrier()
-            return out
-    else:
-        state = model.state_dict()
-    # Cast copies, never the live model: its fp32 master weights must survive an export in bf16.
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    is_main = not distributed or dist.get_rank() == 0
     tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        model.save_pretrained(str(tmp), state_dict=state)
-        _set_config_dtype(tmp / "config.json", dtype)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
+    if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    try:
+        if distributed:
+            from trainer.checkpoint.hf_export import save_sharded_pretrained
+
+            dist.barrier()
+            save_sharded_pretrained(model, str(tmp), dtype=dtype)
+        else:
+            # Cast copies, never the live model: its fp32 master weights must survive an export in bf16.
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+            model.save_pretrained(str(tmp), state_dict=state)
+        if is_main:
+            _set_config_dtype(tmp / "config.json", dtype)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+    finally:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
     if distributed:
         dist.barrier()
     return out
