@@ -35,7 +35,11 @@ def make_plan(index_TK: torch.Tensor, num_experts: int) -> RoutingPlan:
     expert_of_row_S, perm_S = torch.sort(flat_S, stable=True)
     inv_perm_S = torch.empty_like(perm_S)
     inv_perm_S[perm_S] = torch.arange(perm_S.numel(), device=perm_S.device)
-    tokens_per_expert_E = torch.bincount(flat_S, minlength=num_experts)
+    # scatter_add, not bincount: bincount reads the maximum back to the host to size its output (a sync per layer);
+    # integer atomics are exact, so the counts stay deterministic.
+    tokens_per_expert_E = torch.zeros(num_experts, dtype=torch.long, device=flat_S.device).scatter_add_(
+        0, flat_S, torch.ones_like(flat_S)
+    )
     offsets_E = torch.cumsum(tokens_per_expert_E, dim=0).to(torch.int32)
     return RoutingPlan(
         perm_S=perm_S,
