@@ -53,11 +53,28 @@ class FamilyAdapter:
 
     def patch(self, model: torch.nn.Module) -> None:
         """Swap in the fast pieces that the experts interface does not cover (routers here)."""
+        pin_checkpoint_conversions(model)
         spec = self.router_spec(model.config)
         if spec is None:
             return
         for router in self.router_modules(model):
             install_fused_router(router, spec)
+
+
+def pin_checkpoint_conversions(model: torch.nn.Module) -> None:
+    """Record transformers' own load/save key conversions on the model while it still has its transformers class.
+
+    transformers derives them from the model class when the model was not loaded by `from_pretrained`; FSDP2 swaps
+    the class for one defined outside transformers, which transformers then treats as custom code and skips, so an
+    export from a sharded model would lose root-level renames (Nemotron-H's `model.` -> `backbone.`).
+    """
+    if getattr(model, "_weight_conversions", None) is not None:
+        return  # loaded by from_pretrained: transformers recorded what it applied
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange
+
+    conversions = [t for t in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(t, PrefixChange)]
+    model._weight_conversions = conversions or None
 
 
 def _num_experts(config) -> int | None:

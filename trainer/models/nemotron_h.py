@@ -102,23 +102,6 @@ class NemotronHAdapter(FamilyAdapter):
         mamba_kernels.expose_to_transformers()  # generation keeps transformers' path: let it use the kernels too
         mamba_mixer.install(model)
         keep_published_format(model.config)
-        _pin_checkpoint_conversions(model)
-
-
-def _pin_checkpoint_conversions(model: torch.nn.Module) -> None:
-    """Record transformers' own load/save key conversions on the model while it still has its transformers class.
-
-    transformers derives them from the model class when the model was not loaded by `from_pretrained`; FSDP2 swaps
-    the class for one defined outside transformers, which transformers then treats as custom code and skips, so an
-    export from a sharded model would lose the `model.` -> `backbone.` renaming (experts would still be split).
-    """
-    if getattr(model, "_weight_conversions", None) is not None:
-        return  # loaded by from_pretrained: transformers recorded what it applied
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import PrefixChange
-
-    conversions = [t for t in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(t, PrefixChange)]
-    model._weight_conversions = conversions or None
 
 
 def aux_free_balancer(model: torch.nn.Module, rate: float, group=None) -> AuxLossFreeBalancer:
