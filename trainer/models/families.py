@@ -28,7 +28,9 @@ class MixtralAdapter(FamilyAdapter):
         )
 
 
-class DeepseekV3Adapter(FamilyAdapter):
+class SigmoidGroupRouterAdapter(FamilyAdapter):
+    """DeepSeek-V3-style routing: sigmoid scores, score-correction bias, group-limited top-k, routed scaling."""
+
     def router_spec(self, config) -> RouterSpec:
         return RouterSpec(
             num_experts=config.n_routed_experts,
@@ -45,7 +47,7 @@ class DeepseekV3Adapter(FamilyAdapter):
 
 QWEN3_MOE = Qwen3MoeAdapter("qwen3_moe", ("qwen3_moe",), QWEN2_STYLE, ("Qwen3MoeTopKRouter",))
 MIXTRAL_ADAPTER = MixtralAdapter("mixtral", ("mixtral",), MIXTRAL, ("MixtralTopKRouter",))
-DEEPSEEK_V3 = DeepseekV3Adapter("deepseek_v3", ("deepseek_v3",), QWEN2_STYLE, ("DeepseekV3TopkRouter",))
+DEEPSEEK_V3 = SigmoidGroupRouterAdapter("deepseek_v3", ("deepseek_v3",), QWEN2_STYLE, ("DeepseekV3TopkRouter",))
 
 
 def generic_adapter(model_type: str) -> FamilyAdapter:

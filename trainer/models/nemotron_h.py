@@ -23,9 +23,8 @@ from trainer.checkpoint.key_tables import NEMOTRON_H as NEMOTRON_H_KEYS
 from trainer.errors import UserError
 from trainer.kernels import mamba as mamba_kernels
 from trainer.models import mamba_mixer
-from trainer.models.base import FamilyAdapter
+from trainer.models.families import SigmoidGroupRouterAdapter
 from trainer.moe.balance import AuxLossFreeBalancer
-from trainer.moe.router import RouterSpec
 
 ROUTER_CLASS_NAME = "NemotronHTopkRouter"
 
@@ -68,19 +67,8 @@ def keep_published_format(config: _TransformersNemotronHConfig) -> None:
         config.__class__ = NemotronHConfig
 
 
-class NemotronHAdapter(FamilyAdapter):
-    def router_spec(self, config) -> RouterSpec:
-        return RouterSpec(
-            num_experts=config.n_routed_experts,
-            top_k=config.num_experts_per_tok,
-            score_func="sigmoid",
-            norm_topk_prob=bool(config.norm_topk_prob),
-            n_group=config.n_group or 1,
-            topk_group=config.topk_group or 1,
-            routed_scaling_factor=float(config.routed_scaling_factor),
-            norm_eps=1e-20,
-            logits_in_fp32=True,
-        )
+class NemotronHAdapter(SigmoidGroupRouterAdapter):
+    """DeepSeek-V3-style router; relu2 experts; Mamba2 mixers with packed-sequence state resets."""
 
     def validate(self, config) -> None:
         super().validate(config)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from trainer.parallel.expert_rows import ExpertRows, expand_to_rows, plan_expert_rows, reduce_rows
+from trainer.parallel.expert_rows import ExpertRows, RowsPlanMixin, expand_to_rows, plan_expert_rows, reduce_rows
 
 
 class _AllToAll(torch.autograd.Function):
@@ -103,7 +103,7 @@ def sum_rows_by_rank(rows_ND: torch.Tensor, token_of_row_N: torch.Tensor, rows_p
 
 
 @dataclass
-class AllToAllPlan:
+class AllToAllPlan(RowsPlanMixin):
     """What combine needs to send results home. N rows sent (token x destination rank), R received."""
 
     rows: ExpertRows
@@ -112,18 +112,6 @@ class AllToAllPlan:
     recv_splits: list[int]
     recv_weights_RK: torch.Tensor
     num_tokens: int
-
-    @property
-    def offsets_E(self) -> torch.Tensor:
-        return self.rows.offsets_E
-
-    @property
-    def tokens_per_expert_E(self) -> torch.Tensor:
-        return self.rows.tokens_per_expert_E
-
-    @property
-    def expert_of_row_S(self) -> torch.Tensor:
-        return self.rows.expert_of_row_S
 
 
 class AllToAllDispatcher:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.parallel.alltoall import AllToAllDispatcher
-from trainer.parallel.expert_rows import ExpertRows, expand_to_rows, plan_expert_rows, reduce_rows
+from trainer.parallel.expert_rows import ExpertRows, RowsPlanMixin, expand_to_rows, plan_expert_rows, reduce_rows
 
 _OPEN: weakref.WeakSet = weakref.WeakSet()
 
@@ -73,22 +73,10 @@ class _Combine(torch.autograd.Function):
 
 
 @dataclass
-class DeepEPPlan:
+class DeepEPPlan(RowsPlanMixin):
     rows: ExpertRows
     handle: tuple
     recv_weights_RK: torch.Tensor
-
-    @property
-    def offsets_E(self) -> torch.Tensor:
-        return self.rows.offsets_E
-
-    @property
-    def tokens_per_expert_E(self) -> torch.Tensor:
-        return self.rows.tokens_per_expert_E
-
-    @property
-    def expert_of_row_S(self) -> torch.Tensor:
-        return self.rows.expert_of_row_S
 
 
 class DeepEPDispatcher:

@@ -34,6 +34,24 @@ class ExpertRows:
     top_k: int
 
 
+class RowsPlanMixin:
+    """What the experts forward reads from an expert-parallel plan, delegated to its `rows: ExpertRows`."""
+
+    rows: ExpertRows
+
+    @property
+    def offsets_E(self) -> torch.Tensor:
+        return self.rows.offsets_E
+
+    @property
+    def tokens_per_expert_E(self) -> torch.Tensor:
+        return self.rows.tokens_per_expert_E
+
+    @property
+    def expert_of_row_S(self) -> torch.Tensor:
+        return self.rows.expert_of_row_S
+
+
 def plan_expert_rows(recv_idx_RK: torch.Tensor, num_local_experts: int, num_rows: int) -> ExpertRows:
     """Sort the received (token, k) pairs by local expert (stable: ties keep arrival order); -1 pairs go last and
     are cut off. `num_rows` (the valid pair count) is known on the host from the count exchange, so no sync here."""
