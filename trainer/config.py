@@ -111,6 +111,14 @@ class PerfConfig:
 
 
 @dataclass
+class MoEConfig:
+    # Aux-loss-free balancing (DeepSeek-V3): after each step, move each router's e_score_correction_bias by
+    # rate * sign(mean load - load), loads summed over all ranks. 0 disables it; DeepSeek-V3 used 0.001.
+    # Only families whose routers have the bias (DeepSeek-V3, Nemotron-H) are affected.
+    aux_free_bias_rate: float = 0.0
+
+
+@dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -120,6 +128,7 @@ class Recipe:
     output: OutputConfig = field(default_factory=OutputConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -32,6 +32,7 @@ from trainer.errors import UserError
 from trainer.faults import fault_point
 from trainer.loss import forward_loss_sum
 from trainer.metrics import PEAK_TFLOPS, ExpertLoadTracker, MetricsWriter, flops_per_token, imbalance, peak_memory_gib
+from trainer.moe.balance import balancer_for
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallel.grad_norm import clip_grad_norm  # works across the expert and dense meshes
 from trainer.parallel.resume import check_resume_world_size
@@ -87,6 +88,7 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
                         saved_recipe(recipe), rt.world_size)
 
     tracker, writer = ExpertLoadTracker(model), MetricsWriter(run_dir, step) if rt.is_main else None
+    balancer = balancer_for(model, recipe.moe.aux_free_bias_rate)
     flops_tok = flops_per_token(model, data.seq_len)
     bar = tqdm(total=recipe.train.max_steps, initial=step, disable=not (progress and rt.is_main), desc="train")
     losses, nonfinite_in_a_row, saved_step, preempted = [], 0, step, ""
@@ -97,6 +99,8 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
             scheduler.step()
             step += 1
             finite = math.isfinite(loss) and math.isfinite(grad_norm)  # a non-finite step was skipped, not applied
+            if balancer is not None:
+                balancer.step() if finite else balancer.reset()
             seconds = time.perf_counter() - started
             record = _record(step, loss, lr, grad_norm, tokens, seconds, flops_tok, rt, tracker, skipped=not finite)
             losses.append(loss)
@@ -133,6 +137,8 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
         writer.close()
         _plots(run_dir, tracker)
     tracker.remove()
+    if balancer is not None:
+        balancer.remove()
     return TrainResult(run_dir, step, losses, export_dir, model, tokenizer, preempted)
 
 

@@ -43,8 +43,21 @@ class AuxLossFreeBalancer:
         for router, delta_E in zip(self.routers, delta_LE):
             bias = router.e_score_correction_bias
             bias.add_(delta_E.to(device=bias.device, dtype=bias.dtype))
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the loads counted since the last update (a skipped step must not move the biases)."""
         self._counts = [None] * len(self.routers)
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def balancer_for(model: torch.nn.Module, rate: float) -> AuxLossFreeBalancer | None:
+    """The balancer over `model`'s routers that have a correction bias, or None (rate 0, or no such router)."""
+    adapter = getattr(model, "moe_adapter", None)
+    if rate <= 0 or adapter is None:
+        return None
+    balancer = AuxLossFreeBalancer(adapter.router_modules(model), rate)
+    return balancer if balancer.routers else None
