@@ -57,26 +57,38 @@ def _packed_positions(lengths, rows):
     return row.expand(rows, -1).cuda()
 
 
+def _mixer_run(forward, mixer, x):
+    mixer.zero_grad(set_to_none=True)
+    x.grad = None
+    y = forward(mixer, x)
+    y.float().square().mean().backward()
+    grads = {n: p.grad.float().clone() for n, p in mixer.named_parameters()}
+    return y.detach().float(), x.grad.float().clone(), grads
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_mixer_kernel_path_matches_reference_in_outputs_and_gradients(kernels, packed):
+    """Kernel (bf16) and PyTorch reference (bf16) are both judged against the reference in fp32.
+
+    Outputs and the input gradient must be within TOLERANCE. A parameter gradient is a sum over every token, and
+    the per-head ones (A_log, D, dt_bias: 8 numbers) sit at bf16's reduction noise: measured on an H200, one came
+    out at 1.01e-2 kernel vs bf16 reference. So each parameter gradient of the kernel must be within TOLERANCE or
+    no worse than twice the bf16 reference's own error against fp32.
+    """
     mixer = _model().model.layers[0].mixer
+    mixer32 = copy.deepcopy(mixer).float()
     x = torch.randn(2, 256, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x32 = x.detach().float().requires_grad_(True)
     seq_idx = seq_idx_from_position_ids(_packed_positions([100, 29, 127], 2)) if packed else None
 
-    results = []
-    paths = (lambda: kernel_forward(mixer, x, seq_idx, kernels), lambda: reference_forward(mixer, x, None, seq_idx))
-    for forward in paths:
-        mixer.zero_grad(set_to_none=True)
-        x.grad = None
-        y = forward()
-        y.float().square().mean().backward()
-        grads = {n: p.grad.clone() for n, p in mixer.named_parameters()}
-        results.append((y.detach(), x.grad.clone(), grads))
-    (y_k, dx_k, g_k), (y_r, dx_r, g_r) = results
-    assert _relative(y_k, y_r) <= TOLERANCE
-    assert _relative(dx_k, dx_r) <= TOLERANCE
-    for name in g_r:
-        assert _relative(g_k[name], g_r[name]) <= TOLERANCE, name
+    y_k, dx_k, g_k = _mixer_run(lambda m, h: kernel_forward(m, h, seq_idx, kernels), mixer, x)
+    y_r, dx_r, g_r = _mixer_run(lambda m, h: reference_forward(m, h, None, seq_idx), mixer, x)
+    y_e, dx_e, g_e = _mixer_run(lambda m, h: reference_forward(m, h, None, seq_idx), mixer32, x32)
+    assert _relative(y_k, y_e) <= TOLERANCE
+    assert _relative(dx_k, dx_e) <= TOLERANCE
+    for name in g_e:
+        kernel_error, reference_error = _relative(g_k[name], g_e[name]), _relative(g_r[name], g_e[name])
+        assert kernel_error <= max(TOLERANCE, 2 * reference_error), (name, kernel_error, reference_error)
 
 
 def test_model_kernel_path_matches_reference_logits_and_loss():
