@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from trainer.errors import EXIT_USER_ERROR, UserError
+from trainer.redact import redact
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact(str(err))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
