@@ -159,7 +159,7 @@ def run(spec: RunSpec) -> dict:
 
 
 def _measure(spec: RunSpec, job, device, world: int, result: dict) -> None:
-    from trainer.perf import PerfOptions, apply_optimizations, build_optimizer, causal_lm_loss, disable_compile
+    from trainer.perf import PerfOptions, apply_optimizations, build_optimizer, disable_compile
 
     config = build_config(job)
     started = time.perf_counter()

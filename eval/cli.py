@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from trainer.errors import EXIT_USER_ERROR, UserError
-from trainer.redact import redact
+from trainer.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,12 +78,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UserError as err:
-        print(f"error: {redact(str(err))}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    from trainer.cli import run_command
+
+    return run_command(run, build_parser().parse_args(argv))

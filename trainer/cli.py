@@ -43,9 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         sub = parser._subparsers._group_actions[0].choices[command]  # noqa: SLF001 - argparse has no public accessor
         module.add_arguments(sub)
     args = parser.parse_args(argv)
-    module = importlib.import_module(args._module)
+    return run_command(importlib.import_module(args._module).run, args)
+
+
+def run_command(run, args) -> int:
+    """Run a command's `run(args)`: a UserError becomes one redacted `error:` line and exit code 2."""
     try:
-        return int(module.run(args) or 0)
+        return int(run(args) or 0)
     except UserError as err:
         print(f"error: {redact(str(err))}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -7,24 +7,15 @@ import json
 import os
 
 import pytest
+import tiny_configs
 import torch
-from safetensors import safe_open
+from checkpoint_files import read_all_tensors
 from transformers import AutoModelForCausalLM
 
-import tiny_configs
 from trainer.checkpoint.hf_io import load_into
 from trainer.checkpoint.key_tables import key_table_for
 from trainer.errors import UserError
 from trainer.models import MoEAutoModelForCausalLM, resolve_adapter
-
-
-def _read_all(directory: str) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(directory, name), framework="pt") as f:
-                tensors.update({key: f.get_tensor(key) for key in f.keys()})
-    return tensors
 
 
 def _saved_hf_model(family: str, directory: str, **save_kwargs):
@@ -44,7 +35,7 @@ def test_round_trip_is_bit_identical_and_loads_in_plain_transformers(tmp_path, f
     model = MoEAutoModelForCausalLM.from_pretrained(original)
     model.save_pretrained(exported, **save_kwargs)
 
-    before, after = _read_all(original), _read_all(exported)
+    before, after = read_all_tensors(original), read_all_tensors(exported)
     assert sorted(before) == sorted(after)
     for key in before:
         assert before[key].dtype == after[key].dtype, key

@@ -8,24 +8,15 @@ import json
 import os
 
 import pytest
+import tiny_configs
 import torch
-from safetensors import safe_open
+from checkpoint_files import read_all_tensors
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import tiny_configs
 from trainer.checkpoint.hf_io import load_into
 from trainer.checkpoint.key_tables import NEMOTRON_H, key_table_for
 from trainer.models import MoEAutoModelForCausalLM
 from trainer.models.nemotron_h import published_config_dict
-
-
-def _read_all(directory: str) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(directory, name), framework="pt") as f:
-                tensors.update({key: f.get_tensor(key) for key in f.keys()})
-    return tensors
 
 
 def _read_config(directory: str) -> dict:
@@ -52,7 +43,7 @@ def test_round_trip_is_bit_identical(tmp_path, sharded):
     model = MoEAutoModelForCausalLM.from_pretrained(original)
     model.save_pretrained(exported, **save_kwargs)
 
-    before, after = _read_all(original), _read_all(exported)
+    before, after = read_all_tensors(original), read_all_tensors(exported)
     assert sorted(before) == sorted(after)
     assert "backbone.layers.1.mixer.experts.7.up_proj.weight" in after  # published layout: backbone., per expert
     for key in before:

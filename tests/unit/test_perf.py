@@ -6,7 +6,6 @@ the same parameters as torch's AdamW after a few steps.
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
