@@ -116,6 +116,8 @@ class MoEConfig:
     # rate * sign(mean load - load), loads summed over all ranks. 0 disables it; DeepSeek-V3 used 0.001.
     # Only families whose routers have the bias (DeepSeek-V3, Nemotron-H) are affected.
     aux_free_bias_rate: float = 0.0
+    # Router z-loss (ST-MoE): adds coef * mean logsumexp(router logits)^2 to the loss; 0 disables it (ST-MoE: 1e-3).
+    router_z_loss_coef: float = 0.0
 
 
 @dataclass

@@ -33,6 +33,7 @@ from trainer.faults import fault_point
 from trainer.loss import forward_loss_sum
 from trainer.metrics import PEAK_TFLOPS, ExpertLoadTracker, MetricsWriter, flops_per_token, imbalance, peak_memory_gib
 from trainer.moe.balance import balancer_for
+from trainer.moe.z_loss import z_loss_for
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallel.grad_norm import clip_grad_norm  # works across the expert and dense meshes
 from trainer.parallel.resume import check_resume_world_size
@@ -89,13 +90,14 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
 
     tracker, writer = ExpertLoadTracker(model), MetricsWriter(run_dir, step) if rt.is_main else None
     balancer = balancer_for(model, recipe.moe.aux_free_bias_rate)
+    z_loss = z_loss_for(model, recipe.moe.router_z_loss_coef)
     flops_tok = flops_per_token(model, data.seq_len)
     bar = tqdm(total=recipe.train.max_steps, initial=step, disable=not (progress and rt.is_main), desc="train")
     losses, nonfinite_in_a_row, saved_step, preempted = [], 0, step, ""
     with PreemptionGuard() as guard:
         while step < recipe.train.max_steps:
             started = time.perf_counter()
-            loss, grad_norm, tokens, lr = _optimizer_step(model, optimizer, loader, recipe, rt, fused_ce)
+            loss, grad_norm, tokens, lr = _optimizer_step(model, optimizer, loader, recipe, rt, fused_ce, z_loss)
             scheduler.step()
             step += 1
             finite = math.isfinite(loss) and math.isfinite(grad_norm)  # a non-finite step was skipped, not applied
@@ -137,8 +139,9 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
         writer.close()
         _plots(run_dir, tracker)
     tracker.remove()
-    if balancer is not None:
-        balancer.remove()
+    for hooks in (balancer, z_loss):
+        if hooks is not None:
+            hooks.remove()
     return TrainResult(run_dir, step, losses, export_dir, model, tokenizer, preempted)
 
 
@@ -162,7 +165,7 @@ def check_layout(recipe: Recipe, rt: Runtime) -> None:
         check_fits(recipe, config, rt.world_size, memory_gib)
 
 
-def _optimizer_step(model, optimizer, loader, recipe: Recipe, rt: Runtime, fused_ce: bool
+def _optimizer_step(model, optimizer, loader, recipe: Recipe, rt: Runtime, fused_ce: bool, z_loss=None
                     ) -> tuple[float, float, int, float]:
     """Forward/backward over grad_accum_steps micro-batches, clip, step; returns (loss, grad_norm, tokens, lr)."""
     lr = optimizer.param_groups[0]["lr"]
@@ -178,6 +181,9 @@ def _optimizer_step(model, optimizer, loader, recipe: Recipe, rt: Runtime, fused
         loss = token_loss_sum * rt.world_size / num_targets.clamp_min(1)
         if aux_loss is not None:
             loss = loss + aux_coef * aux_loss / len(micro_batches)
+        router_z = z_loss.pop() if z_loss is not None else None
+        if router_z is not None:
+            loss = loss + router_z / len(micro_batches)
         loss.backward()
         loss_sum += token_loss_sum.detach()
     grad_norm = clip_grad_norm(model, recipe.optim.max_grad_norm).item()
