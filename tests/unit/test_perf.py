@@ -134,3 +134,13 @@ def test_liger_falls_back_with_a_note_without_cuda():
     model = _model()
     notes = apply_optimizations(model, PerfOptions.parse("liger"))
     assert any("liger not importable" in n for n in notes)
+
+
+def test_compiled_runs_leave_rmsnorm_to_inductor_instead_of_liger():
+    import tiny_configs
+    from trainer.models import MoEAutoModelForCausalLM
+
+    model = MoEAutoModelForCausalLM.from_config(tiny_configs.qwen3_moe())
+    notes = apply_optimizations(model, PerfOptions.parse("liger+compile"))
+    assert any("RMSNorm left to torch.compile" in note for note in notes)
+    assert all(type(m).__name__ != "LigerRMSNorm" for m in model.modules())
