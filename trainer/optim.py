@@ -39,14 +39,3 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_step
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, cfg.warmup_steps, max_steps, cfg.min_lr_ratio)
     )
-
-
-def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-    """Global L2 norm of all gradients [] (before clipping); clips to max_norm when it is > 0.
-
-    Sharded (DTensor) gradients give a DTensor norm; it is made a plain tensor so every rank logs the same value.
-    """
-    grads_exist = [p for p in model.parameters() if p.grad is not None]
-    limit = max_norm if max_norm > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(grads_exist, limit, foreach=True)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
