@@ -8,8 +8,8 @@ and runs: dispatch (sort by expert, or all-to-all / DeepEP under expert parallel
 grouped GEMM -> combine (weighted K-way sum, deterministic).
 
 Option (local path only, no bias): the memory-lean fused expert MLP (`trainer.kernels.fused_expert_mlp`), one
-autograd Function that saves the pre-activation and the down output only and builds its routing plan without a
-host synchronisation. Turn it on per module with `set_fused_experts(model)` (what `trainer.perf` does), or for
+autograd Function that saves the pre-activation and the down output only (its routing plan, like the local
+dispatcher's, needs no host synchronisation). Turn it on per module with `set_fused_experts(model)` (what `trainer.perf` does), or for
 every model with the environment variable MOE_FUSED_EXPERTS=1. Expert-parallel dispatchers keep the unfused path.
 """
 
@@ -21,6 +21,7 @@ import torch
 
 from trainer.moe.dispatch import LOCAL_DISPATCHER
 from trainer.moe.grouped_gemm import grouped_mm
+from trainer.moe.permute import make_plan
 
 IMPLEMENTATION_NAME = "moe_fast"
 FUSED_ENV = "MOE_FUSED_EXPERTS"
@@ -92,17 +93,6 @@ def set_fused_experts(model: torch.nn.Module, enabled: bool = True, activation_b
     return count
 
 
-def _sync_free_plan(top_k_index: torch.Tensor, num_experts: int):
-    """Sort (token, k) pairs by expert; offsets by binary search, so the shapes never depend on the data."""
-    flat_S = top_k_index.reshape(-1)
-    expert_of_row_S, perm_S = torch.sort(flat_S, stable=True)
-    inv_perm_S = torch.empty_like(perm_S)
-    inv_perm_S[perm_S] = torch.arange(perm_S.numel(), device=perm_S.device)
-    boundaries_E = torch.arange(num_experts, device=flat_S.device, dtype=expert_of_row_S.dtype)
-    offsets_E = torch.searchsorted(expert_of_row_S, boundaries_E, right=True).to(torch.int32)
-    return perm_S, inv_perm_S, offsets_E
-
-
 def _fused_local_forward(module, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
     from trainer.kernels.fused_expert_mlp import activation_for, fused_expert_mlp
 
@@ -111,11 +101,11 @@ def _fused_local_forward(module, hidden_states, top_k_index, top_k_weights) -> t
         activation = activation_for(module, getattr(module, "moe_activation_backend", "torch"))
         module.__dict__["_moe_activation"] = activation
     has_gate = getattr(module, "has_gate", True)
-    perm_S, inv_perm_S, offsets_E = _sync_free_plan(top_k_index, module.num_experts)
-    module.moe_last_tokens_per_expert = torch.diff(offsets_E.long(), prepend=offsets_E.new_zeros(1).long())
+    plan = make_plan(top_k_index, module.num_experts)  # no host synchronisation
+    module.moe_last_tokens_per_expert = plan.tokens_per_expert_E.detach()
     out_TD = fused_expert_mlp(
         hidden_states, top_k_weights, _local(module.gate_up_proj if has_gate else module.up_proj),
-        _local(module.down_proj), perm_S, inv_perm_S, offsets_E, top_k_index.shape[1], activation,
+        _local(module.down_proj), plan.perm_S, plan.inv_perm_S, plan.offsets_E, plan.top_k, activation,
         is_transposed=getattr(module, "is_transposed", False),
     )
     return out_TD.to(hidden_states.dtype)
