@@ -45,6 +45,21 @@ def _cuda_device_present() -> bool:
         return False
 
 
+def _probe(package: str, module: str, fallback: str, needs_cuda: bool = True) -> tuple[object | None, Check]:
+    """Find, (optionally) check for a CUDA device, and import `module` of `package`.
+
+    Returns (module, (True, "")) when usable, else (None, (False, one line: what is missing; what falls back)).
+    """
+    if importlib.util.find_spec(package) is None:
+        return None, (False, f"{package} not installed; {fallback}")
+    if needs_cuda and not _cuda_device_present():
+        return None, (False, f"{package} installed but no CUDA device; {fallback}")
+    imported, reason = _import(module)
+    if imported is None:
+        return None, (False, f"{module} fails to import ({reason}); {fallback}")
+    return imported, (True, "")
+
+
 @functools.lru_cache(maxsize=None)
 def torch_cuda_available() -> Check:
     """torch with a usable CUDA device; detail names torch, CUDA runtime and the device."""
@@ -90,13 +105,9 @@ def grouped_mm_available(device: str = "cuda") -> Check:
 @functools.lru_cache(maxsize=None)
 def deepep_available() -> Check:
     """DeepEP v1 (`deep_ep.Buffer`) importable and a CUDA device present; else EP uses all-to-all."""
-    if importlib.util.find_spec("deep_ep") is None:
-        return False, "deep_ep not installed; expert parallelism uses torch all-to-all"
-    if not _cuda_device_present():
-        return False, "deep_ep installed but no CUDA device; expert parallelism uses torch all-to-all"
-    module, reason = _import("deep_ep")
+    module, failure = _probe("deep_ep", "deep_ep", "expert parallelism uses torch all-to-all")
     if module is None:
-        return False, f"deep_ep fails to import ({reason}); expert parallelism uses torch all-to-all"
+        return failure
     if not hasattr(module, "Buffer"):
         return False, "deep_ep has no v1 Buffer API (EPv2?); expert parallelism uses torch all-to-all"
     nvshmem = _version("nvidia-nvshmem-cu12") or _version("nvidia-nvshmem-cu13")
@@ -107,13 +118,9 @@ def deepep_available() -> Check:
 @functools.lru_cache(maxsize=None)
 def transformer_engine_available() -> Check:
     """TransformerEngine's PyTorch extension importable (needs a CUDA device to initialise)."""
-    if importlib.util.find_spec("transformer_engine") is None:
-        return False, "transformer_engine not installed; FP8 paths disabled"
-    if not _cuda_device_present():
-        return False, "transformer_engine installed but no CUDA device; FP8 paths disabled"
-    module, reason = _import("transformer_engine.pytorch")
+    module, failure = _probe("transformer_engine", "transformer_engine.pytorch", "FP8 paths disabled")
     if module is None:
-        return False, f"transformer_engine.pytorch fails to import ({reason}); FP8 paths disabled"
+        return failure
     version = _version("transformer_engine") or _version("transformer-engine") or "?"
     return True, f"transformer_engine {version}"
 
@@ -136,24 +143,19 @@ def mamba_kernels_available() -> Check:
 @functools.lru_cache(maxsize=None)
 def liger_available() -> Check:
     """Liger kernels (fused linear cross-entropy, RMSNorm) importable."""
-    if importlib.util.find_spec("liger_kernel") is None:
-        return False, "liger_kernel not installed; loss uses torch cross-entropy"
-    module, reason = _import("liger_kernel.transformers")
+    module, failure = _probe("liger_kernel", "liger_kernel.transformers", "loss uses torch cross-entropy",
+                             needs_cuda=False)
     if module is None:
-        return False, f"liger_kernel fails to import ({reason}); loss uses torch cross-entropy"
+        return failure
     return True, f"liger_kernel {_version('liger_kernel') or _version('liger-kernel')}"
 
 
 @functools.lru_cache(maxsize=None)
 def flash_attn_available() -> Check:
     """flash-attn importable (optional; transformers' sdpa is the default attention)."""
-    if importlib.util.find_spec("flash_attn") is None:
-        return False, "flash_attn not installed; attention uses sdpa"
-    if not _cuda_device_present():
-        return False, "flash_attn installed but no CUDA device; attention uses sdpa"
-    module, reason = _import("flash_attn")
+    module, failure = _probe("flash_attn", "flash_attn", "attention uses sdpa")
     if module is None:
-        return False, f"flash_attn fails to import ({reason}); attention uses sdpa"
+        return failure
     return True, f"flash_attn {getattr(module, '__version__', '?')}"
 
 
