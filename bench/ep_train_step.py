@@ -5,6 +5,11 @@
 Random bf16-mixed weights (fp32 master, bf16 compute, fp32 gradient reduction), AdamW, random tokens. For each
 dispatcher (DeepEP only where it can run): build the sharded model on the meta device, materialise, run --warmup
 steps then --steps timed steps; prints tokens/s per GPU, step time and peak memory, writes JSON.
+
+Run one dispatcher per process (`--dispatchers deepep`) for a clean peak: memory a first run leaves behind counts
+in the second run's peak (`allocated_before_gib` in the JSON says how much). Diagnostics (rank 0, one extra step,
+not timed): `--saved` lists the largest tensors autograd saves in the forward (grouped by shape and dtype);
+`--profile` lists the top CUDA kernels and the step's total kernel time against its wall time.
 """
 
 from __future__ import annotations
@@ -45,7 +50,53 @@ def build(config, parallel: ParallelConfig, device):
     return model.train()
 
 
+def saved_tensor_summary(model, ids, top: int = 10) -> list[dict]:
+    """The forward's autograd-saved tensors grouped by (shape, dtype), largest total first (each storage once)."""
+    seen, groups = set(), {}
+
+    def pack(t):
+        try:
+            key_ptr = t.untyped_storage().data_ptr()
+        except Exception:
+            return t
+        if key_ptr not in seen:
+            seen.add(key_ptr)
+            key = (tuple(t.shape), str(t.dtype).replace("torch.", ""))
+            count, nbytes = groups.get(key, (0, 0))
+            groups[key] = (count + 1, nbytes + t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    del loss
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][1])
+    total = sum(nbytes for _, (_, nbytes) in rows)
+    return [{"total_gib": total / 2**30}] + [
+        {"shape": list(shape), "dtype": dtype, "count": count, "gib": nbytes / 2**30}
+        for (shape, dtype), (count, nbytes) in rows[:top]]
+
+
+def profile_step(model, optimizer, ids) -> dict:
+    """One step under torch.profiler: top kernels by CUDA time, total kernel time and the step's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    kernels = [e for e in prof.key_averages() if getattr(e, "device_type", None) is not None
+               and "CUDA" in str(e.device_type) and e.self_device_time_total > 0]
+    kernels.sort(key=lambda e: -e.self_device_time_total)
+    return {"wall_ms": wall * 1e3, "kernel_ms": sum(e.self_device_time_total for e in kernels) / 1e3,
+            "top": [{"name": e.key[:90], "ms": e.self_device_time_total / 1e3, "calls": e.count} for e in kernels[:15]]}
+
+
 def run(config, dispatcher: str, args, device, world: int) -> dict:
+    allocated_before = torch.cuda.memory_allocated() / 2**30
     parallel = ParallelConfig(ep_size=args.ep, dispatcher=dispatcher, activation_checkpointing=args.ac,
                               param_dtype="bfloat16", reduce_dtype="float32")
     model = build(config, parallel, device)
@@ -72,7 +123,14 @@ def run(config, dispatcher: str, args, device, world: int) -> dict:
         "tokens_per_s_per_gpu": args.batch * args.seq / step_s,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         "loss": loss.item(),
+        "allocated_before_gib": allocated_before,
     }
+    if args.saved and dist.get_rank() == 0:
+        result["saved_tensors"] = saved_tensor_summary(model, ids)
+    elif args.saved:
+        saved_tensor_summary(model, ids)  # every rank runs the forward (collectives inside)
+    if args.profile:
+        result["profile"] = profile_step(model, optimizer, ids)
     del model, optimizer
     gc.collect()
     torch.cuda.empty_cache()
@@ -90,6 +148,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dispatchers", default="alltoall,deepep")
+    parser.add_argument("--saved", action="store_true", help="list the largest autograd-saved tensors (rank 0)")
+    parser.add_argument("--profile", action="store_true", help="top CUDA kernels of one extra step (rank 0)")
     parser.add_argument("--out", default="ep_train_step.json")
     args = parser.parse_args()
 
@@ -117,7 +177,14 @@ def main() -> int:
         print(f"{'dispatcher':<10} {'tok/s/GPU':>10} {'step s':>8} {'peak GiB':>9} {'loss':>8}")
         for r in results:
             print(f"{r['requested']:<10} {r['tokens_per_s_per_gpu']:>10.0f} {r['step_s']:>8.3f} "
-                  f"{r['peak_memory_gib']:>9.1f} {r['loss']:>8.4f}")
+                  f"{r['peak_memory_gib']:>9.1f} {r['loss']:>8.4f}  (allocated before: {r['allocated_before_gib']:.1f} GiB)")
+            for row in r.get("saved_tensors", []):
+                print("  saved", row)
+            if "profile" in r:
+                prof = r["profile"]
+                print(f"  profile: wall {prof['wall_ms']:.0f} ms, kernels {prof['kernel_ms']:.0f} ms")
+                for row in prof["top"]:
+                    print(f"    {row['ms']:8.1f} ms {row['calls']:5d}x {row['name']}")
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "world": world, "results": results}, f, indent=2)
     teardown()

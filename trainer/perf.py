@@ -16,7 +16,9 @@ Options (the benchmark keeps each only where it pays, docs/BENCHMARKS.md):
 - ac: activation checkpointing "none", "full" (every decoder layer), "attn" (= "selective": only the attention
   sub-block is recomputed: cheap to recompute per byte saved and it holds no router state), "mlp" (the MoE sub-block).
 - optimizer: "foreach" (torch AdamW default), "fused" (one kernel), "in-backward" (fused AdamW per parameter as soon as
-  its gradient is complete, so the full set of gradients never exists; no clipping, no accumulation).
+  its gradient is complete, so the full set of gradients never exists; no clipping, no accumulation), "overlap"
+  (in-backward, with the updates on a side CUDA stream so the memory-bound AdamW runs under the compute-bound
+  backward; `.step()` joins the streams).
 - master: "none" (optimizer works on the parameters' dtype) or "fp32" (fp32 master weights and AdamW states kept by
   the optimizer, bf16 parameters for compute: the recommended recipe).
 """
@@ -35,7 +37,7 @@ CHOICES = {
     "kernels": ("eager", "liger"),
     "compile": ("none", "layers", "layers-all", "attn"),
     "ac": ("none", "full", "attn", "selective", "mlp"),
-    "optimizer": ("foreach", "fused", "in-backward"),
+    "optimizer": ("foreach", "fused", "in-backward", "overlap"),
     "master": ("none", "fp32"),
 }
 
@@ -50,6 +52,7 @@ SHORTCUTS = {
     "compile-attn": {"compile": "attn"},
     "fused-adamw": {"optimizer": "fused"},
     "opt-in-bwd": {"optimizer": "in-backward"},
+    "opt-overlap": {"optimizer": "overlap"},
     "master-fp32": {"master": "fp32"},
     "fp8": {"fp8": True},
     "best": {"loss": "fused", "fused_experts": True, "kernels": "liger", "optimizer": "in-backward"},
@@ -323,11 +326,19 @@ class _PerParamAdamW:
     `in_backward=True` steps each parameter from a post-accumulate-grad hook and frees its gradient at once, so at
     most a few gradients exist at any time. Otherwise `step()` walks the parameters one by one (the fp32 copy of a
     gradient is made per parameter, never for all at once).
+
+    `overlap=True` (CUDA, with in_backward) launches each update on one side stream that first waits for the
+    gradient; the backward goes on meanwhile. This is safe because autograd fires the hook only after the
+    parameter's last use in the backward (its gradient is complete), the gradient's memory is kept until the side
+    stream is done with it (`record_stream`), and `step()` makes the compute stream wait for every update before the
+    next forward reads the parameters.
     """
 
-    def __init__(self, params, lr: float, betas, eps: float, weight_decay: float, master_fp32: bool, in_backward: bool):
+    def __init__(self, params, lr: float, betas, eps: float, weight_decay: float, master_fp32: bool, in_backward: bool,
+                 overlap: bool = False):
         self.master_fp32, self.in_backward = master_fp32, in_backward
         self._entries = {}
+        self._side_stream = None
         for p in params:
             target = p.detach().float().clone().requires_grad_(True) if master_fp32 and p.dtype != torch.float32 else p
             fused = target.is_cuda
@@ -336,12 +347,24 @@ class _PerParamAdamW:
             self._entries[p] = (target, opt)
             if in_backward:
                 p.register_post_accumulate_grad_hook(self._step_param)
+            if overlap and in_backward and p.is_cuda and self._side_stream is None:
+                self._side_stream = torch.cuda.Stream(device=p.device)
 
     @torch.no_grad()
     def _step_param(self, p: torch.Tensor) -> None:
-        target, opt = self._entries[p]
         if p.grad is None:
             return
+        side = self._side_stream
+        if side is None:
+            self._update(p)
+            return
+        side.wait_stream(torch.cuda.current_stream(p.device))
+        p.grad.record_stream(side)  # its memory must outlive the update, not just this hook
+        with torch.cuda.stream(side):
+            self._update(p)
+
+    def _update(self, p: torch.Tensor) -> None:
+        target, opt = self._entries[p]
         if target is not p:
             target.grad = p.grad.float()
         opt.step()
@@ -354,6 +377,8 @@ class _PerParamAdamW:
         if not self.in_backward:
             for p in self._entries:
                 self._step_param(p)
+        elif self._side_stream is not None:
+            torch.cuda.current_stream(self._side_stream.device).wait_stream(self._side_stream)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self._entries:
@@ -372,13 +397,14 @@ def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e
                     eps: float = 1e-8, weight_decay: float = 0.0):
     """AdamW as `options.optimizer` / `options.master` say. Has .step() and .zero_grad(set_to_none=True)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    in_backward = options.optimizer == "in-backward"
+    in_backward = options.optimizer in ("in-backward", "overlap")
     if in_backward and any(type(p).__name__ == "DTensor" for p in params):
         # FSDP2 writes sharded gradients itself after its reduce-scatter: autograd's per-parameter hooks never fire
         options.notes.append("optimizer in backward is not possible with FSDP2/EP-sharded parameters: fused AdamW")
         in_backward = False
     if in_backward or options.master == "fp32":
-        return _PerParamAdamW(params, lr, betas, eps, weight_decay, options.master == "fp32", in_backward)
+        return _PerParamAdamW(params, lr, betas, eps, weight_decay, options.master == "fp32", in_backward,
+                              overlap=options.optimizer == "overlap")
     on_cuda = all(p.is_cuda for p in params)
     kind = {"fused": True} if options.optimizer in ("fused", "in-backward") and on_cuda else {"foreach": True}
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kind)

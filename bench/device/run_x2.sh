@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# Two-GPU + Mamba-kernel measurements in one call on a 2x H200 machine (nvidia-h200-x2); tables printed last.
+# Two-GPU + Mamba-kernel measurements on a 2x H200 machine (nvidia-h200-x2), in stages; tables printed as they finish.
 #
-#   bash bench/device/run_x2.sh        # needs .device/src/{causal-conv1d,mamba-v2.3.0}.tar.gz and .whl/ (deep_ep, liger)
+#   bash bench/device/run_x2.sh                                   # every stage, in the order below
+#   STAGES="build train-step mamba-test b3-kernels" bash bench/device/run_x2.sh     # a subset (one call each ~10 min)
 #
-# 1. builds causal-conv1d (sm_90) + mamba-ssm (Python/Triton) wheels in the background (bench/device/build_mamba.sh)
-# 2. EP dispatch: DeepEP vs all-to-all equality and timing (bench/ep_dispatch.py, 2 GPUs)
-# 3. B2: native FSDP2 / native EP=2 vs ours EP=2 + FSDP2 (bench/compare.py, 2 GPUs)
-# 4. whole EP=2 training step with each dispatcher (bench/ep_train_step.py, 2 GPUs)
-# 5. B3 without Mamba kernels (GPU 0) while the planner check runs on GPU 1 (bench/plan_vs_measured.py)
-# 6. with the kernels installed: GPU parity test of the kernel path, then B3 again (native and ours use the kernels)
+# Stages:
+#   build        causal-conv1d (sm_90) + mamba-ssm (Python/Triton) wheels, in the background (bench/device/build_mamba.sh);
+#                skipped when .whl/ already holds both wheels (a previous build's wheels, copied back from $OUT)
+#   ep-dispatch  DeepEP vs all-to-all equality and timing (bench/ep_dispatch.py, 2 GPUs)
+#   b2           B2: native FSDP2 / native EP=2 vs ours EP=2 + FSDP2 (bench/compare.py, 2 GPUs; B2_VARIANTS,
+#                MOE_BENCH_DISPATCHER=alltoall|deepep|auto)
+#   train-step   whole EP=2 training step, one process per dispatcher (bench/ep_train_step.py --saved --profile)
+#   b3-torch     B3 without Mamba kernels (GPU 0)
+#   plan         planner vs measured peaks (bench/plan_vs_measured.py, GPU 1, in the background)
+#   mamba-test   GPU parity tests: Mamba kernel path vs fallback, overlapped optimizer (GPU 0)
+#   b3-kernels   B3 with the kernels installed (native and ours use them; GPU 0; B3_VARIANTS)
+# Wheels in .whl/ (deep_ep, liger, causal_conv1d, mamba_ssm) are installed into /tmp/site; sources for the build come
+# from .device/src/{causal-conv1d,mamba-v2.3.0}.tar.gz. Results go to $OUT (or ./runs): JSON per stage, x2.log.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 REPO="$(pwd)"
@@ -18,47 +26,97 @@ LOG="$R/x2.log"
 exec > >(tee -a "$LOG") 2>&1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-for wheel in .whl/deep_ep*.whl .whl/liger*.whl; do
-  [ -f "$wheel" ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site "$wheel" >/dev/null 2>&1 && echo "installed $(basename "$wheel")"
+STAGES="${STAGES:-build ep-dispatch b2 train-step b3-torch plan mamba-test b3-kernels}"
+SCRATCH=/tmp/x2
+mkdir -p "$SCRATCH"
+for wheel in .whl/*.whl; do
+  [ -f "$wheel" ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site "$wheel" >/dev/null 2>&1 \
+    && echo "installed $(basename "$wheel")"
 done
 export PYTHONPATH="/tmp/site:$REPO"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nvidia-smi topo -m | head -4
 step() { echo; echo "=== $1 ($(date +%T))"; }
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+BUILD=""
+PLANNER=""
 
-step "build mamba kernels (background)"
-MAX_JOBS=8 timeout 600 bash bench/device/build_mamba.sh .device/src/causal-conv1d.tar.gz .device/src/mamba-v2.3.0.tar.gz /tmp/mwheels > /tmp/build_mamba.log 2>&1 &
-BUILD=$!
+if has build; then
+  if compgen -G ".whl/causal_conv1d-*.whl" >/dev/null && compgen -G ".whl/mamba_ssm-*.whl" >/dev/null; then
+    step "mamba kernels: wheels from .whl/ (no build)"
+  else
+    step "build mamba kernels (background)"
+    MAX_JOBS="${MAX_JOBS:-12}" timeout 600 bash bench/device/build_mamba.sh .device/src/causal-conv1d.tar.gz \
+      .device/src/mamba-v2.3.0.tar.gz "$SCRATCH/mwheels" > "$SCRATCH/build_mamba.log" 2>&1 &
+    BUILD=$!
+  fi
+fi
 
-step "EP dispatch: DeepEP vs all-to-all"
-timeout 180 torchrun --standalone --nproc-per-node 2 bench/ep_dispatch.py --out "$R/ep_dispatch.json" 2>&1 | grep -v "^\s*$" | tail -25
+if has ep-dispatch; then
+  step "EP dispatch: DeepEP vs all-to-all"
+  timeout 180 torchrun --standalone --nproc-per-node 2 bench/ep_dispatch.py --out "$R/ep_dispatch.json" 2>&1 \
+    | grep -v "^\s*$" | tail -25
+fi
 
-step "B2: native vs ours, 2 GPUs"
-timeout 420 python3 -m bench.compare --jobs B2 --variants fused-ce+fused-experts+liger+fused-adamw --recipe none \
-  --native-layouts fsdp,ep --steps 4 --warmup 2 --timeout 300 --out "$R/B2" 2>&1 | grep -v "^\s*$" | tail -20
+if has b2; then
+  step "B2: native vs ours, 2 GPUs (dispatcher ${MOE_BENCH_DISPATCHER:-auto})"
+  timeout "${B2_BUDGET:-420}" python3 -m bench.compare --jobs B2 \
+    --variants "${B2_VARIANTS:-fused-ce+fused-experts+liger+fused-adamw}" --recipe none \
+    --native-layouts "${B2_NATIVE:-fsdp,ep}" --steps 4 --warmup 2 --repeat "${REPEAT:-1}" --timeout 300 \
+    --out "$SCRATCH/B2" 2>&1 | grep -v "^\s*$" | tail -20
+  cp "$SCRATCH/B2/results.json" "$R/B2.json" 2>/dev/null
+fi
 
-step "EP=2 training step per dispatcher"
-timeout 240 torchrun --standalone --nproc-per-node 2 bench/ep_train_step.py --steps 3 --warmup 2 --ac none \
-  --out "$R/ep_train_step.json" 2>&1 | grep -v "^\s*$" | tail -15
+if has train-step; then
+  step "EP=2 training step, one process per dispatcher"
+  for dispatcher in ${TRAIN_STEP_DISPATCHERS:-alltoall deepep}; do
+    timeout 200 torchrun --standalone --nproc-per-node 2 bench/ep_train_step.py --steps 3 --warmup 2 --ac none \
+      --dispatchers "$dispatcher" --saved --profile --out "$R/ep_train_step_$dispatcher.json" 2>&1 \
+      | grep -v "^\s*$" | grep -v -i "warn" | tail -32
+  done
+fi
 
-step "B3 without Mamba kernels (GPU 0) | planner vs measured (GPU 1)"
-(CUDA_VISIBLE_DEVICES=1 timeout 330 python3 bench/plan_vs_measured.py --out "$R/plan_vs_measured.json" > /tmp/plan.log 2>&1; echo "planner exit $?" >> /tmp/plan.log) &
-PLAN=$!
-CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m bench.compare --jobs B3 --variants best --recipe none --steps 4 --warmup 2 \
-  --out "$R/B3-torch" 2>&1 | grep -v "^\s*$" | tail -12
+if has plan; then
+  step "planner vs measured (GPU 1, background)"
+  (CUDA_VISIBLE_DEVICES=1 timeout 330 python3 bench/plan_vs_measured.py --out "$R/plan_vs_measured.json" \
+    > "$SCRATCH/plan.log" 2>&1; echo "planner exit $?" >> "$SCRATCH/plan.log") &
+  PLANNER=$!
+fi
 
-step "wait for the kernel build"
-wait $BUILD; echo "build exit $?"; tail -5 /tmp/build_mamba.log
-python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/mwheels/*.whl && echo "installed $(ls /tmp/mwheels)"
-python3 -c "from trainer.kernels import mamba; print(mamba.status())"
+if has b3-torch; then
+  step "B3 without Mamba kernels (GPU 0)"
+  CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m bench.compare --jobs B3 --variants "${B3_VARIANTS:-best}" \
+    --recipe none --steps 4 --warmup 2 --out "$SCRATCH/B3-torch" 2>&1 | grep -v "^\s*$" | tail -12
+  cp "$SCRATCH/B3-torch/results.json" "$R/B3-torch.json" 2>/dev/null
+fi
 
-step "Mamba kernel path vs fallback (bf16, GPU 0)"
-CUDA_VISIBLE_DEVICES=0 timeout 180 python3 -m pytest -q -x tests/gpu/test_mamba_kernels.py 2>&1 | tail -8
+if [ -n "$BUILD" ]; then
+  step "wait for the kernel build"
+  wait "$BUILD"; echo "build exit $?"; tail -5 "$SCRATCH/build_mamba.log"
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$SCRATCH"/mwheels/*.whl \
+    && echo "installed $(ls "$SCRATCH/mwheels")"
+  cp "$SCRATCH"/mwheels/causal_conv1d-*.whl "$R/" 2>/dev/null  # comes back: later calls install it, no rebuild
+fi
 
-step "B3 with Mamba kernels (GPU 0)"
-CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m bench.compare --jobs B3 --variants best --recipe none --steps 4 --warmup 2 \
-  --out "$R/B3-kernels" 2>&1 | grep -v "^\s*$" | tail -12
+if has mamba-test || has b3-kernels; then
+  python3 -c "from trainer.kernels import mamba; print(mamba.status())"
+fi
 
-step "planner vs measured"
-wait $PLAN; tail -25 /tmp/plan.log
-rm -f "$R"/*/results.md "$R"/B3-*/results.png
+if has mamba-test; then
+  step "GPU parity tests: Mamba kernel path vs fallback, overlapped optimizer (GPU 0)"
+  CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu \
+    tests/gpu/test_mamba_kernels.py tests/gpu/test_optimizer_overlap.py 2>&1 | tail -15
+fi
+
+if has b3-kernels; then
+  step "B3 with Mamba kernels (GPU 0)"
+  CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m bench.compare --jobs B3 --variants "${B3_VARIANTS:-best}" \
+    --recipe none --steps 4 --warmup 2 --repeat "${REPEAT:-1}" --out "$SCRATCH/B3-kernels" 2>&1 \
+    | grep -v "^\s*$" | tail -14
+  cp "$SCRATCH/B3-kernels/results.json" "$R/B3-kernels.json" 2>/dev/null
+fi
+
+if [ -n "$PLANNER" ]; then
+  step "planner vs measured"
+  wait "$PLANNER"; tail -25 "$SCRATCH/plan.log"
+fi
 echo; echo "=== files"; find "$R" -type f | sort
