@@ -68,7 +68,8 @@ def saved_tensor_summary(model, ids, top: int = 10) -> list[dict]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    del loss
+    loss.backward()  # FSDP2 expects every forward to be followed by its backward
+    model.zero_grad(set_to_none=True)
     rows = sorted(groups.items(), key=lambda kv: -kv[1][1])
     total = sum(nbytes for _, (_, nbytes) in rows)
     return [{"total_gib": total / 2**30}] + [
@@ -125,12 +126,14 @@ def run(config, dispatcher: str, args, device, world: int) -> dict:
         "loss": loss.item(),
         "allocated_before_gib": allocated_before,
     }
-    if args.saved and dist.get_rank() == 0:
-        result["saved_tensors"] = saved_tensor_summary(model, ids)
-    elif args.saved:
-        saved_tensor_summary(model, ids)  # every rank runs the forward (collectives inside)
-    if args.profile:
-        result["profile"] = profile_step(model, optimizer, ids)
+    for flag, key, diagnose in (("saved", "saved_tensors", lambda: saved_tensor_summary(model, ids)),
+                                ("profile", "profile", lambda: profile_step(model, optimizer, ids))):
+        if getattr(args, flag):  # every rank runs it (collectives inside); a failure costs the diagnostic only
+            try:
+                result[key] = diagnose()
+            except Exception as err:
+                result[key + "_error"] = f"{type(err).__name__}: {err}"[:500]
+                print(f"rank {dist.get_rank()}: --{flag} failed: {result[key + '_error']}", flush=True)
     del model, optimizer
     gc.collect()
     torch.cuda.empty_cache()

@@ -55,7 +55,7 @@ SHORTCUTS = {
     "opt-overlap": {"optimizer": "overlap"},
     "master-fp32": {"master": "fp32"},
     "fp8": {"fp8": True},
-    "best": {"loss": "fused", "fused_experts": True, "kernels": "liger", "optimizer": "in-backward"},
+    "best": {"loss": "fused", "fused_experts": True, "kernels": "liger", "optimizer": "overlap", "compile": "layers"},
 }
 
 

@@ -7,13 +7,16 @@
 # Stages:
 #   build        causal-conv1d (sm_90) + mamba-ssm (Python/Triton) wheels, in the background (bench/device/build_mamba.sh);
 #                skipped when .whl/ already holds both wheels (a previous build's wheels, copied back from $OUT)
+#   b1           B1-bs4 on GPU 0 and B1-bs1 on GPU 1 at the same time (bench/device/run_all.sh; B1_BS4_VARIANTS,
+#                B1_BS1_VARIANTS, REPEAT)
 #   ep-dispatch  DeepEP vs all-to-all equality and timing (bench/ep_dispatch.py, 2 GPUs)
 #   b2           B2: native FSDP2 / native EP=2 vs ours EP=2 + FSDP2 (bench/compare.py, 2 GPUs; B2_VARIANTS,
 #                MOE_BENCH_DISPATCHER=alltoall|deepep|auto)
 #   train-step   whole EP=2 training step, one process per dispatcher (bench/ep_train_step.py --saved --profile)
 #   b3-torch     B3 without Mamba kernels (GPU 0)
 #   plan         planner vs measured peaks (bench/plan_vs_measured.py, GPU 1, in the background)
-#   mamba-test   GPU parity tests: Mamba kernel path vs fallback, overlapped optimizer (GPU 0)
+#   mamba-test   GPU parity tests: Mamba kernel path vs fallback, overlapped optimizer (GPU 1 in the background when
+#                b3-kernels runs too, else GPU 0)
 #   b3-kernels   B3 with the kernels installed (native and ours use them; GPU 0; B3_VARIANTS)
 # Wheels in .whl/ (deep_ep, liger, causal_conv1d, mamba_ssm) are installed into /tmp/site; sources for the build come
 # from .device/src/{causal-conv1d,mamba-v2.3.0}.tar.gz. Results go to $OUT (or ./runs): JSON per stage, x2.log.
@@ -26,7 +29,7 @@ LOG="$R/x2.log"
 exec > >(tee -a "$LOG") 2>&1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-STAGES="${STAGES:-build ep-dispatch b2 train-step b3-torch plan mamba-test b3-kernels}"
+STAGES="${STAGES:-build b1 b2 ep-dispatch train-step b3-torch plan mamba-test b3-kernels}"
 SCRATCH=/tmp/x2
 mkdir -p "$SCRATCH"
 for wheel in .whl/*.whl; do
@@ -51,6 +54,21 @@ if has build; then
   fi
 fi
 
+if has b1; then
+  step "B1: bs4 on GPU 0, bs1 on GPU 1 (concurrently)"
+  (CUDA_VISIBLE_DEVICES=0 OUT="$SCRATCH/b1-bs4" SELFTEST=0 RECIPE=none \
+    PLAN="B1-bs4|${B1_BS4_VARIANTS:-best}|300" bash bench/device/run_all.sh > "$SCRATCH/b1-bs4.log" 2>&1) &
+  BS4=$!
+  (CUDA_VISIBLE_DEVICES=1 OUT="$SCRATCH/b1-bs1" SELFTEST=0 RECIPE=none \
+    PLAN="B1-bs1|${B1_BS1_VARIANTS:-loss=chunked+fused-experts+opt-overlap+compile}|300" bash bench/device/run_all.sh \
+    > "$SCRATCH/b1-bs1.log" 2>&1) &
+  wait "$BS4" $!
+  for job in bs4 bs1; do
+    grep -E "^\| B1" "$SCRATCH/b1-$job.log" | sort -u
+    cp "$SCRATCH/b1-$job/bench/B1-$job/results.json" "$R/B1-$job.json" 2>/dev/null
+  done
+fi
+
 if has ep-dispatch; then
   step "EP dispatch: DeepEP vs all-to-all"
   timeout 180 torchrun --standalone --nproc-per-node 2 bench/ep_dispatch.py --out "$R/ep_dispatch.json" 2>&1 \
@@ -69,9 +87,11 @@ fi
 if has train-step; then
   step "EP=2 training step, one process per dispatcher"
   for dispatcher in ${TRAIN_STEP_DISPATCHERS:-alltoall deepep}; do
-    timeout 200 torchrun --standalone --nproc-per-node 2 bench/ep_train_step.py --steps 3 --warmup 2 --ac none \
+    # shellcheck disable=SC2086
+    timeout 200 torchrun --standalone --nproc-per-node 2 bench/ep_train_step.py ${TRAIN_STEP_ARGS:---steps 3 --warmup 2} --ac none \
       --dispatchers "$dispatcher" --saved --profile --out "$R/ep_train_step_$dispatcher.json" 2>&1 \
-      | grep -v "^\s*$" | grep -v -i "warn" | tail -32
+      > "$SCRATCH/train_step_$dispatcher.log" 2>&1
+    grep -v "^\s*$" "$SCRATCH/train_step_$dispatcher.log" | grep -E -v "^\s+(File|\^)" | tail -45
   done
 fi
 
@@ -94,17 +114,26 @@ if [ -n "$BUILD" ]; then
   wait "$BUILD"; echo "build exit $?"; tail -5 "$SCRATCH/build_mamba.log"
   python3 -m pip install -q --no-index --no-deps --target /tmp/site "$SCRATCH"/mwheels/*.whl \
     && echo "installed $(ls "$SCRATCH/mwheels")"
-  cp "$SCRATCH"/mwheels/causal_conv1d-*.whl "$R/" 2>/dev/null  # comes back: later calls install it, no rebuild
+  # The wheel comes back in <16 MiB parts (cat causal_conv1d.whl.part-* > WHEEL): later calls install it, no rebuild
+  if [ "${RETURN_WHEEL:-1}" = "1" ]; then
+    for wheel in "$SCRATCH"/mwheels/causal_conv1d-*.whl; do
+      (cd "$R" && split -b 15M "$wheel" "$(basename "$wheel").part-")
+    done
+  fi
 fi
 
 if has mamba-test || has b3-kernels; then
   python3 -c "from trainer.kernels import mamba; print(mamba.status())"
 fi
 
+MAMBA_TEST=""
 if has mamba-test; then
-  step "GPU parity tests: Mamba kernel path vs fallback, overlapped optimizer (GPU 0)"
-  CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu \
-    tests/gpu/test_mamba_kernels.py tests/gpu/test_optimizer_overlap.py 2>&1 | tail -15
+  step "GPU parity tests: Mamba kernel path vs fallback, overlapped optimizer"
+  gpu=0; has b3-kernels && gpu=1
+  (CUDA_VISIBLE_DEVICES=$gpu timeout 280 python3 -m pytest -q -p no:cacheprovider -m gpu \
+    tests/gpu/test_mamba_kernels.py tests/gpu/test_optimizer_overlap.py > "$SCRATCH/gpu_tests.log" 2>&1) &
+  MAMBA_TEST=$!
+  has b3-kernels || wait "$MAMBA_TEST"
 fi
 
 if has b3-kernels; then
@@ -113,6 +142,12 @@ if has b3-kernels; then
     --recipe none --steps 4 --warmup 2 --repeat "${REPEAT:-1}" --out "$SCRATCH/B3-kernels" 2>&1 \
     | grep -v "^\s*$" | tail -14
   cp "$SCRATCH/B3-kernels/results.json" "$R/B3-kernels.json" 2>/dev/null
+fi
+
+if [ -n "$MAMBA_TEST" ]; then
+  wait "$MAMBA_TEST"
+  step "GPU parity tests (result)"
+  tail -15 "$SCRATCH/gpu_tests.log"
 fi
 
 if [ -n "$PLANNER" ]; then

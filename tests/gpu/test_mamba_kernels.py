@@ -1,9 +1,11 @@
 """On a GPU with causal-conv1d and mamba-ssm installed: the fused Mamba2 kernel path equals the PyTorch reference.
 
 Run: `pytest -m gpu tests/gpu/test_mamba_kernels.py` after bench/device/build_mamba.sh and installing its wheels.
-Everything in bf16 parameters and activations; relative error ||kernel - reference|| / ||reference|| <= 1e-2
-(bf16 keeps 8 mantissa bits, ~4e-3 per rounding; the two paths round at different places: the kernel keeps the
-conv output and the scan's chunk states in bf16/fp32 mixes, the reference scans in fp32).
+Everything in bf16 parameters and activations, judged against the PyTorch reference run in fp32: relative error
+||bf16 - fp32|| / ||fp32|| <= 1e-2, or no worse than twice the bf16 reference path's own error where rounding noise is
+amplified (per-head parameter gradients summed over every token; whole models whose top-k routing can flip on a
+near-tie). bf16 keeps 8 mantissa bits, ~4e-3 per rounding; the two paths round at different places: the kernel keeps
+the conv output and the scan's chunk states in bf16/fp32 mixes, the reference scans in fp32.
 """
 
 from __future__ import annotations
@@ -91,16 +93,29 @@ def test_mixer_kernel_path_matches_reference_in_outputs_and_gradients(kernels, p
         assert kernel_error <= max(TOLERANCE, 2 * reference_error), (name, kernel_error, reference_error)
 
 
+def _within_bf16_noise(bf16_out, bf16_reference_out, fp32_out) -> tuple[bool, float, float]:
+    """A bf16 result is right when its distance to the fp32 reference is within TOLERANCE or no worse than twice
+    the bf16 reference path's own distance (a model with top-k routing amplifies bf16 rounding: a token whose two
+    best router scores tie within bf16 precision may pick another expert in either bf16 path)."""
+    error, floor = _relative(bf16_out, fp32_out), _relative(bf16_reference_out, fp32_out)
+    return error <= max(TOLERANCE, 2 * floor), error, floor
+
+
 def test_model_kernel_path_matches_reference_logits_and_loss():
     model = _model()
+    model32 = copy.deepcopy(model).float()
+    set_implementation(model32, "reference")
     ids = torch.randint(0, tiny_configs.VOCAB, (2, 256), device="cuda")
     outputs = {}
-    for implementation in ("kernel", "reference"):
-        set_implementation(model, implementation)
-        outputs[implementation] = model(ids, labels=ids, use_cache=False)
-    assert _relative(outputs["kernel"].logits, outputs["reference"].logits) <= TOLERANCE
-    kernel_loss, reference_loss = outputs["kernel"].loss.item(), outputs["reference"].loss.item()
-    assert abs(kernel_loss - reference_loss) <= TOLERANCE * reference_loss
+    with torch.no_grad():
+        for implementation in ("kernel", "reference"):
+            set_implementation(model, implementation)
+            outputs[implementation] = model(ids, labels=ids, use_cache=False)
+        exact = model32(ids, labels=ids, use_cache=False)
+    ok, error, floor = _within_bf16_noise(outputs["kernel"].logits, outputs["reference"].logits, exact.logits)
+    assert ok, ("logits", error, floor)
+    kernel_loss, reference_loss, exact_loss = (o.loss.item() for o in (outputs["kernel"], outputs["reference"], exact))
+    assert abs(kernel_loss - exact_loss) <= max(TOLERANCE * exact_loss, 2 * abs(reference_loss - exact_loss))
 
 
 def test_kernel_path_keeps_packed_samples_apart():
@@ -125,8 +140,13 @@ def test_transformers_native_model_runs_on_the_same_kernels():
     set_implementation(ours, "kernel")
     native = AutoModelForCausalLM.from_config(copy.deepcopy(_small_config()), dtype=torch.bfloat16).cuda().train()
     native.load_state_dict(ours.state_dict())
+    reference = copy.deepcopy(ours)
+    set_implementation(reference, "reference")
+    exact = copy.deepcopy(reference).float()
     ids = torch.randint(0, tiny_configs.VOCAB, (2, 256), device="cuda")
     with torch.no_grad():
-        ours_logits = ours(ids, use_cache=False).logits
         native_logits = native(ids, use_cache=False).logits
-    assert _relative(native_logits, ours_logits) <= TOLERANCE
+        reference_logits = reference(ids, use_cache=False).logits
+        exact_logits = exact(ids, use_cache=False).logits
+    ok, error, floor = _within_bf16_noise(native_logits, reference_logits, exact_logits)
+    assert ok, ("native logits", error, floor)
