@@ -42,8 +42,8 @@ def _loss_and_grads(model, spec: str):
 
 def test_option_strings_parse_shortcuts_and_key_values():
     options = PerfOptions.parse("best+ac=attn+compile=none")
-    assert (options.loss, options.fused_experts, options.kernels, options.optimizer, options.ac) == (
-        "fused", True, "liger", "in-backward", "attn")
+    assert (options.loss, options.fused_experts, options.kernels, options.optimizer, options.ac, options.compile) == (
+        "fused", True, "liger", "overlap", "attn", "none")
     assert PerfOptions.parse("base") == PerfOptions()
     with pytest.raises(ValueError, match="unknown option 'nope'"):
         PerfOptions.parse("nope")
