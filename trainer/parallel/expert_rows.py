@@ -87,18 +87,36 @@ class _TokensToRows(torch.autograd.Function):
         return grad_PD.view(ctx.num_received, ctx.top_k, grad_SD.shape[-1]).sum(dim=1), None, None
 
 
-class _RowsToPairs(torch.autograd.Function):
-    """y_PD (zeros where a pair is not local) with y_PD[pair_of_row[s]] = y_SD[s]; backward is the gather."""
+class _WeightedRowSum(torch.autograd.Function):
+    """partial_RD[r] = sum_k w_RK[r, k] * y[pair (r, k)] (0 for pairs whose expert is elsewhere).
+
+    Forward scatters the S rows into a zero-padded [R, K, D] buffer and sums with one batched [1, K] x [K, D] product
+    per token (y's dtype, fp32 accumulation); the buffer is temporary. Backward needs only y_SD itself (which the
+    expert MLP keeps anyway: same storage), not the padded buffer, which is R*K/S times larger (2x at EP=2):
+        grad_y[s] = w[pair s] * grad[token of s],   grad_w[pair s] = <grad[token of s], y[s]> (fp32 sum).
+    """
 
     @staticmethod
-    def forward(ctx, y_SD, pair_of_row_S, num_pairs):
-        ctx.save_for_backward(pair_of_row_S)
-        return y_SD.new_zeros(num_pairs, y_SD.shape[-1]).index_copy_(0, pair_of_row_S, y_SD)
+    def forward(ctx, y_SD, weights_RK, pair_of_row_S, num_received: int, top_k: int):
+        ctx.save_for_backward(y_SD, weights_RK, pair_of_row_S)
+        ctx.top_k = top_k
+        y_PD = y_SD.new_zeros(num_received * top_k, y_SD.shape[-1]).index_copy_(0, pair_of_row_S, y_SD)
+        y_RKD = y_PD.view(num_received, top_k, y_SD.shape[-1])
+        return torch.bmm(weights_RK.to(y_SD.dtype).unsqueeze(1), y_RKD).squeeze(1)
 
     @staticmethod
-    def backward(ctx, grad_PD):
-        (pair_of_row_S,) = ctx.saved_tensors
-        return grad_PD.index_select(0, pair_of_row_S), None, None
+    def backward(ctx, grad_RD):
+        y_SD, weights_RK, pair_of_row_S = ctx.saved_tensors
+        grad_rows_SD = grad_RD.index_select(0, torch.div(pair_of_row_S, ctx.top_k, rounding_mode="floor"))
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            weight_S = weights_RK.reshape(-1).index_select(0, pair_of_row_S).to(y_SD.dtype)
+            grad_y = grad_rows_SD * weight_S.unsqueeze(1)
+        if ctx.needs_input_grad[1]:
+            dot_S = (grad_rows_SD.float() * y_SD.float()).sum(dim=-1).to(y_SD.dtype)  # rounded as the bmm's output
+            grad_w = weights_RK.new_zeros(weights_RK.numel()).index_copy_(0, pair_of_row_S, dot_S.to(weights_RK.dtype))
+            grad_w = grad_w.view_as(weights_RK)
+        return grad_y, grad_w, None, None, None
 
 
 def expand_to_rows(recv_x_RD: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
@@ -108,7 +126,6 @@ def expand_to_rows(recv_x_RD: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
 
 def reduce_rows(y_SD: torch.Tensor, recv_weights_RK: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
     """[S, D] expert outputs -> [R, D]: per received token, its local experts' outputs weighted and summed
-    (a [1, K] x [K, D] product per token, in y's dtype with fp32 accumulation inside the GEMM)."""
-    y_RKD = _RowsToPairs.apply(y_SD, rows.pair_of_row_S, rows.num_received * rows.top_k)
-    y_RKD = y_RKD.view(rows.num_received, rows.top_k, y_SD.shape[-1])
-    return torch.bmm(recv_weights_RK.to(y_RKD.dtype).unsqueeze(1), y_RKD).squeeze(1)
+    (a [1, K] x [K, D] product per token, in y's dtype with fp32 accumulation inside the GEMM); autograd keeps only
+    y_SD for the backward (`_WeightedRowSum`)."""
+    return _WeightedRowSum.apply(y_SD, recv_weights_RK, rows.pair_of_row_S, rows.num_received, rows.top_k)
