@@ -73,5 +73,6 @@ def perf_options(cfg: PerfConfig, device: torch.device) -> PerfOptions:
         fused_experts=enabled(cfg.fused_experts, cuda),
         kernels="liger" if cfg.kernels == "liger" or (cfg.kernels == "auto" and cuda) else "eager",
         optimizer={"auto": "fused" if cuda else "foreach"}.get(cfg.optimizer, cfg.optimizer),
+        compile="layers" if enabled(cfg.compile, cuda) else "none",
     )
 

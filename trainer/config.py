@@ -108,6 +108,9 @@ class PerfConfig:
     # AdamW kernel; auto: fused on CUDA, foreach on CPU. (Stepping inside backward is a benchmark option only: it
     # leaves no moment where all gradients exist, so no clipping, no accumulation and no skipping a NaN step.)
     optimizer: Literal["auto", "fused", "foreach"] = "auto"
+    # torch.compile each decoder layer (experts stay eager: they run the grouped-GEMM path); auto: on CUDA. The first
+    # batch is run once before training; if compiling fails there, a single process goes on eagerly with a notice.
+    compile: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass
@@ -264,6 +267,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check (and gently convert) `value` against the field's type; raise a one-line UserError otherwise."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):  # YAML reads a bare on/off as a boolean
+            value = "on" if value else "off"
         if value in args:
             return value
         raise UserError(f"{key} must be one of {'|'.join(map(str, args))}, got {value!r}", f"set {key}={args[0]}")

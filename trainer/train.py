@@ -73,6 +73,8 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
     for note in apply_optimizations(model, perf):
         _say(rt, f"perf: {note}")
     fused_ce = perf.loss != "hf"
+    if perf.compile != "none":
+        _say(rt, _warm_compiled_layers(model, dataset, tokenizer.pad_token_id, recipe, rt, fused_ce))
     loader = StatefulLoader(dataset, data.seq_len, recipe.train.micro_batch_size, tokenizer.pad_token_id,
                             data.packing, data.shuffle, recipe.train.seed, rt.rank, rt.world_size)
     optimizer = build_optimizer(model, recipe.optim, perf.optimizer)
@@ -143,6 +145,34 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
         if hooks is not None:
             hooks.remove()
     return TrainResult(run_dir, step, losses, export_dir, model, tokenizer, preempted)
+
+
+def _warm_compiled_layers(model, dataset, pad_id: int, recipe: Recipe, rt: Runtime, fused_ce: bool) -> str:
+    """Compile happens at the first call: run forward + backward once on the first batch (from a loader of its own,
+    so the training data order is untouched) and drop the gradients. A failure falls back to eager in a single
+    process; with several processes the error stops the run (the ranks must not disagree about what they run)."""
+    from trainer.perf import disable_compile
+
+    data = recipe.data
+    probe = StatefulLoader(dataset, data.seq_len, recipe.train.micro_batch_size, pad_id, data.packing, data.shuffle,
+                           recipe.train.seed, rt.rank, rt.world_size)
+    batch = {k: v.to(rt.device) for k, v in next(probe).items()}
+    try:
+        with rt.autocast():
+            token_loss_sum, _ = forward_loss_sum(model, batch, fused_ce)
+        token_loss_sum.backward()
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as err:
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        if rt.world_size > 1:
+            raise UserError(f"torch.compile of the decoder layers failed at the first batch ({reason})",
+                            "set perf.compile=off") from err
+        disable_compile(model)
+        return f"perf: torch.compile failed at the first batch ({reason}): eager instead"
+    finally:
+        model.zero_grad(set_to_none=True)
+    return "perf: decoder layers compiled (first batch run once before training)"
 
 
 def check_layout(recipe: Recipe, rt: Runtime) -> None:

@@ -51,9 +51,11 @@ def test_fused_loss_equals_the_plain_loss_and_gradients_without_full_logits():
 
 def test_perf_defaults_are_fused_everything_on_gpu_and_only_the_fused_loss_on_cpu():
     gpu = perf_options(PerfConfig(), torch.device("cuda"))
-    assert (gpu.loss, gpu.fused_experts, gpu.kernels, gpu.optimizer) == ("fused", True, "liger", "fused")
+    assert (gpu.loss, gpu.fused_experts, gpu.kernels, gpu.optimizer, gpu.compile) == (
+        "fused", True, "liger", "fused", "layers")
     cpu = perf_options(PerfConfig(), torch.device("cpu"))
-    assert (cpu.loss, cpu.fused_experts, cpu.kernels, cpu.optimizer) == ("fused", False, "eager", "foreach")
+    assert (cpu.loss, cpu.fused_experts, cpu.kernels, cpu.optimizer, cpu.compile) == (
+        "fused", False, "eager", "foreach", "none")
     off = perf_options(PerfConfig(fused_ce="off", kernels="torch", optimizer="foreach"), torch.device("cuda"))
     assert (off.loss, off.kernels, off.optimizer) == ("hf", "eager", "foreach")
 
@@ -82,3 +84,35 @@ def test_perf_values_outside_the_schema_are_refused(key):
 
     with pytest.raises(UserError, match="must be one of"):
         load_recipe("tiny-moe", [key])
+
+
+def test_compiled_layers_train_like_eager_layers(tmp_path):
+    """perf.compile=on (CPU Inductor here): the warm-up batch leaves no trace, and the losses equal the eager run's
+    within 1e-4 relative (Inductor fuses the fp32 elementwise work in another order)."""
+    from trainer.train import train
+
+    losses = {}
+    for mode in ("off", "on"):
+        recipe = load_recipe("tiny-moe", [*TINY, "train.max_steps=3", f"perf.compile={mode}",
+                                          f"output.dir={tmp_path / mode}"])
+        result = train(recipe, progress=False)
+        losses[mode] = result.losses
+        if mode == "on":
+            assert result.model.model.layers[0]._compiled_call_impl is not None  # still compiled: it did not fall back
+    torch.testing.assert_close(torch.tensor(losses["on"]), torch.tensor(losses["off"]), rtol=1e-4, atol=0)
+
+
+def test_a_layer_that_fails_to_compile_falls_back_to_eager(tmp_path, monkeypatch, capsys):
+    def broken(model, mode):
+        for layer in model.model.layers:
+            layer._compiled_call_impl = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("inductor says no"))
+        model._moe_compiled = list(model.model.layers)
+        return "torch.compile (layers) on 2 modules"
+
+    monkeypatch.setattr("trainer.perf._apply_compile", broken)
+    from trainer.train import train
+
+    recipe = load_recipe("tiny-moe", [*TINY, "train.max_steps=2", "perf.compile=on", f"output.dir={tmp_path / 'run'}"])
+    result = train(recipe, progress=False)
+    assert "torch.compile failed at the first batch (RuntimeError: inductor says no): eager instead" in capsys.readouterr().out
+    assert result.step == 2 and all(layer._compiled_call_impl is None for layer in result.model.model.layers)
