@@ -61,8 +61,11 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, para
     return model.train()
 
 
-def perf_options(cfg: PerfConfig, device: torch.device) -> PerfOptions:
-    """The recipe's `perf` section resolved for `device` (auto: what pays there, docs/BENCHMARKS.md)."""
+def perf_options(cfg: PerfConfig, device: torch.device, has_mamba: bool = False) -> PerfOptions:
+    """The recipe's `perf` section resolved for `device` (auto: what pays there, docs/BENCHMARKS.md).
+
+    `compile: auto` is on for CUDA models without Mamba2 layers: compiled layers were measured on the Qwen3-MoE
+    shapes (+11-17%); around the Mamba kernels it is not measured yet, so hybrids compile only with `on`."""
     cuda = device.type == "cuda"
 
     def enabled(value: str, auto: bool) -> bool:
@@ -73,6 +76,6 @@ def perf_options(cfg: PerfConfig, device: torch.device) -> PerfOptions:
         fused_experts=enabled(cfg.fused_experts, cuda),
         kernels="liger" if cfg.kernels == "liger" or (cfg.kernels == "auto" and cuda) else "eager",
         optimizer={"auto": "fused" if cuda else "foreach"}.get(cfg.optimizer, cfg.optimizer),
-        compile="layers" if enabled(cfg.compile, cuda) else "none",
+        compile="layers" if enabled(cfg.compile, cuda and not has_mamba) else "none",
     )
 

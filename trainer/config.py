@@ -108,7 +108,8 @@ class PerfConfig:
     # AdamW kernel; auto: fused on CUDA, foreach on CPU. (Stepping inside backward is a benchmark option only: it
     # leaves no moment where all gradients exist, so no clipping, no accumulation and no skipping a NaN step.)
     optimizer: Literal["auto", "fused", "foreach"] = "auto"
-    # torch.compile each decoder layer (experts stay eager: they run the grouped-GEMM path); auto: on CUDA. The first
+    # torch.compile each decoder layer (experts stay eager: they run the grouped-GEMM path); auto: on CUDA for models
+    # without Mamba2 layers (measured on Qwen3-MoE shapes; hybrids compile only with `on`). The first
     # batch is run once before training; if compiling fails there, a single process goes on eagerly with a notice.
     compile: Literal["auto", "on", "off"] = "auto"
 

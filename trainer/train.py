@@ -32,6 +32,7 @@ from trainer.errors import UserError
 from trainer.faults import fault_point
 from trainer.loss import forward_loss_sum
 from trainer.metrics import PEAK_TFLOPS, ExpertLoadTracker, MetricsWriter, flops_per_token, imbalance, peak_memory_gib
+from trainer.models.mamba_mixer import mixers as mamba_mixers
 from trainer.moe.balance import balancer_for
 from trainer.moe.z_loss import z_loss_for
 from trainer.optim import build_optimizer, build_scheduler
@@ -69,7 +70,7 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
     check_layout(recipe, rt)
     model = build_model(recipe.model, rt.param_dtype, rt.device, recipe.parallel if rt.world_size > 1 else None)
     model = parallelize(model, recipe.parallel, rt)
-    perf = perf_options(recipe.perf, rt.device)
+    perf = perf_options(recipe.perf, rt.device, has_mamba=bool(mamba_mixers(model)))
     for note in apply_optimizations(model, perf):
         _say(rt, f"perf: {note}")
     fused_ce = perf.loss != "hf"

@@ -56,6 +56,7 @@ def test_perf_defaults_are_fused_everything_on_gpu_and_only_the_fused_loss_on_cp
     cpu = perf_options(PerfConfig(), torch.device("cpu"))
     assert (cpu.loss, cpu.fused_experts, cpu.kernels, cpu.optimizer, cpu.compile) == (
         "fused", False, "eager", "foreach", "none")
+    assert perf_options(PerfConfig(), torch.device("cuda"), has_mamba=True).compile == "none"  # not measured there
     off = perf_options(PerfConfig(fused_ce="off", kernels="torch", optimizer="foreach"), torch.device("cuda"))
     assert (off.loss, off.kernels, off.optimizer) == ("hf", "eager", "foreach")
 
