@@ -31,7 +31,8 @@ def test_smoke_run_writes_one_result_per_run_with_memory_config_and_loss(smoke_r
         assert len(result["losses"]) == 3  # 1 warm-up + 2 measured
         assert result["config"]["num_hidden_layers"] == 2 and "peak_rss_gib" in result
     first_losses = {r["label"]: r["losses"][0] for r in payload["results"]}
-    assert len({round(v, 4) for v in first_losses.values()}) == 1  # same data, same init seed -> same first loss
+    native = first_losses["native"]  # same data, same init seed -> the same first loss (compiled: fp32 reordering)
+    assert all(abs(v - native) <= 1e-4 * abs(native) for v in first_losses.values()), first_losses
     assert payload["environment"]["torch"]
     assert (out / "results.md").read_text().startswith("| job | run |")
 
