@@ -2,7 +2,7 @@
 # Two-GPU + Mamba-kernel measurements on a 2x H200 machine (nvidia-h200-x2), in stages; tables printed as they finish.
 #
 #   bash bench/device/run_x2.sh                                   # every stage, in the order below
-#   STAGES="build train-step mamba-test b3-kernels" bash bench/device/run_x2.sh     # a subset (one call each ~10 min)
+#   STAGES="build train-step mamba-test b3-kernels" bash bench/device/run_x2.sh     # a subset (~10 min per subset)
 #
 # Stages:
 #   build        causal-conv1d (sm_90) + mamba-ssm (Python/Triton) wheels, in the background (bench/device/build_mamba.sh);
