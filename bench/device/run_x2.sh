@@ -9,6 +9,7 @@
 #                skipped when .whl/ already holds both wheels (a previous build's wheels, copied back from $OUT)
 #   b1           B1-bs4 on GPU 0 and B1-bs1 on GPU 1 at the same time (bench/device/run_all.sh; B1_BS4_VARIANTS,
 #                B1_BS1_VARIANTS, REPEAT)
+#   profile      B1-bs4 `ours[best]` alone with one profiled step: the top kernels by GPU time (GPU 0)
 #   ep-dispatch  DeepEP vs all-to-all equality and timing (bench/ep_dispatch.py, 2 GPUs)
 #   b2           B2: native FSDP2 / native EP=2 vs ours EP=2 + FSDP2 (bench/compare.py, 2 GPUs; B2_VARIANTS,
 #                MOE_BENCH_DISPATCHER=alltoall|deepep|auto)
@@ -29,7 +30,7 @@ LOG="$R/x2.log"
 exec > >(tee -a "$LOG") 2>&1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-STAGES="${STAGES:-build b1 b2 ep-dispatch train-step b3-torch plan mamba-test b3-kernels}"
+STAGES="${STAGES:-build b1 profile b2 ep-dispatch train-step b3-torch plan mamba-test b3-kernels}"
 SCRATCH=/tmp/x2
 mkdir -p "$SCRATCH"
 for wheel in .whl/*.whl; do
@@ -67,6 +68,13 @@ if has b1; then
     grep -E "^\| B1" "$SCRATCH/b1-$job.log" | sort -u
     cp "$SCRATCH/b1-$job/bench/B1-$job/results.json" "$R/B1-$job.json" 2>/dev/null
   done
+fi
+
+if has profile; then
+  step "profile: B1-bs4 ours[${PROFILE_VARIANT:-best}] (GPU 0)"
+  CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -m bench.compare --jobs B1-bs4 --variants "${PROFILE_VARIANT:-best}" \
+    --recipe none --ours-only --profile --steps 3 --out "$SCRATCH/profile" 2>&1 | grep -v "^\s*$" | tail -45
+  cp "$SCRATCH/profile/results.json" "$R/B1-bs4-profile.json" 2>/dev/null
 fi
 
 if has ep-dispatch; then
