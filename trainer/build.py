@@ -61,11 +61,12 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, para
     return model.train()
 
 
-def perf_options(cfg: PerfConfig, device: torch.device, has_mamba: bool = False) -> PerfOptions:
+def perf_options(cfg: PerfConfig, device: torch.device, has_mamba: bool = False, world_size: int = 1) -> PerfOptions:
     """The recipe's `perf` section resolved for `device` (auto: what pays there, docs/BENCHMARKS.md).
 
-    `compile: auto` is on for CUDA models without Mamba2 layers: compiled layers were measured on the Qwen3-MoE
-    shapes (+11-17%); around the Mamba kernels it is not measured yet, so hybrids compile only with `on`."""
+    `compile: auto` is on for single-process CUDA runs of models without Mamba2 layers: measured on the Qwen3-MoE
+    shapes (+11-17% on one GPU), and there a failed compile falls back to eager. Several processes (measured +7.5% on
+    two GPUs, torch 2.11) and hybrids (not measured around the Mamba kernels) compile only with `on`."""
     cuda = device.type == "cuda"
 
     def enabled(value: str, auto: bool) -> bool:
@@ -76,6 +77,6 @@ def perf_options(cfg: PerfConfig, device: torch.device, has_mamba: bool = False)
         fused_experts=enabled(cfg.fused_experts, cuda),
         kernels="liger" if cfg.kernels == "liger" or (cfg.kernels == "auto" and cuda) else "eager",
         optimizer={"auto": "fused" if cuda else "foreach"}.get(cfg.optimizer, cfg.optimizer),
-        compile="layers" if enabled(cfg.compile, cuda and not has_mamba) else "none",
+        compile="layers" if enabled(cfg.compile, cuda and not has_mamba and world_size == 1) else "none",
     )
 

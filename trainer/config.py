@@ -108,9 +108,10 @@ class PerfConfig:
     # AdamW kernel; auto: fused on CUDA, foreach on CPU. (Stepping inside backward is a benchmark option only: it
     # leaves no moment where all gradients exist, so no clipping, no accumulation and no skipping a NaN step.)
     optimizer: Literal["auto", "fused", "foreach"] = "auto"
-    # torch.compile each decoder layer (experts stay eager: they run the grouped-GEMM path); auto: on CUDA for models
-    # without Mamba2 layers (measured on Qwen3-MoE shapes; hybrids compile only with `on`). The first
-    # batch is run once before training; if compiling fails there, a single process goes on eagerly with a notice.
+    # torch.compile each decoder layer (experts stay eager: they run the grouped-GEMM path); auto: on for one CUDA
+    # process and a model without Mamba2 layers (measured there); several processes and hybrids compile with `on`.
+    # The first batch is run once before training; if compiling fails there, one process goes on eagerly with a
+    # notice, several processes stop with a one-line error.
     compile: Literal["auto", "on", "off"] = "auto"
 
 

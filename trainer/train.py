@@ -70,7 +70,7 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
     check_layout(recipe, rt)
     model = build_model(recipe.model, rt.param_dtype, rt.device, recipe.parallel if rt.world_size > 1 else None)
     model = parallelize(model, recipe.parallel, rt)
-    perf = perf_options(recipe.perf, rt.device, has_mamba=bool(mamba_mixers(model)))
+    perf = perf_options(recipe.perf, rt.device, has_mamba=bool(mamba_mixers(model)), world_size=rt.world_size)
     for note in apply_optimizations(model, perf):
         _say(rt, f"perf: {note}")
     fused_ce = perf.loss != "hf"

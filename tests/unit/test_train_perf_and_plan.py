@@ -57,6 +57,8 @@ def test_perf_defaults_are_fused_everything_on_gpu_and_only_the_fused_loss_on_cp
     assert (cpu.loss, cpu.fused_experts, cpu.kernels, cpu.optimizer, cpu.compile) == (
         "fused", False, "eager", "foreach", "none")
     assert perf_options(PerfConfig(), torch.device("cuda"), has_mamba=True).compile == "none"  # not measured there
+    assert perf_options(PerfConfig(), torch.device("cuda"), world_size=8).compile == "none"  # no safe fallback
+    assert perf_options(PerfConfig(compile="on"), torch.device("cuda"), world_size=8).compile == "layers"
     off = perf_options(PerfConfig(fused_ce="off", kernels="torch", optimizer="foreach"), torch.device("cuda"))
     assert (off.loss, off.kernels, off.optimizer) == ("hf", "eager", "foreach")
 
