@@ -38,7 +38,7 @@ from trainer.moe.z_loss import z_loss_for
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallel.grad_norm import clip_grad_norm  # works across the expert and dense meshes
 from trainer.parallel.resume import check_resume_world_size
-from trainer.perf import apply_optimizations
+from trainer.perf import apply_optimizations, disable_compile
 from trainer.preemption import PreemptionGuard
 from trainer.redact import redact
 from trainer.run_dir import create_run_dir, resolve_resume, save_model_files, saved_recipe
@@ -74,10 +74,14 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
     for note in apply_optimizations(model, perf):
         _say(rt, f"perf: {note}")
     fused_ce = perf.loss != "hf"
+
+    def new_loader() -> StatefulLoader:
+        return StatefulLoader(dataset, data.seq_len, recipe.train.micro_batch_size, tokenizer.pad_token_id,
+                              data.packing, data.shuffle, recipe.train.seed, rt.rank, rt.world_size)
+
     if perf.compile != "none":
-        _say(rt, _warm_compiled_layers(model, dataset, tokenizer.pad_token_id, recipe, rt, fused_ce))
-    loader = StatefulLoader(dataset, data.seq_len, recipe.train.micro_batch_size, tokenizer.pad_token_id,
-                            data.packing, data.shuffle, recipe.train.seed, rt.rank, rt.world_size)
+        _say(rt, _warm_compiled_layers(model, next(new_loader()), rt, fused_ce))
+    loader = new_loader()
     optimizer = build_optimizer(model, recipe.optim, perf.optimizer)
     scheduler = build_scheduler(optimizer, recipe.optim, recipe.train.max_steps)
     step = load_checkpoint(resume_from, model, optimizer, scheduler, loader) if resume_from else 0
@@ -148,16 +152,11 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
     return TrainResult(run_dir, step, losses, export_dir, model, tokenizer, preempted)
 
 
-def _warm_compiled_layers(model, dataset, pad_id: int, recipe: Recipe, rt: Runtime, fused_ce: bool) -> str:
+def _warm_compiled_layers(model, first_batch: dict, rt: Runtime, fused_ce: bool) -> str:
     """Compile happens at the first call: run forward + backward once on the first batch (from a loader of its own,
     so the training data order is untouched) and drop the gradients. A failure falls back to eager in a single
     process; with several processes the error stops the run (the ranks must not disagree about what they run)."""
-    from trainer.perf import disable_compile
-
-    data = recipe.data
-    probe = StatefulLoader(dataset, data.seq_len, recipe.train.micro_batch_size, pad_id, data.packing, data.shuffle,
-                           recipe.train.seed, rt.rank, rt.world_size)
-    batch = {k: v.to(rt.device) for k, v in next(probe).items()}
+    batch = {k: v.to(rt.device) for k, v in first_batch.items()}
     try:
         with rt.autocast():
             token_loss_sum, _ = forward_loss_sum(model, batch, fused_ce)
