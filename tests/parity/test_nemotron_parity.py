@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import tiny_configs
+from parity_checks import assert_same_function, relative
 from trainer.models import MoEAutoModelForCausalLM
 from trainer.models.mamba_mixer import seq_idx_from_position_ids
 
@@ -47,24 +48,10 @@ def _run(model, ids, **kwargs):
     return out
 
 
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def _assert_same_function(reference, fast, ids, **fast_kwargs):
-    ref_out, fast_out = _run(reference, ids), _run(fast, ids, **fast_kwargs)
-    assert (fast_out.logits - ref_out.logits).abs().max().item() <= 1e-5
-    assert abs(fast_out.loss.item() - ref_out.loss.item()) <= 1e-5 * abs(ref_out.loss.item())
-    ref_grads = dict(reference.named_parameters())
-    checked = set()
-    for name, param in fast.named_parameters():
-        ref_grad = ref_grads[name].grad
-        if ref_grad is None or ref_grad.norm() == 0:
-            assert param.grad is None or param.grad.norm() == 0, name
-            continue
-        assert _relative(param.grad, ref_grad) <= 1e-5, name
-        checked.add(name.split(".")[-1] if "mixer" not in name else name.split("mixer.")[1])
-    return checked
+    """The parity check; returns the checked parameters by short name (mixer params keep their path below `mixer.`)."""
+    names = assert_same_function(reference, fast, _run(reference, ids), _run(fast, ids, **fast_kwargs))
+    return {name.split(".")[-1] if "mixer" not in name else name.split("mixer.")[1] for name in names}
 
 
 @pytest.mark.parametrize("positions", ["implicit", "explicit"])
@@ -138,7 +125,7 @@ def test_packed_gradients_equal_the_sum_over_samples():
             logits.float().square().mean(dim=-1).sum().backward()
     for name, param in fast.named_parameters():
         if param.grad is not None and param.grad.norm() > 0:
-            assert _relative(packed_grads[name], param.grad) <= 1e-5, name
+            assert relative(packed_grads[name], param.grad) <= 1e-5, name
 
 
 def test_transformers_own_torch_path_lets_packed_samples_leak():
