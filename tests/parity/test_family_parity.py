@@ -10,11 +10,11 @@ from __future__ import annotations
 import copy
 
 import pytest
+import tiny_configs
 import torch
+from parity_checks import assert_same_function
 from transformers import AutoModelForCausalLM
 
-import tiny_configs
-from parity_checks import assert_same_function
 from trainer.models import MoEAutoModelForCausalLM
 
 FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3", "qwen2_moe", "olmoe"]

@@ -11,11 +11,11 @@ from __future__ import annotations
 import copy
 
 import pytest
+import tiny_configs
 import torch
+from parity_checks import assert_same_function, relative
 from transformers import AutoModelForCausalLM
 
-import tiny_configs
-from parity_checks import assert_same_function, relative
 from trainer.models import MoEAutoModelForCausalLM
 from trainer.models.mamba_mixer import seq_idx_from_position_ids
 
