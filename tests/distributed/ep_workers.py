@@ -49,10 +49,31 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def compare_step(reference, sharded, ids, **row_inputs) -> tuple[tuple[float, float], float]:
+    """Forward + backward of the whole batch on the unsharded reference and of this rank's rows on the sharded
+    model (`row_inputs`, e.g. position_ids, are split by row like `ids`). Returns (reference loss, sharded loss
+    averaged over ranks) and the worst relative gradient difference over the parameters."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    rows = ids.shape[0] // world
+    mine = slice(rank * rows, (rank + 1) * rows)
+    ref_loss = reference(ids, labels=ids, **row_inputs).loss
+    ref_loss.backward()
+    loss = sharded(ids[mine], labels=ids[mine], **{k: v[mine] for k, v in row_inputs.items()}).loss
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    ref_grads = dict(reference.named_parameters())
+    worst = 0.0
+    for name, param in sharded.named_parameters():
+        ref_grad, grad = ref_grads[name].grad, _full(param.grad)
+        worst = max(worst, ((grad - ref_grad).norm() / ref_grad.norm().clamp_min(1e-30)).item())
+    return (ref_loss.item(), mean_loss.item() / world), worst
+
+
 def ep_parity(parallel: dict, steps: list[str], num_experts: int = 8) -> dict:
     """Train `len(steps)` AdamW steps sharded and unsharded on the same global batches; return per-step loss
     pairs and the worst relative gradient difference (all ranks check; rank 0's numbers are returned)."""
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world = dist.get_world_size()
     config = tiny_configs.qwen3_moe(num_experts=num_experts)
     reference = random_model(config)
     sharded = parallelize(copy.deepcopy(reference), ParallelConfig(**parallel, param_dtype=None))
@@ -65,20 +86,9 @@ def ep_parity(parallel: dict, steps: list[str], num_experts: int = 8) -> dict:
             for model in (reference, sharded):
                 handles += [r.register_forward_hook(_routing_override(kind)) for r in _routers(model)]
         ids = torch.randint(0, tiny_configs.VOCAB, (world * ROWS_PER_RANK, SEQ), generator=torch.Generator().manual_seed(step))
-        ref_loss = reference(ids, labels=ids).loss
-        ref_loss.backward()
-        mine = ids[rank * ROWS_PER_RANK : (rank + 1) * ROWS_PER_RANK]
-        loss = sharded(mine, labels=mine).loss
-        loss.backward()
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss)
-        losses.append((ref_loss.item(), mean_loss.item() / world))
-        ref_grads = dict(reference.named_parameters())
-        for name, param in sharded.named_parameters():
-            ref_grad = ref_grads[name].grad
-            grad = _full(param.grad)
-            rel = ((grad - ref_grad).norm() / ref_grad.norm().clamp_min(1e-30)).item()
-            worst_grad = max(worst_grad, rel)
+        step_losses, step_worst = compare_step(reference, sharded, ids)
+        losses.append(step_losses)
+        worst_grad = max(worst_grad, step_worst)
         for h in handles:
             h.remove()
         opt_ref.step()

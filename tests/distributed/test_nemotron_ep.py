@@ -46,14 +46,12 @@ def _first_two_experts(module, inputs, output):
     return logits, weights, torch.stack([torch.zeros_like(index[:, 0]), torch.ones_like(index[:, 1])], dim=1)
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def nemotron_ep_parity(parallel: dict, steps: list[str]) -> dict:
+    from ep_workers import compare_step
+
     from trainer.parallel import ParallelConfig, parallelize
 
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world = dist.get_world_size()
     reference = _random_model()
     sharded = parallelize(copy.deepcopy(reference), ParallelConfig(**parallel, param_dtype=None))
     opt_ref = torch.optim.AdamW(reference.parameters(), lr=1e-3)
@@ -67,18 +65,9 @@ def nemotron_ep_parity(parallel: dict, steps: list[str]) -> dict:
                 routers = [m for m in model.modules() if type(m).__name__ == "NemotronHTopkRouter"]
                 handles += [r.register_forward_hook(_first_two_experts) for r in routers]
         ids = torch.randint(0, tiny_configs.VOCAB, positions.shape, generator=torch.Generator().manual_seed(step))
-        ref_loss = reference(ids, labels=ids, position_ids=positions).loss
-        ref_loss.backward()
-        mine = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
-        loss = sharded(ids[mine], labels=ids[mine], position_ids=positions[mine]).loss
-        loss.backward()
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss)
-        losses.append((ref_loss.item(), mean_loss.item() / world))
-        ref_grads = dict(reference.named_parameters())
-        for name, param in sharded.named_parameters():
-            ref_grad, grad = ref_grads[name].grad, _full(param.grad)
-            worst_grad = max(worst_grad, ((grad - ref_grad).norm() / ref_grad.norm().clamp_min(1e-30)).item())
+        step_losses, step_worst = compare_step(reference, sharded, ids, position_ids=positions)
+        losses.append(step_losses)
+        worst_grad = max(worst_grad, step_worst)
         for handle in handles:
             handle.remove()
         for optimizer in (opt_ref, opt_sharded):
