@@ -92,26 +92,14 @@ def test_ep2_on_two_processes_matches_one_process():
         assert result["worst_grad_rel"] <= TOL, f"gradient differs by {result['worst_grad_rel']:.2e}"
 
 
-def _files(directory) -> dict[str, bytes]:
-    import os
-
-    return {name: open(os.path.join(directory, name), "rb").read() for name in sorted(os.listdir(directory))}
-
-
 def test_ep2_sharded_load_computes_the_same_loss_and_exports_the_same_bytes(tmp_path):
     import json
 
     import ep_workers
-    from transformers import AutoModelForCausalLM
+    from checkpoint_files import file_bytes as _files
+    from checkpoint_files import save_single_process_exports
 
-    from trainer.models import MoEAutoModelForCausalLM
-
-    torch.manual_seed(0)
-    hf_model = AutoModelForCausalLM.from_config(copy.deepcopy(tiny_configs.nemotron_h()))
-    hf_model.save_pretrained(tmp_path / "original", max_shard_size="20KB")
-    single = MoEAutoModelForCausalLM.from_pretrained(str(tmp_path / "original"))
-    single.save_pretrained(tmp_path / "single", max_shard_size="20KB")
-    single.save_pretrained(tmp_path / "single_file")
+    save_single_process_exports(tiny_configs.nemotron_h(), str(tmp_path))
 
     results = run_ranks(ep_workers.export_matches_single_process, 2, str(tmp_path), {"ep_size": 2}, timeout=150)
 

@@ -3,33 +3,19 @@ byte-for-byte the single-process `save_pretrained` output (sharded and single-fi
 
 from __future__ import annotations
 
-import copy
-import os
-
 import pytest
-import torch
 
 import ep_workers
 import tiny_configs
+from checkpoint_files import file_bytes as _files
+from checkpoint_files import save_single_process_exports
 from harness import run_ranks
-from trainer.models import MoEAutoModelForCausalLM
 
 pytestmark = pytest.mark.distributed
 
 
-def _files(directory: str) -> dict[str, bytes]:
-    return {name: open(os.path.join(directory, name), "rb").read() for name in sorted(os.listdir(directory))}
-
-
 def test_ep2_x_fsdp2_load_is_exact_and_export_equals_single_process_export_bit_for_bit(tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    hf_model = AutoModelForCausalLM.from_config(copy.deepcopy(tiny_configs.qwen3_moe()))
-    hf_model.save_pretrained(tmp_path / "original", max_shard_size="20KB")
-    single = MoEAutoModelForCausalLM.from_pretrained(str(tmp_path / "original"))
-    single.save_pretrained(tmp_path / "single", max_shard_size="20KB")
-    single.save_pretrained(tmp_path / "single_file")
+    save_single_process_exports(tiny_configs.qwen3_moe(), str(tmp_path))
 
     results = run_ranks(ep_workers.export_matches_single_process, 4, str(tmp_path), {"ep_size": 2}, timeout=120)
 
