@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--native-layouts", default="fsdp",
                         help="multi-GPU jobs: HF native layouts to run (fsdp = fsdp_size=N; ep = tp_size=N with "
                              "enable_expert_parallel), comma-separated")
+    parser.add_argument("--ours-layouts", default="ep",
+                        help="multi-GPU jobs: layouts of ours to run (ep = expert parallel over all GPUs + FSDP2; "
+                             "fsdp = FSDP2 only), comma-separated")
     parser.add_argument("--in-process", action="store_true",
                         help="run everything in this process (faster start; no isolation between runs)")
     parser.add_argument("--profile", action="store_true",
@@ -70,8 +73,12 @@ def plan_runs(args) -> list[RunSpec]:
                 for layout in [x for x in args.native_layouts.split(",") if x]:
                     runs.append(RunSpec(job.name, "native", layout, repeat=repeat, **common))
             if not args.native_only:
-                for variant in variants:
-                    runs.append(RunSpec(job.name, "ours", variant, repeat=repeat, **common))
+                layouts = [x for x in getattr(args, "ours_layouts", "ep").split(",") if x] if job.gpus > 1 else ["ep"]
+                for layout in layouts:
+                    if layout not in ("ep", "fsdp"):
+                        raise ValueError(f"unknown --ours-layouts entry {layout!r}: use ep or fsdp")
+                    for variant in variants:
+                        runs.append(RunSpec(job.name, "ours", variant, repeat=repeat, layout=layout, **common))
                 if args.recipe != "none" and job.gpus == 1:
                     runs.append(RunSpec(job.name, "ours", args.recipe, "master-fp32", repeat=repeat, **common))
     return runs

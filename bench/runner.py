@@ -41,12 +41,14 @@ class RunSpec:
     repeat: int = 0
     device: str = "auto"
     profile: bool = False
+    layout: str = "ep"  # ours on several GPUs: "ep" (EP over all GPUs + FSDP2) or "fsdp" (FSDP2 only)
 
     @property
     def label(self) -> str:
         if self.side == "native":
             return "native" if self.variant in ("base", "") else f"native[{self.variant}]"
-        return f"ours[{self.variant}]" + ("" if self.precision == "bf16" else f"({self.precision})")
+        where = "" if JOBS[self.job].gpus == 1 else f"{self.layout}:"
+        return f"ours[{where}{self.variant}]" + ("" if self.precision == "bf16" else f"({self.precision})")
 
 
 def _device(spec: RunSpec) -> torch.device:
@@ -174,7 +176,8 @@ def _measure(spec: RunSpec, job, device, world: int, result: dict) -> None:
             options.master = "fp32"
         model = _build_ours(config, device, torch.bfloat16)
         if world > 1:
-            _parallelize(model, job)
+            _parallelize(model, job, spec.layout)
+            result["notes"].append(f"layout: {_LAYOUTS[spec.layout]}")
         apply_optimizations(model, options)
         result["options"] = options.as_dict()
     model.train()
@@ -251,12 +254,19 @@ def _profile_step(spec, model, optimizer, ids, options, device) -> str:
     return prof.key_averages().table(sort_by=sort_key, row_limit=30, max_name_column_width=70)
 
 
-def _parallelize(model, job) -> None:
-    """B2: EP=2 + FSDP2 through trainer.parallel (bf16 weights, bf16 gradient reduction as the native baseline)."""
+_LAYOUTS = {"ep": "expert parallel over all GPUs + FSDP2", "fsdp": "FSDP2 only (every GPU runs all experts)"}
+
+
+def _parallelize(model, job, layout: str) -> None:
+    """Multi-GPU jobs through trainer.parallel (bf16 weights, bf16 gradient reduction as the native baseline):
+    layout "ep" = EP over all GPUs + FSDP2, "fsdp" = FSDP2 only."""
     from trainer.parallel import ParallelConfig, parallelize
 
+    if layout not in _LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: choose one of {sorted(_LAYOUTS)}")
     dispatcher = os.environ.get("MOE_BENCH_DISPATCHER", "auto")
-    parallelize(model, ParallelConfig(ep_size=job.gpus, dispatcher=dispatcher, param_dtype=None, reduce_dtype=None),
+    ep_size = job.gpus if layout == "ep" else 1
+    parallelize(model, ParallelConfig(ep_size=ep_size, dispatcher=dispatcher, param_dtype=None, reduce_dtype=None),
                 precision="bf16")
 
 

@@ -355,6 +355,12 @@ class _PerParamAdamW:
         if p.grad is None:
             return
         side = self._side_stream
+        if side is None or type(p).__name__ == "DTensor":
+            # FSDP2 calls this hook on its reduce-scatter stream, after the gradient's reduce-scatter: the update
+            # already runs beside the backward, in the stream that owns the gradient's memory; the end of the
+            # backward waits for that stream before the next forward
+            self._update(p)
+            return
         if side is None:
             self._update(p)
             return
@@ -393,14 +399,27 @@ class _PerParamAdamW:
         return total
 
 
+def fsdp_fires_grad_hooks() -> bool:
+    """Whether this torch's FSDP2 calls post-accumulate-grad hooks on sharded parameters after their reduce-scatter
+    (newer releases do); if not, an optimizer in backward cannot see FSDP2 gradients."""
+    import inspect
+
+    try:
+        from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+    except ImportError:
+        return False
+    return "_post_accumulate_grad_hooks" in inspect.getsource(_fsdp_collectives)
+
+
 def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e-4, betas=(0.9, 0.95),
                     eps: float = 1e-8, weight_decay: float = 0.0):
     """AdamW as `options.optimizer` / `options.master` say. Has .step() and .zero_grad(set_to_none=True)."""
     params = [p for p in model.parameters() if p.requires_grad]
     in_backward = options.optimizer in ("in-backward", "overlap")
-    if in_backward and any(type(p).__name__ == "DTensor" for p in params):
-        # FSDP2 writes sharded gradients itself after its reduce-scatter: autograd's per-parameter hooks never fire
-        options.notes.append("optimizer in backward is not possible with FSDP2/EP-sharded parameters: fused AdamW")
+    if in_backward and any(type(p).__name__ == "DTensor" for p in params) and not fsdp_fires_grad_hooks():
+        # older FSDP2 writes sharded gradients itself after its reduce-scatter and calls no per-parameter hook
+        options.notes.append("optimizer in backward needs an FSDP2 that calls post-accumulate-grad hooks "
+                             "(not this torch): fused AdamW")
         in_backward = False
     if in_backward or options.master == "fp32":
         return _PerParamAdamW(params, lr, betas, eps, weight_decay, options.master == "fp32", in_backward,

@@ -9,10 +9,11 @@
 #                skipped when .whl/ already holds both wheels (a previous build's wheels, copied back from $OUT)
 #   b1           B1-bs4 on GPU 0 and B1-bs1 on GPU 1 at the same time (bench/device/run_all.sh; B1_BS4_VARIANTS,
 #                B1_BS1_VARIANTS, REPEAT)
+#   ce-test      GPU parity test of the compiled chunked linear + cross-entropy (GPU 1, in the background)
 #   profile      B1-bs4 `ours[best]` alone with one profiled step: the top kernels by GPU time (GPU 0)
 #   ep-dispatch  DeepEP vs all-to-all equality and timing (bench/ep_dispatch.py, 2 GPUs)
-#   b2           B2: native FSDP2 / native EP=2 vs ours EP=2 + FSDP2 (bench/compare.py, 2 GPUs; B2_VARIANTS,
-#                MOE_BENCH_DISPATCHER=alltoall|deepep|auto)
+#   b2           B2: native FSDP2 / native EP=2 vs ours FSDP2-only and EP=2 + FSDP2 (bench/compare.py, 2 GPUs;
+#                B2_VARIANTS, B2_NATIVE, B2_LAYOUTS, MOE_BENCH_DISPATCHER=alltoall|deepep|auto)
 #   train-step   whole EP=2 training step, one process per dispatcher (bench/ep_train_step.py --saved --profile)
 #   b3-torch     B3 without Mamba kernels (GPU 0)
 #   plan         planner vs measured peaks (bench/plan_vs_measured.py, GPU 1, in the background)
@@ -30,7 +31,7 @@ LOG="$R/x2.log"
 exec > >(tee -a "$LOG") 2>&1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-STAGES="${STAGES:-build b1 profile b2 ep-dispatch train-step b3-torch plan mamba-test b3-kernels}"
+STAGES="${STAGES:-build b1 ce-test profile b2 ep-dispatch train-step b3-torch plan mamba-test b3-kernels}"
 SCRATCH=/tmp/x2
 mkdir -p "$SCRATCH"
 for wheel in .whl/*.whl; do
@@ -70,6 +71,14 @@ if has b1; then
   done
 fi
 
+CE_TEST=""
+if has ce-test; then
+  step "GPU parity test: compiled chunked linear + cross-entropy (GPU 1, background)"
+  (CUDA_VISIBLE_DEVICES=1 timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu \
+    tests/gpu/test_linear_cross_entropy_gpu.py > "$SCRATCH/ce_test.log" 2>&1) &
+  CE_TEST=$!
+fi
+
 if has profile; then
   step "profile: B1-bs4 ours[${PROFILE_VARIANT:-best}] (GPU 0)"
   CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -m bench.compare --jobs B1-bs4 --variants "${PROFILE_VARIANT:-best}" \
@@ -86,7 +95,7 @@ fi
 if has b2; then
   step "B2: native vs ours, 2 GPUs (dispatcher ${MOE_BENCH_DISPATCHER:-auto})"
   timeout "${B2_BUDGET:-420}" python3 -m bench.compare --jobs B2 \
-    --variants "${B2_VARIANTS:-fused-ce+fused-experts+liger+fused-adamw}" --recipe none \
+    --variants "${B2_VARIANTS:-best}" --recipe none --ours-layouts "${B2_LAYOUTS:-fsdp,ep}" \
     --native-layouts "${B2_NATIVE:-fsdp,ep}" --steps 4 --warmup 2 --repeat "${REPEAT:-1}" --timeout 300 \
     --out "$SCRATCH/B2" 2>&1 | grep -v "^\s*$" | tail -20
   cp "$SCRATCH/B2/results.json" "$R/B2.json" 2>/dev/null
@@ -150,6 +159,12 @@ if has b3-kernels; then
     --recipe none --steps 4 --warmup 2 --repeat "${REPEAT:-1}" --out "$SCRATCH/B3-kernels" 2>&1 \
     | grep -v "^\s*$" | tail -14
   cp "$SCRATCH/B3-kernels/results.json" "$R/B3-kernels.json" 2>/dev/null
+fi
+
+if [ -n "$CE_TEST" ]; then
+  wait "$CE_TEST"
+  step "GPU parity test: compiled chunked cross-entropy (result)"
+  tail -8 "$SCRATCH/ce_test.log"
 fi
 
 if [ -n "$MAMBA_TEST" ]; then

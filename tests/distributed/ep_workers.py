@@ -157,3 +157,37 @@ def dcp_reshard(directory: str) -> dict:
                          for n, s in zip(names, other_opt.state.values()))
         equal[f"ep{ep_size}"] = weights_ok and moments_ok
     return equal
+
+
+def optimizer_in_backward_matches(parallel: dict, steps: int = 3) -> dict:
+    """Sharded model: AdamW stepped from FSDP2's post-reduce-scatter hooks (`opt-in-bwd`) vs the same AdamW after
+    backward. Returns the worst relative parameter difference after `steps` steps and whether every hook fired."""
+    from trainer.perf import PerfOptions, build_optimizer
+
+    world = dist.get_world_size()
+    base = random_model(tiny_configs.qwen3_moe())
+    models, notes = [], []
+    for spec in ("foreach", "in-backward"):
+        model = parallelize(copy.deepcopy(base), ParallelConfig(**parallel, param_dtype=None))
+        options = PerfOptions(optimizer=spec)
+        models.append((model, build_optimizer(model, options, lr=1e-2)))
+        notes += options.notes
+    grads_left = 0
+    for step in range(steps):
+        ids = torch.randint(0, tiny_configs.VOCAB, (world * ROWS_PER_RANK, SEQ),
+                            generator=torch.Generator().manual_seed(step))
+        rows = slice(dist.get_rank() * ROWS_PER_RANK, (dist.get_rank() + 1) * ROWS_PER_RANK)
+        for model, optimizer in models:
+            model(ids[rows], labels=ids[rows]).loss.backward()
+            if optimizer is models[1][1]:
+                grads_left += sum(p.grad is not None for p in model.parameters())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    after, stepped = dict(models[0][0].named_parameters()), dict(models[1][0].named_parameters())
+    worst = 0.0
+    for name, param in stepped.items():
+        a, b = _full(after[name].detach()), _full(param.detach())
+        worst = max(worst, ((a - b).norm() / a.norm().clamp_min(1e-30)).item())
+    moved = max((_full(p.detach()) - _full(q.detach())).abs().max().item()
+                for p, q in zip(base.parameters(), models[1][0].parameters()))
+    return {"worst_rel": worst, "grads_left": grads_left, "notes": notes, "moved": moved}

@@ -86,3 +86,24 @@ def test_unknown_job_or_variant_is_a_one_line_error_before_anything_runs(tmp_pat
     assert moe_main(["bench", "--smoke", "--variants", "fast-please", "--out", str(tmp_path / "b")]) == 2
     assert "unknown option 'fast-please'" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_two_process_job_runs_both_layouts_of_ours_with_the_optimizer_in_backward(tmp_path):
+    code = compare.main(["--jobs", "smoke-ep2", "--device", "cpu", "--ours-only", "--recipe", "none",
+                         "--ours-layouts", "ep,fsdp", "--variants", "opt-in-bwd", "--steps", "1", "--warmup", "1",
+                         "--out", str(tmp_path)])
+    assert code == 0
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [r["label"] for r in results] == ["ours[ep:opt-in-bwd]", "ours[fsdp:opt-in-bwd]"]
+    for result in results:
+        assert "error" not in result, result.get("log_tail")
+        assert not any("fused AdamW" in note for note in result["notes"]), result["notes"]
+    assert abs(results[0]["loss_last"] - results[1]["loss_last"]) <= 1e-4 * abs(results[1]["loss_last"])
+
+
+def test_speedups_are_against_the_fastest_native_layout():
+    base = {"job": "B2", "tflops_per_gpu": 1.0, "peak_gib": 1.0, "loss_last": 1.0}
+    results = [dict(base, label="native[fsdp]", tok_s_per_gpu=100.0), dict(base, label="native[ep]", tok_s_per_gpu=200.0),
+               dict(base, label="ours[fsdp:best]", tok_s_per_gpu=300.0)]
+    rows = {r["label"]: r for r in report.rows(results)}
+    assert rows["ours[fsdp:best]"]["speedup"] == 1.5 and rows["native[fsdp]"]["speedup"] == 0.5
