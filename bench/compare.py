@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "enable_expert_parallel), comma-separated")
     parser.add_argument("--ours-layouts", default="ep",
                         help="multi-GPU jobs: layouts of ours to run (ep = expert parallel over all GPUs + FSDP2; "
-                             "fsdp = FSDP2 only), comma-separated")
+                             "fsdp = FSDP2 only; zero2 = FSDP2 only, weights kept gathered from forward to backward), comma-separated")
     parser.add_argument("--in-process", action="store_true",
                         help="run everything in this process (faster start; no isolation between runs)")
     parser.add_argument("--profile", action="store_true",
@@ -75,8 +75,8 @@ def plan_runs(args) -> list[RunSpec]:
             if not args.native_only:
                 layouts = [x for x in getattr(args, "ours_layouts", "ep").split(",") if x] if job.gpus > 1 else ["ep"]
                 for layout in layouts:
-                    if layout not in ("ep", "fsdp"):
-                        raise ValueError(f"unknown --ours-layouts entry {layout!r}: use ep or fsdp")
+                    if layout not in ("ep", "fsdp", "zero2"):
+                        raise ValueError(f"unknown --ours-layouts entry {layout!r}: use ep, fsdp or zero2")
                     for variant in variants:
                         runs.append(RunSpec(job.name, "ours", variant, repeat=repeat, layout=layout, **common))
                 if args.recipe != "none" and job.gpus == 1:

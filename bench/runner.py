@@ -41,7 +41,7 @@ class RunSpec:
     repeat: int = 0
     device: str = "auto"
     profile: bool = False
-    layout: str = "ep"  # ours on several GPUs: "ep" (EP over all GPUs + FSDP2) or "fsdp" (FSDP2 only)
+    layout: str = "ep"  # ours on several GPUs: "ep" (EP over all GPUs + FSDP2), "fsdp" (FSDP2 only), "zero2"
 
     @property
     def label(self) -> str:
@@ -254,20 +254,22 @@ def _profile_step(spec, model, optimizer, ids, options, device) -> str:
     return prof.key_averages().table(sort_by=sort_key, row_limit=30, max_name_column_width=70)
 
 
-_LAYOUTS = {"ep": "expert parallel over all GPUs + FSDP2", "fsdp": "FSDP2 only (every GPU runs all experts)"}
+_LAYOUTS = {"ep": "expert parallel over all GPUs + FSDP2", "fsdp": "FSDP2 only (every GPU runs all experts)",
+            "zero2": "FSDP2 only, parameters kept gathered from forward to backward (reshard_after_forward=False)"}
 
 
 def _parallelize(model, job, layout: str) -> None:
     """Multi-GPU jobs through trainer.parallel (bf16 weights, bf16 gradient reduction as the native baseline):
-    layout "ep" = EP over all GPUs + FSDP2, "fsdp" = FSDP2 only."""
+    layout "ep" = EP over all GPUs + FSDP2, "fsdp" = FSDP2 only, "zero2" = FSDP2 only without resharding between
+    forward and backward (one all-gather per step instead of two, the gathered weights held meanwhile)."""
     from trainer.parallel import ParallelConfig, parallelize
 
     if layout not in _LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: choose one of {sorted(_LAYOUTS)}")
     dispatcher = os.environ.get("MOE_BENCH_DISPATCHER", "auto")
     ep_size = job.gpus if layout == "ep" else 1
-    parallelize(model, ParallelConfig(ep_size=ep_size, dispatcher=dispatcher, param_dtype=None, reduce_dtype=None),
-                precision="bf16")
+    parallelize(model, ParallelConfig(ep_size=ep_size, dispatcher=dispatcher, param_dtype=None, reduce_dtype=None,
+                                      reshard_after_forward=layout != "zero2"), precision="bf16")
 
 
 def main_worker(spec_json: str) -> int:

@@ -6,8 +6,9 @@
     optimizer = build_optimizer(model, options, lr=1e-4) # .step() / .zero_grad() (no-ops when stepping in backward)
 
 Options (the benchmark keeps each only where it pays, docs/BENCHMARKS.md):
-- loss: "hf" (the model's own forward + loss), "fused" (linear + cross-entropy without full logits: Liger's kernel
-  on CUDA if importable, else the chunked torch kernel), "chunked", "liger". The router aux loss is HF's own.
+- loss: "hf" (the model's own forward + loss), "fused" (linear + cross-entropy without full logits: the chunked
+  kernel, compiled per chunk on CUDA), "chunked" (the same), "liger" (Liger's Triton kernel). The router aux loss is
+  HF's own.
 - fused_experts: the memory-lean expert MLP Function (local experts path, `trainer.kernels.fused_expert_mlp`).
 - kernels: "eager" or "liger" (Liger Triton RMSNorm patched into every HF RMSNorm, Liger SwiGLU inside the experts);
   falls back to eager with a note when liger is not importable.

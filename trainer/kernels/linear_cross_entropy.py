@@ -8,8 +8,9 @@ alive until backward, which just scales them by the incoming gradient.
 
     loss_sum = linear_cross_entropy_sum(h_ND, w_VD, targets_N)     # fp32 [], sum over targets != ignore_index
 
-Backends: Liger's Triton kernel (`LigerFusedLinearCrossEntropyLoss`) when it is importable and the tensors are on
-CUDA, else the chunked torch implementation below (any device). `reference_linear_cross_entropy_sum` is the plain
+Backends: the chunked torch implementation below (any device; on CUDA each chunk's loss and logit gradient run as
+one torch.compile'd function), or Liger's Triton kernel (`LigerFusedLinearCrossEntropyLoss`) on request: with
+~1,700-row chunks instead of Liger's ~256 the head-weight gradient is accumulated 10x less often. `reference_linear_cross_entropy_sum` is the plain
 formula both are tested against.
 """
 
@@ -175,13 +176,13 @@ def linear_cross_entropy_sum(
 ) -> torch.Tensor:
     """Summed token cross-entropy [] (fp32) of the LM head applied to h_ND [N, D], never forming [N, V] logits.
 
-    backend: "liger" (Triton kernel; raises if unavailable), "chunked" (torch), "auto" (liger on CUDA if importable,
-    else chunked), "reference" (full logits, for tests and ablations).
+    backend: "chunked" (torch; on CUDA each chunk's loss and logit gradient is one compiled function), "auto" (=
+    chunked: measured faster than Liger's kernel on B1, docs/BENCHMARKS.md), "liger" (Liger's Triton kernel; raises
+    if unavailable), "reference" (full logits, for tests and ablations).
     """
     if backend == "reference":
         return reference_linear_cross_entropy_sum(h_ND, w_VD, targets_N, ignore_index)
-    use_liger = backend == "liger" or (backend == "auto" and h_ND.is_cuda and liger_available())
-    if use_liger:
+    if backend == "liger":
         if not liger_available():
             raise RuntimeError("liger_kernel is not importable here (needs liger-kernel, triton and a CUDA device)")
         return _liger_loss(ignore_index)(w_VD, h_ND, targets_N).float()
