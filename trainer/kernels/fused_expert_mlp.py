@@ -6,8 +6,7 @@ Forward: gather rows by expert -> grouped GEMM up -> activation (SwiGLU or relu^
 back -> weighted K-way combine. Saved for backward: the pre-activation [S, 2I] (or [S, I]) and the down-projection
 output [S, H], plus the routing plan (int vectors). The input x_TD is saved too, but it is the MoE block's input,
 which the router keeps alive anyway, so it costs nothing extra. Recomputed in backward: the row gather of x and the
-activation (both bandwidth-cheap next to the GEMMs). The backward of the combine runs in the sorted row order, so
-the incoming gradient is gathered once for both the routing-weight and the expert-output gradients. The unfused path (autograd through each op) also keeps the
+activation (both bandwidth-cheap next to the GEMMs). The unfused path (autograd through each op) also keeps the
 gathered rows [S, H], the activation output [S, I] (twice for SwiGLU) and the gathered combine input [S, H].
 
 Backward uses the three grouped-GEMM forms: dX = dY @ W^T (2D x 3D), and the per-expert weight gradient
@@ -147,18 +146,13 @@ class _FusedExpertMLP(torch.autograd.Function):
         num_tokens, hidden = x_TD.shape
         grad_out_TD = grad_out_TD.to(dtype)
 
-        # combine: out[t] = sum_k w[t, k] * y[t, k], worked in the sorted row order: one gather of the incoming
-        # gradient serves both d w (a row-wise dot product with the saved y) and d y (the same rows, scaled)
-        token_of_row_S = torch.div(perm_S, top_k, rounding_mode="floor")
-        grad_out_SD = grad_out_TD.index_select(0, token_of_row_S)
-        grad_weights_S = torch.bmm(y_SD.unsqueeze(1), grad_out_SD.unsqueeze(2)).view(-1)
-        del y_SD
-        grad_weights_TK = torch.empty(num_tokens * top_k, dtype=weights_TK.dtype, device=weights_TK.device)
-        grad_weights_TK[perm_S] = grad_weights_S.to(weights_TK.dtype)
-        grad_weights_TK = grad_weights_TK.view(num_tokens, top_k)
-        weights_S = weights_TK.reshape(-1).index_select(0, perm_S).to(dtype)
-        grad_y_SD = grad_out_SD.mul_(weights_S.unsqueeze(1))
-        del grad_out_SD
+        # combine: out[t] = sum_k w[t, k] * y[t, k]
+        y_TKD = y_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, hidden)
+        grad_weights_TK = torch.bmm(y_TKD, grad_out_TD.unsqueeze(2)).squeeze(2).to(weights_TK.dtype)
+        del y_TKD, y_SD
+        grad_y_TKD = weights_TK.to(dtype).unsqueeze(2) * grad_out_TD.unsqueeze(1)
+        grad_y_SD = grad_y_TKD.view(num_tokens * top_k, hidden).index_select(0, perm_S)
+        del grad_y_TKD
 
         # down projection: y = h @ Wd[e]
         up_EHF = (up_w if is_transposed else up_w.transpose(-2, -1)).to(dtype)
@@ -172,6 +166,7 @@ class _FusedExpertMLP(torch.autograd.Function):
         # activation, then up projection: pre = x @ Wu[e]
         grad_pre_SF = activation.backward(pre_SF, grad_h_SI)
         del grad_h_SI, pre_SF
+        token_of_row_S = torch.div(perm_S, top_k, rounding_mode="floor")
         x_SD = x_TD.to(dtype).index_select(0, token_of_row_S)
         grad_up = _weight_grad(x_SD, grad_pre_SF, offsets_E, is_transposed, up_w)
         del x_SD
