@@ -130,7 +130,7 @@ def write_plot(results: list[dict], path: str) -> str | None:
     if not data:
         return None
     labels = [f"{r['job']}\n{r['label']}" for r in data]
-    colors = ["#888888" if r["label"] == "native" else "#2a7ab9" for r in data]
+    colors = ["#888888" if r["label"].startswith("native") else "#2a7ab9" for r in data]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6, 1.1 * len(data)), 7), sharex=True)
     ax1.bar(range(len(data)), [r["tok_s_per_gpu"] for r in data], color=colors)
     ax1.set_ylabel("tokens/s/GPU")

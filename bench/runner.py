@@ -178,6 +178,9 @@ def _measure(spec: RunSpec, job, device, world: int, result: dict) -> None:
         if world > 1:
             _parallelize(model, job, spec.layout)
             result["notes"].append(f"layout: {_LAYOUTS[spec.layout]}")
+            dispatchers = {m.moe_dispatcher.name for m in model.modules() if getattr(m, "moe_dispatcher", None)}
+            if dispatchers and spec.layout == "ep":
+                result["notes"].append(f"expert-parallel dispatcher: {', '.join(sorted(dispatchers))}")
         apply_optimizations(model, options)
         result["options"] = options.as_dict()
     model.train()
