@@ -95,6 +95,10 @@ class ParallelConfig:
     dispatcher: Literal["auto", "alltoall", "deepep"] = "auto"
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     compile: bool = False
+    # FSDP2: free each layer's gathered weights after its forward (true) or keep them until its backward (false:
+    # one all-gather per step instead of two for the memory of every layer's gathered weights; measured +6% on two
+    # GPUs, docs/BENCHMARKS.md). `moe plan` lists both.
+    reshard_after_forward: bool = True
     check_memory: bool = True  # on GPUs, refuse (before loading weights) a layout the planner says cannot fit
 
 

@@ -90,11 +90,11 @@ def test_unknown_job_or_variant_is_a_one_line_error_before_anything_runs(tmp_pat
 
 def test_two_process_job_runs_both_layouts_of_ours_with_the_optimizer_in_backward(tmp_path):
     code = compare.main(["--jobs", "smoke-ep2", "--device", "cpu", "--ours-only", "--recipe", "none",
-                         "--ours-layouts", "ep,fsdp", "--variants", "opt-in-bwd", "--steps", "1", "--warmup", "1",
+                         "--ours-layouts", "ep,fsdp,zero2", "--variants", "opt-in-bwd", "--steps", "1", "--warmup", "1",
                          "--out", str(tmp_path)])
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert [r["label"] for r in results] == ["ours[ep:opt-in-bwd]", "ours[fsdp:opt-in-bwd]"]
+    assert [r["label"] for r in results] == ["ours[ep:opt-in-bwd]", "ours[fsdp:opt-in-bwd]", "ours[zero2:opt-in-bwd]"]
     for result in results:
         assert "error" not in result, result.get("log_tail")
         assert not any("fused AdamW" in note for note in result["notes"]), result["notes"]

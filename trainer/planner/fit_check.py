@@ -64,7 +64,8 @@ def request_from_recipe(recipe: Any, world_size: int, model_config: Any = None, 
     checkpointing = {True: "full", False: "none"}.get(checkpointing, checkpointing)
     batch = dict(world_size=world_size, micro_batch=int(recipe_value(recipe, "train.micro_batch_size", 1)),
                  seq_len=int(recipe_value(recipe, "data.seq_len", 4096)), checkpointing=str(checkpointing),
-                 dispatcher=dispatcher)
+                 dispatcher=dispatcher,
+                 reshard_after_forward=_as_bool(recipe_value(recipe, "parallel.reshard_after_forward", True)))
     ep_size = int(recipe_value(recipe, "parallel.ep_size", 1))
     layout_error = None
     try:
@@ -84,6 +85,10 @@ def request_from_recipe(recipe: Any, world_size: int, model_config: Any = None, 
         capacity_factor=capacity_factor if capacity_factor is not None else PlanOptions.capacity_factor,
     )
     return PlanRequest(shape, layout, options, layout_error)
+
+
+def _as_bool(value) -> bool:
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
 def _gpu_for(memory_gib: float) -> GPU:

@@ -17,6 +17,9 @@ class Layout:
     Mesh rule (as torchtitan): world = dp_replicate x dp_shard; non-expert weights are FSDP2-sharded over dp_shard
     ranks; experts are split over ep ranks (ep divides dp_shard) and FSDP2-sharded over the dp_shard / ep ranks left.
     `checkpointing`: none | selective (recompute the experts' MLP in the backward) | full (recompute every layer).
+    `reshard_after_forward`: FSDP2 frees each layer's gathered weights after its forward and gathers them again for
+    its backward (True), or keeps them from forward to backward (False, "zero2": one all-gather per step, the
+    gathered weights of every layer held at the start of the backward).
     """
 
     world_size: int
@@ -26,6 +29,7 @@ class Layout:
     seq_len: int = 4096
     checkpointing: str = "none"
     dispatcher: str = "alltoall"
+    reshard_after_forward: bool = True
 
     def __post_init__(self):
         if self.dp_shard == -1:
@@ -57,7 +61,8 @@ class Layout:
 
     def describe(self) -> str:
         hsdp = f" rep={self.dp_replicate}" if self.dp_replicate > 1 else ""
-        return f"ep={self.ep_size} shard={self.dp_shard}{hsdp} mb={self.micro_batch} ckpt={self.checkpointing}"
+        zero2 = "" if self.reshard_after_forward else " zero2"
+        return f"ep={self.ep_size} shard={self.dp_shard}{hsdp} mb={self.micro_batch} ckpt={self.checkpointing}{zero2}"
 
     def overrides(self, current: Layout | None = None) -> str:
         """The recipe overrides that select this layout (mesh keys only when HSDP is used or `current` differs)."""
@@ -65,6 +70,8 @@ class Layout:
         if self.dp_replicate > 1 or (current is not None and current.dp_replicate != self.dp_replicate):
             parts += [f"parallel.dp_replicate_size={self.dp_replicate}", f"parallel.dp_shard_size={self.dp_shard}"]
         parts += [f"train.micro_batch_size={self.micro_batch}", f"parallel.activation_checkpointing={self.checkpointing}"]
+        if not self.reshard_after_forward or (current is not None and not current.reshard_after_forward):
+            parts.append(f"parallel.reshard_after_forward={str(self.reshard_after_forward).lower()}")
         return " ".join(parts)
 
 

@@ -108,18 +108,21 @@ def estimate_memory(shape: ModelShape, layout: Layout, options: PlanOptions | No
     # from forward to backward. DeepEP holds one NVLink buffer for the whole run.
     persistent_comm = options.deepep_buffer_gib * GiB if layout.dispatcher == "deepep" and layout.ep_size > 1 else 0.0
     fsdp_gather = fsdp_reduce = fsdp_root = 0.0
+    kept = [0.0] * len(shape.layers)  # per layer: gathered weights held from its forward to its backward (zero2)
     if fsdp:
         unit = unit_params(shape, layout)
         fsdp_gather = 2 * unit * c
         fsdp_reduce = unit * (c + prec.reduce_bytes)
         fsdp_root = shape.root_params * c
+        if not layout.reshard_after_forward and layout.dp_shard > 1:
+            kept = [c * (ex / layout.ep_size + ne) for ex, ne in map(shape.layer_params, shape.layers)]
     grads_during = grads_all if options.grad_accum_steps > 1 else 0.0  # earlier micro-batches' gradients
 
     phases: dict[str, dict[str, float]] = {}
     phases["loss"] = {
         "params": params, "grads": grads_during, "optimizer": optimizer,
         "activations": sum(saved) + final_norm, "loss": ce_buffers + held_logits,
-        "comm": persistent_comm + fsdp_gather + fsdp_root, "workspace": 0.0,
+        "comm": persistent_comm + max(fsdp_gather, sum(kept)) + fsdp_root, "workspace": 0.0,
     }
     best_layer: dict[str, float] | None = None
     grads_above = prec.grad_bytes * root_params
@@ -127,7 +130,8 @@ def estimate_memory(shape: ModelShape, layout: Layout, options: PlanOptions | No
         candidate = {
             "params": params, "grads": max(grads_during, grads_above), "optimizer": optimizer,
             "activations": sum(saved[: i + 1]) + recompute[i], "loss": held_logits,
-            "comm": persistent_comm + fsdp_gather + fsdp_reduce + fsdp_root, "workspace": workspace[i],
+            "comm": persistent_comm + max(fsdp_gather, sum(kept[: i + 1])) + fsdp_reduce + fsdp_root,
+            "workspace": workspace[i],
         }
         if best_layer is None or sum(candidate.values()) > sum(best_layer.values()):
             best_layer = candidate

@@ -43,7 +43,8 @@ def _divisors(n: int) -> list[int]:
 
 def candidate_layouts(shape: ModelShape, base: Layout, micro_batches=MICRO_BATCHES,
                       checkpointing=CHECKPOINTING) -> list[Layout]:
-    """Every (dp_shard, ep_size, micro_batch, checkpointing) for base.world_size GPUs that the mesh rule allows."""
+    """Every (dp_shard, ep_size, micro_batch, checkpointing, reshard_after_forward) for base.world_size GPUs that
+    the mesh rule allows (keeping the gathered weights only matters where FSDP2 shards, dp_shard > 1)."""
     layouts = []
     for dp_shard in _divisors(base.world_size):
         for ep in _divisors(dp_shard):
@@ -51,7 +52,9 @@ def candidate_layouts(shape: ModelShape, base: Layout, micro_batches=MICRO_BATCH
                 continue
             for mb in sorted(set(micro_batches) | {base.micro_batch}):
                 for ckpt in checkpointing:
-                    layouts.append(replace(base, dp_shard=dp_shard, ep_size=ep, micro_batch=mb, checkpointing=ckpt))
+                    for reshard in ((True, False) if dp_shard > 1 else (True,)):
+                        layouts.append(replace(base, dp_shard=dp_shard, ep_size=ep, micro_batch=mb,
+                                               checkpointing=ckpt, reshard_after_forward=reshard))
     return layouts
 
 
