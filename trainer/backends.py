@@ -142,8 +142,8 @@ def mamba_kernels_available() -> Check:
 
 @functools.lru_cache(maxsize=None)
 def liger_available() -> Check:
-    """Liger kernels (fused linear cross-entropy, RMSNorm) importable."""
-    module, failure = _probe("liger_kernel", "liger_kernel.transformers", "loss uses torch cross-entropy",
+    """Liger kernels (RMSNorm, SwiGLU; fused linear cross-entropy on request) importable."""
+    module, failure = _probe("liger_kernel", "liger_kernel.transformers", "RMSNorm and SwiGLU run in torch",
                              needs_cuda=False)
     if module is None:
         return failure

@@ -106,7 +106,9 @@ class ParallelConfig:
 class PerfConfig:
     """Speed/memory options of the step (trainer.perf); `auto` picks what pays on the device (docs/BENCHMARKS.md)."""
 
-    fused_ce: Literal["auto", "on", "off"] = "auto"  # linear + cross-entropy in chunks, never full logits (auto: on)
+    # linear + cross-entropy in chunks, never full logits (auto: on); on CUDA each chunk's loss and gradient is one
+    # compiled function whatever `compile` says (it falls back to eager with a warning if compiling fails)
+    fused_ce: Literal["auto", "on", "off"] = "auto"
     fused_experts: Literal["auto", "on", "off"] = "auto"  # memory-lean expert MLP (auto: on CUDA)
     kernels: Literal["auto", "liger", "torch"] = "auto"  # auto: Liger RMSNorm/SwiGLU when importable on CUDA
     # AdamW kernel; auto: fused on CUDA, foreach on CPU. (Stepping inside backward is a benchmark option only: it

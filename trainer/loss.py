@@ -1,7 +1,8 @@
 """The SFT loss of one micro-batch: next-token cross-entropy summed over trained tokens, plus the router aux loss.
 
-With `fused_ce` the LM head itself returns the summed cross-entropy (`trainer.kernels.linear_cross_entropy`: Liger's
-kernel on CUDA when importable, else chunks of rows), so the [B, S, V] logits never exist. The head is patched
+With `fused_ce` the LM head itself returns the summed cross-entropy (`trainer.kernels.linear_cross_entropy`: chunks
+of rows, each chunk's loss and logit gradient one torch.compile'd function on CUDA, eager if compiling fails), so the
+[B, S, V] logits never exist. The head is patched
 rather than bypassed so the model's own forward still runs end to end: FSDP2's hooks on the head and HF's router
 aux loss stay exactly as they are. Heads with a bias or logit scaling fall back to plain logits.
 """

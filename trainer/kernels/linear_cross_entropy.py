@@ -10,8 +10,8 @@ alive until backward, which just scales them by the incoming gradient.
 
 Backends: the chunked torch implementation below (any device; on CUDA each chunk's loss and logit gradient run as
 one torch.compile'd function), or Liger's Triton kernel (`LigerFusedLinearCrossEntropyLoss`) on request: with
-~1,700-row chunks instead of Liger's ~256 the head-weight gradient is accumulated 10x less often. `reference_linear_cross_entropy_sum` is the plain
-formula both are tested against.
+~1,700-row chunks instead of Liger's ~256 the head-weight gradient is accumulated 10x less often.
+`reference_linear_cross_entropy_sum` is the plain formula both are tested against.
 """
 
 from __future__ import annotations
