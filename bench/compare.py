@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict
 
 from bench.jobs import JOBS, resolve
-from bench.runner import RESULT_PREFIX, RunSpec
+from bench.runner import LAYOUTS, RESULT_PREFIX, RunSpec
 from trainer.errors import UserError
 from trainer.perf import PerfOptions
 
@@ -73,10 +73,10 @@ def plan_runs(args) -> list[RunSpec]:
                 for layout in [x for x in args.native_layouts.split(",") if x]:
                     runs.append(RunSpec(job.name, "native", layout, repeat=repeat, **common))
             if not args.native_only:
-                layouts = [x for x in getattr(args, "ours_layouts", "ep").split(",") if x] if job.gpus > 1 else ["ep"]
+                layouts = [x for x in args.ours_layouts.split(",") if x] if job.gpus > 1 else ["ep"]
                 for layout in layouts:
-                    if layout not in ("ep", "fsdp", "zero2"):
-                        raise ValueError(f"unknown --ours-layouts entry {layout!r}: use ep, fsdp or zero2")
+                    if layout not in LAYOUTS:
+                        raise ValueError(f"unknown --ours-layouts entry {layout!r}: use one of {', '.join(LAYOUTS)}")
                     for variant in variants:
                         runs.append(RunSpec(job.name, "ours", variant, repeat=repeat, layout=layout, **common))
                 if args.recipe != "none" and job.gpus == 1:

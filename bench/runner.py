@@ -177,7 +177,7 @@ def _measure(spec: RunSpec, job, device, world: int, result: dict) -> None:
         model = _build_ours(config, device, torch.bfloat16)
         if world > 1:
             _parallelize(model, job, spec.layout)
-            result["notes"].append(f"layout: {_LAYOUTS[spec.layout]}")
+            result["notes"].append(f"layout: {LAYOUTS[spec.layout]}")
             dispatchers = {m.moe_dispatcher.name for m in model.modules() if getattr(m, "moe_dispatcher", None)}
             if dispatchers and spec.layout == "ep":
                 result["notes"].append(f"expert-parallel dispatcher: {', '.join(sorted(dispatchers))}")
@@ -257,7 +257,7 @@ def _profile_step(spec, model, optimizer, ids, options, device) -> str:
     return prof.key_averages().table(sort_by=sort_key, row_limit=30, max_name_column_width=70)
 
 
-_LAYOUTS = {"ep": "expert parallel over all GPUs + FSDP2", "fsdp": "FSDP2 only (every GPU runs all experts)",
+LAYOUTS = {"ep": "expert parallel over all GPUs + FSDP2", "fsdp": "FSDP2 only (every GPU runs all experts)",
             "zero2": "FSDP2 only, parameters kept gathered from forward to backward (reshard_after_forward=False)"}
 
 
@@ -267,8 +267,8 @@ def _parallelize(model, job, layout: str) -> None:
     forward and backward (one all-gather per step instead of two, the gathered weights held meanwhile)."""
     from trainer.parallel import ParallelConfig, parallelize
 
-    if layout not in _LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}: choose one of {sorted(_LAYOUTS)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: choose one of {sorted(LAYOUTS)}")
     dispatcher = os.environ.get("MOE_BENCH_DISPATCHER", "auto")
     ep_size = job.gpus if layout == "ep" else 1
     parallelize(model, ParallelConfig(ep_size=ep_size, dispatcher=dispatcher, param_dtype=None, reduce_dtype=None,

@@ -362,9 +362,6 @@ class _PerParamAdamW:
             # backward waits for that stream before the next forward
             self._update(p)
             return
-        if side is None:
-            self._update(p)
-            return
         side.wait_stream(torch.cuda.current_stream(p.device))
         p.grad.record_stream(side)  # its memory must outlive the update, not just this hook
         with torch.cuda.stream(side):

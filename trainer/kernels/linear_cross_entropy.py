@@ -43,11 +43,13 @@ def _chunk_rows(num_rows: int, vocab: int, chunk_bytes: int) -> int:
 
 
 def _chunk_loss_and_logit_grad(logits_CV: torch.Tensor, t_C: torch.Tensor, ignore_index: int):
-    """One chunk: summed cross-entropy (fp32 []) and d loss / d logits (softmax - onehot, 0 on ignored rows).
+    """One chunk: summed cross-entropy (fp32 []) and d loss / d logits in the logits' dtype (softmax - onehot, 0 on
+    ignored rows).
 
     Written as plain tensor ops so that torch.compile can turn it into two passes over the chunk (a row reduction
-    and one pointwise kernel that writes the gradient in the logits' dtype); eager it is the same formula.
+    and one pointwise kernel that writes the gradient); eager it is the same formula.
     """
+    dtype = logits_CV.dtype
     logits_CV = logits_CV.float()
     valid_C = t_C != ignore_index
     safe_t_C = torch.where(valid_C, t_C, torch.zeros_like(t_C))
@@ -57,35 +59,25 @@ def _chunk_loss_and_logit_grad(logits_CV: torch.Tensor, t_C: torch.Tensor, ignor
     columns_V = torch.arange(logits_CV.shape[1], device=logits_CV.device)
     onehot_CV = (columns_V.unsqueeze(0) == safe_t_C.unsqueeze(1)).to(logits_CV.dtype)
     grad_CV = (torch.exp(logits_CV - lse_C.unsqueeze(1)) - onehot_CV) * valid_C.unsqueeze(1).to(logits_CV.dtype)
-    return loss, grad_CV
+    return loss, grad_CV.to(dtype)
 
 
-def _eager_chunk_fn(logits_CV, t_C, ignore_index: int):
-    loss, grad_CV = _chunk_loss_and_logit_grad(logits_CV, t_C, ignore_index)
-    return loss, grad_CV.to(logits_CV.dtype)
+_compiled_chunk = None  # torch.compile of the chunk function, built at first CUDA use; False once compiling failed
 
 
-_COMPILED = {}  # device type -> compiled chunk function, or None once compiling failed in this process
-
-
-def _chunk_fn(device: torch.device, compiled: bool):
-    """The compiled chunk function on CUDA (two fused passes: reads the logits twice, writes the gradient once);
-    eager elsewhere, or when compiling failed once in this process (with a warning)."""
-    if not compiled or device.type != "cuda" or _COMPILED.get(device.type, True) is None:
-        return _eager_chunk_fn
-    fn = _COMPILED.get(device.type)
-    if fn is None:
-        fn = _COMPILED[device.type] = torch.compile(_eager_chunk_fn, dynamic=False)
-
-    def guarded(logits_CV, t_C, ignore_index: int):
+def _compiled_chunk_loss_and_logit_grad(logits_CV, t_C, ignore_index: int):
+    """The chunk function compiled (reads the logits twice, writes the gradient once); if compiling fails, the same
+    formula eagerly from then on in this process, with a warning."""
+    global _compiled_chunk
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(_chunk_loss_and_logit_grad, dynamic=False)
+    if _compiled_chunk is not False:
         try:
-            return fn(logits_CV, t_C, ignore_index)
-        except Exception as err:  # no triton / an Inductor bug on this torch: same formula, eagerly
+            return _compiled_chunk(logits_CV, t_C, ignore_index)
+        except Exception as err:  # no triton / an Inductor bug on this torch
             warnings.warn(f"compiled cross-entropy chunk failed ({type(err).__name__}: {err}); running it eagerly")
-            _COMPILED[device.type] = None
-            return _eager_chunk_fn(logits_CV, t_C, ignore_index)
-
-    return guarded
+            _compiled_chunk = False
+    return _chunk_loss_and_logit_grad(logits_CV, t_C, ignore_index)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -100,7 +92,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if need_w:
             grad_w_VD = torch.zeros_like(w_VD, dtype=torch.float32 if accum_fp32 else w_VD.dtype)
         loss_sum = torch.zeros((), dtype=torch.float32, device=h_ND.device)
-        chunk_fn = _chunk_fn(h_ND.device, compiled)
+        chunk_fn = _compiled_chunk_loss_and_logit_grad if compiled and h_ND.is_cuda else _chunk_loss_and_logit_grad
         for start in range(0, num_rows, chunk_rows):
             h_CD = h_ND[start:start + chunk_rows]
             logits_CV = F.linear(h_CD, w_VD)  # input dtype: the chunk function upcasts inside
