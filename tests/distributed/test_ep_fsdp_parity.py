@@ -35,6 +35,14 @@ def test_ep2_on_two_processes_matches_one_process_with_and_without_activation_ch
             _check(result, layout)
 
 
+def test_fsdp2_only_with_and_without_resharding_after_forward_matches_one_process():
+    layouts = [{"ep_size": 1}, {"ep_size": 1, "reshard_after_forward": False}]
+    results = run_ranks(ep_workers.ep_parity_many, 2, layouts, STEPS, timeout=120)
+    for per_rank in results:
+        for layout, result in zip(layouts, per_rank):
+            _check(result, layout)
+
+
 def test_ep4_ep2_x_fsdp2_and_hsdp_on_four_processes_match_one_process():
     layouts = [{"ep_size": 4}, {"ep_size": 2}, {"ep_size": 2, "dp_replicate_size": 2}]
     results = run_ranks(ep_workers.ep_parity_many, 4, layouts, STEPS, timeout=150)
