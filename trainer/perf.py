@@ -322,7 +322,8 @@ def _accepts_router_logits(model) -> bool:
 # ---- optimizers ------------------------------------------------------------------------------------------------
 
 class _PerParamAdamW:
-    """Fused AdamW per parameter, optionally on an fp32 master copy (bf16 params, fp32 weights + states).
+    """AdamW one parameter at a time (the fused AdamW kernel, called directly), optionally on an fp32 master copy
+    (bf16 params, fp32 weights + states).
 
     `in_backward=True` steps each parameter from a post-accumulate-grad hook and frees its gradient at once, so at
     most a few gradients exist at any time. Otherwise `step()` walks the parameters one by one (the fp32 copy of a
@@ -333,19 +334,27 @@ class _PerParamAdamW:
     parameter's last use in the backward (its gradient is complete), the gradient's memory is kept until the side
     stream is done with it (`record_stream`), and `step()` makes the compute stream wait for every update before the
     next forward reads the parameters.
+
+    Per parameter this is one kernel launch and no optimizer bookkeeping: all parameters step together, so they
+    share one step counter per device (advanced by `step()` once every parameter has been updated), and sharded
+    (DTensor) parameters are updated through their local shards. The update is `torch.optim.AdamW(fused=True)`'s.
     """
 
     def __init__(self, params, lr: float, betas, eps: float, weight_decay: float, master_fp32: bool, in_backward: bool,
                  overlap: bool = False):
         self.master_fp32, self.in_backward = master_fp32, in_backward
+        self.hyper = dict(lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
+                          maximize=False)
         self._entries = {}
+        self._steps = {}  # device -> shared step counter (fp32 scalar, as the fused kernel reads it)
         self._side_stream = None
         for p in params:
-            target = p.detach().float().clone().requires_grad_(True) if master_fp32 and p.dtype != torch.float32 else p
-            fused = target.is_cuda
-            opt = torch.optim.AdamW([target], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                    **({"fused": True} if fused else {"foreach": False}))
-            self._entries[p] = (target, opt)
+            local = _local(p).detach()
+            own_copy = master_fp32 and p.dtype != torch.float32
+            target = local.float().clone() if own_copy else local
+            if local.device not in self._steps:
+                self._steps[local.device] = torch.ones((), dtype=torch.float32, device=local.device)
+            self._entries[p] = (target, torch.zeros_like(target), torch.zeros_like(target), own_copy)
             if in_backward:
                 p.register_post_accumulate_grad_hook(self._step_param)
             if overlap and in_backward and p.is_cuda and self._side_stream is None:
@@ -368,21 +377,25 @@ class _PerParamAdamW:
             self._update(p)
 
     def _update(self, p: torch.Tensor) -> None:
-        target, opt = self._entries[p]
-        if target is not p:
-            target.grad = p.grad.float()
-        opt.step()
-        if target is not p:
-            p.copy_(target)
-            target.grad = None
+        target, exp_avg, exp_avg_sq, own_copy = self._entries[p]
+        grad = _local(p.grad)
+        if grad.dtype != target.dtype:
+            grad = grad.to(target.dtype)
+        torch._fused_adamw_([target], [grad], [exp_avg], [exp_avg_sq], [], [self._steps[target.device]],
+                            **self.hyper)
+        if own_copy:
+            _local(p).copy_(target)
         p.grad = None
 
+    @torch.no_grad()
     def step(self) -> None:
         if not self.in_backward:
             for p in self._entries:
                 self._step_param(p)
         elif self._side_stream is not None:
             torch.cuda.current_stream(self._side_stream.device).wait_stream(self._side_stream)
+        for counter in self._steps.values():
+            counter.add_(1)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self._entries:
@@ -390,11 +403,15 @@ class _PerParamAdamW:
 
     def state_bytes(self) -> int:
         total = 0
-        for p, (target, opt) in self._entries.items():
-            total += (target.numel() * target.element_size()) if target is not p else 0
-            for state in opt.state.values():
-                total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+        for target, exp_avg, exp_avg_sq, own_copy in self._entries.values():
+            total += (target.numel() * target.element_size()) if own_copy else 0
+            total += exp_avg.numel() * exp_avg.element_size() + exp_avg_sq.numel() * exp_avg_sq.element_size()
         return total
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a plain tensor as is)."""
+    return t._local_tensor if type(t).__name__ == "DTensor" else t
 
 
 def fsdp_fires_grad_hooks() -> bool:
