@@ -251,10 +251,17 @@ def _profile_step(spec, model, optimizer, ids, options, device) -> str:
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         _one_step(spec, model, optimizer, ids, options)
         _sync(device)
+        wall_ms = (time.perf_counter() - start) * 1e3
+    averages = prof.key_averages()
     sort_key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    return prof.key_averages().table(sort_by=sort_key, row_limit=30, max_name_column_width=70)
+    kernel_ms = sum(getattr(e, "self_device_time_total", 0) for e in averages) / 1e3
+    cpu_ms = sum(e.self_cpu_time_total for e in averages) / 1e3
+    # kernel time below the wall time means the GPU waited (on the host, or on a synchronisation)
+    summary = f"profiled step: wall {wall_ms:.1f} ms, kernel time {kernel_ms:.1f} ms (all streams), host {cpu_ms:.1f} ms"
+    return summary + "\n" + averages.table(sort_by=sort_key, row_limit=30, max_name_column_width=70)
 
 
 LAYOUTS = {"ep": "expert parallel over all GPUs + FSDP2", "fsdp": "FSDP2 only (every GPU runs all experts)",

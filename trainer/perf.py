@@ -12,7 +12,8 @@ Options (the benchmark keeps each only where it pays, docs/BENCHMARKS.md):
 - fused_experts: the memory-lean expert MLP Function (local experts path, `trainer.kernels.fused_expert_mlp`).
 - kernels: "eager" or "liger" (Liger Triton RMSNorm patched into every HF RMSNorm, Liger SwiGLU inside the experts);
   falls back to eager with a note when liger is not importable.
-- compile: "none", "layers" (torch.compile each decoder layer, experts kept eager), "layers-all" (experts too),
+- compile: "none", "layers" (torch.compile each decoder layer, experts kept eager), "layers-all" (experts too: the
+  fused expert MLP enters the graph as one custom op),
   "attn" (only the attention modules and norms). `disable_compile(model)` undoes it (first-step fallback).
 - ac: activation checkpointing "none", "full" (every decoder layer), "attn" (= "selective": only the attention
   sub-block is recomputed: cheap to recompute per byte saved and it holds no router state), "mlp" (the MoE sub-block).
@@ -32,6 +33,8 @@ from dataclasses import dataclass, field
 import torch
 
 from trainer.kernels.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy_sum, shift_labels
+from trainer.models.output_capture import compile_friendly_output_capture
+from trainer.moe.experts import IMPLEMENTATION_NAME as EXPERTS_IMPLEMENTATION
 
 CHOICES = {
     "loss": ("hf", "fused", "chunked", "liger"),
@@ -213,14 +216,36 @@ def _apply_compile(model: torch.nn.Module, mode: str) -> str:
         targets += [m for m in model.modules() if _is_plain_rmsnorm(m)]
     else:
         targets = decoder_layers(model)
-        if mode == "layers":  # the experts run our own kernels; keep dynamo out of their data-dependent plan
-            for module in model.modules():
-                if hasattr(module, "num_experts") and hasattr(module, "down_proj") and module.down_proj.ndim == 3:
+        # "layers": the experts run eagerly between two graphs per layer. "layers-all": experts running `moe_fast`
+        # choose per call what dynamo may trace (trainer.moe.experts: the fused expert MLP is one custom op, so the
+        # layer is one graph); any other experts implementation stays out of the graph (data-dependent loops)
+        for module in model.modules():
+            if hasattr(module, "num_experts") and hasattr(module, "down_proj") and module.down_proj.ndim == 3:
+                ours = getattr(getattr(module, "config", None), "_experts_implementation", None) == EXPERTS_IMPLEMENTATION
+                if mode == "layers" or not ours:
                     module.forward = torch.compiler.disable(module.forward)
+        compile_friendly_output_capture()
     for module in targets:
         module.compile(dynamic=False)
+    _allow_one_graph_per_layer(len(targets))
     model._moe_compiled = targets  # noqa: SLF001 - read by disable_compile
     return f"torch.compile ({mode}) on {len(targets)} modules"
+
+
+def _allow_one_graph_per_layer(num_modules: int) -> None:
+    """Raise dynamo's per-function recompile limit (default 8) to cover every compiled layer.
+
+    The layers share one forward function, and each layer specialises it once: transformers' output capture appends
+    each layer's router logits to one list, and dynamo guards on that list's length (layer i sees i entries). Past
+    the limit dynamo would run the remaining layers eagerly; the layers' graphs are identical, so the compiled code
+    is reused from Inductor's cache and only the tracing repeats.
+    """
+    import torch._dynamo.config as dynamo_config
+
+    needed = 2 * num_modules + 8  # per layer, plus the first-layer / block-type variants
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch releases
+        if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < needed:
+            setattr(dynamo_config, name, needed)
 
 
 def disable_compile(model: torch.nn.Module) -> bool:

@@ -10,7 +10,8 @@
 #   b1           B1-bs4 on GPU 0 and B1-bs1 on GPU 1 at the same time (bench/device/run_all.sh; B1_BS4_VARIANTS,
 #                B1_BS1_VARIANTS, REPEAT)
 #   ce-test      GPU parity test of the compiled chunked linear + cross-entropy (GPU 1, in the background)
-#   profile      B1-bs4 `ours[best]` alone with one profiled step: the top kernels by GPU time (GPU 0)
+#   profile      one profiled step of `ours[PROFILE_VARIANT]` per job in PROFILE_JOBS (default B1-bs4; one GPU each,
+#                concurrently): wall vs kernel vs host time, the top kernels by GPU time
 #   ep-dispatch  DeepEP vs all-to-all equality and timing (bench/ep_dispatch.py, 2 GPUs)
 #   b2           B2: native FSDP2 / native EP=2 vs ours FSDP2-only and EP=2 + FSDP2 (bench/compare.py, 2 GPUs;
 #                B2_VARIANTS, B2_NATIVE, B2_LAYOUTS, MOE_BENCH_DISPATCHER=alltoall|deepep|auto)
@@ -80,10 +81,19 @@ if has ce-test; then
 fi
 
 if has profile; then
-  step "profile: B1-bs4 ours[${PROFILE_VARIANT:-best}] (GPU 0)"
-  CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -m bench.compare --jobs B1-bs4 --variants "${PROFILE_VARIANT:-best}" \
-    --recipe none --ours-only --profile --steps 3 --out "$SCRATCH/profile" 2>&1 | grep -v "^\s*$" | tail -45
-  cp "$SCRATCH/profile/results.json" "$R/B1-bs4-profile.json" 2>/dev/null
+  # one profiled step of ours[PROFILE_VARIANT] per job in PROFILE_JOBS (one-GPU jobs, one per GPU, concurrently)
+  step "profile: ${PROFILE_JOBS:-B1-bs4} ours[${PROFILE_VARIANT:-best}]"
+  gpu=0; PIDS=()
+  for job in ${PROFILE_JOBS:-B1-bs4}; do
+    (CUDA_VISIBLE_DEVICES=$gpu timeout 240 python3 -m bench.compare --jobs "$job" --variants "${PROFILE_VARIANT:-best}" \
+      --recipe none --ours-only --profile --steps 3 --out "$SCRATCH/profile-$job" > "$SCRATCH/profile-$job.log" 2>&1) &
+    PIDS+=($!); gpu=$((gpu + 1))
+  done
+  wait "${PIDS[@]}"
+  for job in ${PROFILE_JOBS:-B1-bs4}; do
+    echo "--- $job"; grep -v "^\s*$" "$SCRATCH/profile-$job.log" | tail -42
+    cp "$SCRATCH/profile-$job/results.json" "$R/$job-profile.json" 2>/dev/null
+  done
 fi
 
 if has ep-dispatch; then

@@ -117,6 +117,40 @@ def test_in_backward_optimizer_leaves_no_gradients_behind():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_compiled_layers_with_fused_experts_are_one_graph_and_equal_the_hf_forward():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    reference, optimized = _model(), _model()
+    ref_step, ref_grads = _loss_and_grads(reference, "base")
+    step, grads = _loss_and_grads(optimized, "loss=chunked+fused-experts+compile-all")
+    # the expert MLP is one custom op and the router logits are captured without the ContextVar: no break
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert step.aux is not None and abs(step.aux.item() - ref_step.aux.item()) <= 1e-5 * abs(ref_step.aux.item())
+    assert abs(step.loss.item() - ref_step.loss.item()) <= 1e-5 * abs(ref_step.loss.item())
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert _relative(grad, ref_grads[name]) <= 1e-5, name
+
+
+def test_every_layer_is_compiled_past_dynamos_default_recompile_limit():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = MoEAutoModelForCausalLM.from_config(tiny_configs.qwen3_moe(num_hidden_layers=10, output_router_logits=True))
+    options = PerfOptions.parse("loss=chunked+fused-experts+compile-all")
+    apply_optimizations(model, options)
+    for _ in range(2):
+        causal_lm_loss(model, IDS, IDS, options).loss.backward()
+    # one graph per layer (each sees a longer router-logits list); none left to run eagerly past the limit of 8
+    assert counters["stats"]["unique_graphs"] >= 10
+    assert dict(counters["graph_break"]) == {}
+
+
 def test_disable_compile_restores_eager_modules():
     model = _model()
     options = PerfOptions.parse("compile")

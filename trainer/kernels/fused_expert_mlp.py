@@ -80,10 +80,10 @@ class Activation:
             return _relu2_forward(pre)
         return self._module_forward(pre)
 
-    def backward(self, pre: torch.Tensor, grad_h: torch.Tensor) -> torch.Tensor:
-        """Gradient w.r.t. the pre-activation. May overwrite `pre` (it is not needed afterwards)."""
+    def backward(self, pre: torch.Tensor, grad_h: torch.Tensor, in_place: bool = True) -> torch.Tensor:
+        """Gradient w.r.t. the pre-activation. With `in_place`, may overwrite `pre` (not needed afterwards)."""
         if self._use_liger(pre):
-            return _liger_swiglu()[1](pre, grad_h.contiguous(), True)
+            return _liger_swiglu()[1](pre, grad_h.contiguous(), in_place)
         if self.kind == "swiglu":
             return _swiglu_backward(pre, grad_h)
         if self.kind == "relu2":
@@ -116,65 +116,135 @@ def activation_for(module: torch.nn.Module, backend: str = "torch") -> Activatio
     return Activation("module", module, backend)
 
 
-# ---- the fused Function ------------------------------------------------------------------------------------------
+# ---- forward and backward as plain functions -----------------------------------------------------------------------
+
+def _forward(x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, top_k: int, activation: Activation,
+             is_transposed: bool, compute_dtype):
+    """-> (out_TD, pre_SF, y_SD): the output and the two activations the backward needs."""
+    num_tokens = x_TD.shape[0]
+    # grouped GEMM wants [E, in, out]; HF stores [E, out, in] unless is_transposed
+    up_EHF = (up_w if is_transposed else up_w.transpose(-2, -1)).to(compute_dtype)
+    down_EIH = (down_w if is_transposed else down_w.transpose(-2, -1)).to(compute_dtype)
+    token_of_row_S = torch.div(perm_S, top_k, rounding_mode="floor")
+    x_SD = x_TD.to(compute_dtype).index_select(0, token_of_row_S)
+    pre_SF = grouped_mm(x_SD, up_EHF, offsets_E)
+    del x_SD
+    h_SI = activation.forward(pre_SF)
+    y_SD = grouped_mm(h_SI, down_EIH, offsets_E)
+    del h_SI
+    y_TKD = y_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, -1)
+    out_TD = torch.bmm(weights_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)
+    return out_TD, pre_SF, y_SD
+
+
+def _backward(grad_out_TD, x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, pre_SF, y_SD, top_k: int,
+              activation: Activation, is_transposed: bool, dtype, in_place: bool):
+    """-> (grad_x_TD, grad_weights_TK, grad_up, grad_down). With `in_place`, pre_SF and y_SD are overwritten."""
+    num_tokens, hidden = x_TD.shape
+    grad_out_TD = grad_out_TD.to(dtype)
+
+    # combine: out[t] = sum_k w[t, k] * y[t, k]
+    y_TKD = y_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, hidden)
+    grad_weights_TK = torch.bmm(y_TKD, grad_out_TD.unsqueeze(2)).squeeze(2).to(weights_TK.dtype)
+    del y_TKD, y_SD
+    grad_y_TKD = weights_TK.to(dtype).unsqueeze(2) * grad_out_TD.unsqueeze(1)
+    grad_y_SD = grad_y_TKD.view(num_tokens * top_k, hidden).index_select(0, perm_S)
+    del grad_y_TKD
+
+    # down projection: y = h @ Wd[e]
+    up_EHF = (up_w if is_transposed else up_w.transpose(-2, -1)).to(dtype)
+    down_EIH = (down_w if is_transposed else down_w.transpose(-2, -1)).to(dtype)
+    h_SI = activation.forward(pre_SF)
+    grad_down = _weight_grad(h_SI, grad_y_SD, offsets_E, is_transposed, down_w)
+    del h_SI
+    grad_h_SI = grouped_mm(grad_y_SD, down_EIH.transpose(-2, -1), offsets_E)
+    del grad_y_SD
+
+    # activation, then up projection: pre = x @ Wu[e]
+    grad_pre_SF = activation.backward(pre_SF, grad_h_SI, in_place=in_place)
+    del grad_h_SI, pre_SF
+    token_of_row_S = torch.div(perm_S, top_k, rounding_mode="floor")
+    x_SD = x_TD.to(dtype).index_select(0, token_of_row_S)
+    grad_up = _weight_grad(x_SD, grad_pre_SF, offsets_E, is_transposed, up_w)
+    del x_SD
+    grad_x_SD = grouped_mm(grad_pre_SF, up_EHF.transpose(-2, -1), offsets_E)
+    del grad_pre_SF
+    grad_x_TD = grad_x_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, hidden).sum(dim=1)
+    return grad_x_TD.to(x_TD.dtype), grad_weights_TK, grad_up, grad_down
+
+
+# ---- as an autograd Function (any activation, eager) ---------------------------------------------------------------
 
 class _FusedExpertMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, top_k: int,
                 activation: Activation, is_transposed: bool, compute_dtype):
-        num_tokens = x_TD.shape[0]
-        # grouped GEMM wants [E, in, out]; HF stores [E, out, in] unless is_transposed
-        up_EHF = (up_w if is_transposed else up_w.transpose(-2, -1)).to(compute_dtype)
-        down_EIH = (down_w if is_transposed else down_w.transpose(-2, -1)).to(compute_dtype)
-        token_of_row_S = torch.div(perm_S, top_k, rounding_mode="floor")
-        x_SD = x_TD.to(compute_dtype).index_select(0, token_of_row_S)
-        pre_SF = grouped_mm(x_SD, up_EHF, offsets_E)
-        del x_SD
-        h_SI = activation.forward(pre_SF)
-        y_SD = grouped_mm(h_SI, down_EIH, offsets_E)
-        del h_SI
-        y_TKD = y_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, -1)
-        out_TD = torch.bmm(weights_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)
+        out_TD, pre_SF, y_SD = _forward(x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, top_k,
+                                        activation, is_transposed, compute_dtype)
         ctx.save_for_backward(x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, pre_SF, y_SD)
         ctx.top_k, ctx.activation, ctx.is_transposed, ctx.compute_dtype = top_k, activation, is_transposed, compute_dtype
         return out_TD
 
     @staticmethod
     def backward(ctx, grad_out_TD):
-        x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, pre_SF, y_SD = ctx.saved_tensors
-        top_k, activation, is_transposed, dtype = ctx.top_k, ctx.activation, ctx.is_transposed, ctx.compute_dtype
-        num_tokens, hidden = x_TD.shape
-        grad_out_TD = grad_out_TD.to(dtype)
+        grads = _backward(grad_out_TD, *ctx.saved_tensors, ctx.top_k, ctx.activation, ctx.is_transposed,
+                          ctx.compute_dtype, in_place=True)
+        return (*grads, None, None, None, None, None, None, None)
 
-        # combine: out[t] = sum_k w[t, k] * y[t, k]
-        y_TKD = y_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, hidden)
-        grad_weights_TK = torch.bmm(y_TKD, grad_out_TD.unsqueeze(2)).squeeze(2).to(weights_TK.dtype)
-        del y_TKD, y_SD
-        grad_y_TKD = weights_TK.to(dtype).unsqueeze(2) * grad_out_TD.unsqueeze(1)
-        grad_y_SD = grad_y_TKD.view(num_tokens * top_k, hidden).index_select(0, perm_S)
-        del grad_y_TKD
 
-        # down projection: y = h @ Wd[e]
-        up_EHF = (up_w if is_transposed else up_w.transpose(-2, -1)).to(dtype)
-        down_EIH = (down_w if is_transposed else down_w.transpose(-2, -1)).to(dtype)
-        h_SI = activation.forward(pre_SF)
-        grad_down = _weight_grad(h_SI, grad_y_SD, offsets_E, is_transposed, down_w)
-        del h_SI
-        grad_h_SI = grouped_mm(grad_y_SD, down_EIH.transpose(-2, -1), offsets_E)
-        del grad_y_SD
+# ---- as a custom op pair (SwiGLU / relu^2): opaque to torch.compile, so a compiled layer needs no graph break -----
 
-        # activation, then up projection: pre = x @ Wu[e]
-        grad_pre_SF = activation.backward(pre_SF, grad_h_SI)
-        del grad_h_SI, pre_SF
-        token_of_row_S = torch.div(perm_S, top_k, rounding_mode="floor")
-        x_SD = x_TD.to(dtype).index_select(0, token_of_row_S)
-        grad_up = _weight_grad(x_SD, grad_pre_SF, offsets_E, is_transposed, up_w)
-        del x_SD
-        grad_x_SD = grouped_mm(grad_pre_SF, up_EHF.transpose(-2, -1), offsets_E)
-        del grad_pre_SF
-        grad_x_TD = grad_x_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, hidden).sum(dim=1)
-        return (grad_x_TD.to(x_TD.dtype), grad_weights_TK, grad_up, grad_down,
-                None, None, None, None, None, None, None)
+OP_ACTIVATIONS = ("swiglu", "relu2")
+
+
+@torch.library.custom_op("moe_stack::fused_expert_mlp", mutates_args=())
+def _fused_op(x_TD: torch.Tensor, weights_TK: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor,
+              perm_S: torch.Tensor, inv_perm_S: torch.Tensor, offsets_E: torch.Tensor, top_k: int, activation: str,
+              backend: str, is_transposed: bool, compute_dtype: torch.dtype
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, top_k,
+                    Activation(activation, None, backend), is_transposed, compute_dtype)
+
+
+@_fused_op.register_fake
+def _(x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, top_k, activation, backend, is_transposed,
+      compute_dtype):
+    rows, hidden = perm_S.shape[0], x_TD.shape[1]
+    pre_width = up_w.shape[-1] if is_transposed else up_w.shape[-2]
+    return (x_TD.new_empty(x_TD.shape[0], hidden, dtype=compute_dtype),
+            x_TD.new_empty(rows, pre_width, dtype=compute_dtype), x_TD.new_empty(rows, hidden, dtype=compute_dtype))
+
+
+@torch.library.custom_op("moe_stack::fused_expert_mlp_backward", mutates_args=())
+def _fused_op_backward(grad_out_TD: torch.Tensor, x_TD: torch.Tensor, weights_TK: torch.Tensor, up_w: torch.Tensor,
+                       down_w: torch.Tensor, perm_S: torch.Tensor, inv_perm_S: torch.Tensor, offsets_E: torch.Tensor,
+                       pre_SF: torch.Tensor, y_SD: torch.Tensor, top_k: int, activation: str, backend: str,
+                       is_transposed: bool, compute_dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # not in place: a custom op must leave its inputs (here the saved activations) as they were
+    return _backward(grad_out_TD, x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, pre_SF, y_SD, top_k,
+                     Activation(activation, None, backend), is_transposed, compute_dtype, in_place=False)
+
+
+@_fused_op_backward.register_fake
+def _(grad_out_TD, x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, pre_SF, y_SD, top_k, activation,
+      backend, is_transposed, compute_dtype):
+    return torch.empty_like(x_TD), torch.empty_like(weights_TK), torch.empty_like(up_w), torch.empty_like(down_w)
+
+
+def _op_setup_context(ctx, inputs, output):
+    x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, *options = inputs
+    _, pre_SF, y_SD = output
+    ctx.save_for_backward(x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, pre_SF, y_SD)
+    ctx.options = options  # top_k, activation, backend, is_transposed, compute_dtype
+
+
+def _op_backward(ctx, grad_out_TD, _grad_pre, _grad_y):
+    grads = _fused_op_backward(grad_out_TD, *ctx.saved_tensors, *ctx.options)
+    return (*grads, None, None, None, None, None, None, None, None)
+
+
+_fused_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def _weight_grad(in_SK, grad_SN, offsets_E, is_transposed: bool, param: torch.Tensor) -> torch.Tensor:
@@ -210,5 +280,8 @@ def fused_expert_mlp(
     if torch.is_autocast_enabled(x_TD.device.type):
         compute_dtype = torch.get_autocast_dtype(x_TD.device.type)
     with torch.autocast(x_TD.device.type, enabled=False):
+        if activation.kind in OP_ACTIVATIONS:
+            return _fused_op(x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, top_k, activation.kind,
+                             activation.backend, is_transposed, compute_dtype)[0]
         return _FusedExpertMLP.apply(x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, top_k,
                                      activation, is_transposed, compute_dtype)

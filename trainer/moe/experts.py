@@ -89,17 +89,27 @@ def set_fused_experts(model: torch.nn.Module, enabled: bool = True, activation_b
             module.moe_fused_experts = enabled
             module.moe_activation_backend = activation_backend
             module.__dict__.pop("_moe_activation", None)
+            if enabled:  # decided here, eagerly, so that a compiled forward only reads it
+                _activation(module)
             count += 1
     return count
 
 
-def _fused_local_forward(module, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
-    from trainer.kernels.fused_expert_mlp import activation_for, fused_expert_mlp
+def _activation(module):
+    """The module's expert activation (trainer.kernels.fused_expert_mlp.Activation), chosen once and cached."""
+    from trainer.kernels.fused_expert_mlp import activation_for
 
     activation = module.__dict__.get("_moe_activation")
     if activation is None:
         activation = activation_for(module, getattr(module, "moe_activation_backend", "torch"))
         module.__dict__["_moe_activation"] = activation
+    return activation
+
+
+def _fused_local_forward(module, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+    from trainer.kernels.fused_expert_mlp import fused_expert_mlp
+
+    activation = _activation(module)
     has_gate = getattr(module, "has_gate", True)
     plan = make_plan(top_k_index, module.num_experts)  # no host synchronisation
     module.moe_last_tokens_per_expert = plan.tokens_per_expert_E.detach()
@@ -114,7 +124,27 @@ def _fused_local_forward(module, hidden_states, top_k_index, top_k_weights) -> t
 def fast_experts_forward(
     module: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """ExpertsInterface entry: [T, H] tokens, [T, K] expert ids and weights -> [T, H]."""
+    """ExpertsInterface entry: [T, H] tokens, [T, K] expert ids and weights -> [T, H].
+
+    Under torch.compile only the fused local path with a SwiGLU / relu^2 activation is traced (its routing plan is
+    plain tensor ops, its expert MLP one custom op, so the layer stays one graph); every other path runs eagerly.
+    """
+    if getattr(module, "moe_dispatcher", None) is None and _fused_enabled(module):
+        if not torch.compiler.is_compiling() or traceable_activation(_activation(module)):
+            return _fused_local_forward(module, hidden_states, top_k_index, top_k_weights)
+    return _eager_experts_forward(module, hidden_states, top_k_index, top_k_weights)
+
+
+def traceable_activation(activation) -> bool:
+    from trainer.kernels.fused_expert_mlp import OP_ACTIVATIONS
+
+    return activation.kind in OP_ACTIVATIONS
+
+
+@torch.compiler.disable
+def _eager_experts_forward(module, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+    """Dispatchers (expert parallelism synchronises with the host to size its all-to-all) and the fused Function
+    with an arbitrary activation module stay out of compiled graphs."""
     if getattr(module, "moe_dispatcher", None) is None and _fused_enabled(module):
         return _fused_local_forward(module, hidden_states, top_k_index, top_k_weights)
     dispatcher = getattr(module, "moe_dispatcher", None) or LOCAL_DISPATCHER
