@@ -257,7 +257,9 @@ def _profile_step(spec, model, optimizer, ids, options, device) -> str:
         wall_ms = (time.perf_counter() - start) * 1e3
     averages = prof.key_averages()
     sort_key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    kernel_ms = sum(getattr(e, "self_device_time_total", 0) for e in averages) / 1e3
+    # kernels only (an operator's own row repeats its kernels' time)
+    kernel_ms = sum(e.self_device_time_total for e in averages
+                    if str(getattr(e, "device_type", "")).endswith(("CUDA", "PrivateUse1"))) / 1e3
     cpu_ms = sum(e.self_cpu_time_total for e in averages) / 1e3
     # kernel time below the wall time means the GPU waited (on the host, or on a synchronisation)
     summary = f"profiled step: wall {wall_ms:.1f} ms, kernel time {kernel_ms:.1f} ms (all streams), host {cpu_ms:.1f} ms"

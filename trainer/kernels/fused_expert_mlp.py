@@ -1,4 +1,4 @@
-"""The whole local expert MLP as one autograd Function that keeps about half the activations of the unfused path.
+"""The whole local expert MLP as one differentiable op that keeps about half the activations of the unfused path.
 
     out_TD = sum_k w_TK[t, k] * down_e(act(up_e(x_TD[t])))     e = expert index_TK[t, k]
 
@@ -12,6 +12,10 @@ gathered rows [S, H], the activation output [S, I] (twice for SwiGLU) and the ga
 Backward uses the three grouped-GEMM forms: dX = dY @ W^T (2D x 3D), and the per-expert weight gradient
 dW[e] = dY[rows_e]^T @ X[rows_e] (2D x 2D with offsets), written straight in HF's [E, out, in] layout.
 The reference is `trainer.moe.experts.expert_mlp` + `LocalDispatcher` (the unfused path), tested to agree in fp32.
+
+SwiGLU and relu^2 run as a pair of torch custom ops (forward, backward) joined by `register_autograd`: opaque to
+torch.compile, so a compiled decoder layer traces around them without a graph break. Any other activation module
+runs as an autograd Function (eager only).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ and runs: dispatch (sort by expert, or all-to-all / DeepEP under expert parallel
 grouped GEMM -> combine (weighted K-way sum, deterministic).
 
 Option (local path only, no bias): the memory-lean fused expert MLP (`trainer.kernels.fused_expert_mlp`), one
-autograd Function that saves the pre-activation and the down output only (its routing plan, like the local
+differentiable op that saves the pre-activation and the down output only (its routing plan, like the local
 dispatcher's, needs no host synchronisation). Turn it on per module with `set_fused_experts(model)` (what `trainer.perf` does), or for
 every model with the environment variable MOE_FUSED_EXPERTS=1. Expert-parallel dispatchers keep the unfused path.
 """
