@@ -224,7 +224,7 @@ def _apply_compile(model: torch.nn.Module, mode: str) -> str:
                 ours = getattr(getattr(module, "config", None), "_experts_implementation", None) == EXPERTS_IMPLEMENTATION
                 if mode == "layers" or not ours:
                     module.forward = torch.compiler.disable(module.forward)
-        compile_friendly_output_capture()
+    compile_friendly_output_capture()
     for module in targets:
         module.compile(dynamic=False)
     _allow_one_graph_per_layer(len(targets))

@@ -143,7 +143,7 @@ def _forward(x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, top_
 
 def _backward(grad_out_TD, x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, pre_SF, y_SD, top_k: int,
               activation: Activation, is_transposed: bool, dtype, in_place: bool):
-    """-> (grad_x_TD, grad_weights_TK, grad_up, grad_down). With `in_place`, pre_SF and y_SD are overwritten."""
+    """-> (grad_x_TD, grad_weights_TK, grad_up, grad_down). With `in_place`, pre_SF may be overwritten."""
     num_tokens, hidden = x_TD.shape
     grad_out_TD = grad_out_TD.to(dtype)
 
