@@ -262,7 +262,8 @@ def _profile_step(spec, model, optimizer, ids, options, device) -> str:
                     if str(getattr(e, "device_type", "")).endswith(("CUDA", "PrivateUse1"))) / 1e3
     cpu_ms = sum(e.self_cpu_time_total for e in averages) / 1e3
     # kernel time below the wall time means the GPU waited (on the host, or on a synchronisation)
-    summary = f"profiled step: wall {wall_ms:.1f} ms, kernel time {kernel_ms:.1f} ms (all streams), host {cpu_ms:.1f} ms"
+    summary = (f"profiled step: wall {wall_ms:.1f} ms, kernel time {kernel_ms:.1f} ms (all streams), "
+               f"host {cpu_ms:.1f} ms")
     return summary + "\n" + averages.table(sort_by=sort_key, row_limit=30, max_name_column_width=70)
 
 

@@ -221,7 +221,8 @@ def _apply_compile(model: torch.nn.Module, mode: str) -> str:
         # layer is one graph); any other experts implementation stays out of the graph (data-dependent loops)
         for module in model.modules():
             if hasattr(module, "num_experts") and hasattr(module, "down_proj") and module.down_proj.ndim == 3:
-                ours = getattr(getattr(module, "config", None), "_experts_implementation", None) == EXPERTS_IMPLEMENTATION
+                implementation = getattr(getattr(module, "config", None), "_experts_implementation", None)
+                ours = implementation == EXPERTS_IMPLEMENTATION
                 if mode == "layers" or not ours:
                     module.forward = torch.compiler.disable(module.forward)
     compile_friendly_output_capture()

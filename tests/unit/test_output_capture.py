@@ -1,4 +1,4 @@
-"""trainer.models.output_capture: transformers' per-layer output capture through a global slot gives the same outputs."""
+"""trainer.models.output_capture: transformers' output capture through a global slot gives the same outputs."""
 
 from __future__ import annotations
 

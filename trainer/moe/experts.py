@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from trainer.kernels.fused_expert_mlp import OP_ACTIVATIONS, activation_for, fused_expert_mlp
 from trainer.moe.dispatch import LOCAL_DISPATCHER
 from trainer.moe.grouped_gemm import grouped_mm
 from trainer.moe.permute import make_plan
@@ -97,8 +98,6 @@ def set_fused_experts(model: torch.nn.Module, enabled: bool = True, activation_b
 
 def _activation(module):
     """The module's expert activation (trainer.kernels.fused_expert_mlp.Activation), chosen once and cached."""
-    from trainer.kernels.fused_expert_mlp import activation_for
-
     activation = module.__dict__.get("_moe_activation")
     if activation is None:
         activation = activation_for(module, getattr(module, "moe_activation_backend", "torch"))
@@ -107,8 +106,6 @@ def _activation(module):
 
 
 def _fused_local_forward(module, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
-    from trainer.kernels.fused_expert_mlp import fused_expert_mlp
-
     activation = _activation(module)
     has_gate = getattr(module, "has_gate", True)
     plan = make_plan(top_k_index, module.num_experts)  # no host synchronisation
@@ -129,23 +126,17 @@ def fast_experts_forward(
     Under torch.compile only the fused local path with a SwiGLU / relu^2 activation is traced (its routing plan is
     plain tensor ops, its expert MLP one custom op, so the layer stays one graph); every other path runs eagerly.
     """
-    if getattr(module, "moe_dispatcher", None) is None and _fused_enabled(module):
-        if not torch.compiler.is_compiling() or traceable_activation(_activation(module)):
-            return _fused_local_forward(module, hidden_states, top_k_index, top_k_weights)
-    return _eager_experts_forward(module, hidden_states, top_k_index, top_k_weights)
-
-
-def traceable_activation(activation) -> bool:
-    from trainer.kernels.fused_expert_mlp import OP_ACTIVATIONS
-
-    return activation.kind in OP_ACTIVATIONS
+    fused = getattr(module, "moe_dispatcher", None) is None and _fused_enabled(module)
+    if fused and (not torch.compiler.is_compiling() or _activation(module).kind in OP_ACTIVATIONS):
+        return _fused_local_forward(module, hidden_states, top_k_index, top_k_weights)
+    return _eager_experts_forward(module, hidden_states, top_k_index, top_k_weights, fused)
 
 
 @torch.compiler.disable
-def _eager_experts_forward(module, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+def _eager_experts_forward(module, hidden_states, top_k_index, top_k_weights, fused: bool) -> torch.Tensor:
     """Dispatchers (expert parallelism synchronises with the host to size its all-to-all) and the fused Function
     with an arbitrary activation module stay out of compiled graphs."""
-    if getattr(module, "moe_dispatcher", None) is None and _fused_enabled(module):
+    if fused:
         return _fused_local_forward(module, hidden_states, top_k_index, top_k_weights)
     dispatcher = getattr(module, "moe_dispatcher", None) or LOCAL_DISPATCHER
     if getattr(dispatcher, "weights_at_dispatch", False):  # expert-parallel dispatchers weight on the expert side
