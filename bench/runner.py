@@ -264,7 +264,23 @@ def _profile_step(spec, model, optimizer, ids, options, device) -> str:
     # kernel time below the wall time means the GPU waited (on the host, or on a synchronisation)
     summary = (f"profiled step: wall {wall_ms:.1f} ms, kernel time {kernel_ms:.1f} ms (all streams), "
                f"host {cpu_ms:.1f} ms")
-    return summary + "\n" + averages.table(sort_by=sort_key, row_limit=30, max_name_column_width=70)
+    table = averages.table(sort_by=sort_key, row_limit=30, max_name_column_width=70)
+    if device.type == "cuda":
+        summary += "\n" + _stream_timeline(prof)
+    return summary + "\n" + table
+
+
+def _stream_timeline(prof) -> str:
+    """Busy time per CUDA stream and the compute stream's idle gaps (bench.timeline) from the step's trace."""
+    import tempfile
+
+    from bench.timeline import stream_summary
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            return stream_summary(json.load(f))
 
 
 LAYOUTS = {"ep": "expert parallel over all GPUs + FSDP2", "fsdp": "FSDP2 only (every GPU runs all experts)",

@@ -13,8 +13,10 @@ Options (the benchmark keeps each only where it pays, docs/BENCHMARKS.md):
 - kernels: "eager" or "liger" (Liger Triton RMSNorm patched into every HF RMSNorm, Liger SwiGLU inside the experts);
   falls back to eager with a note when liger is not importable.
 - compile: "none", "layers" (torch.compile each decoder layer, experts kept eager), "layers-all" (experts too: the
-  fused expert MLP enters the graph as one custom op),
-  "attn" (only the attention modules and norms). `disable_compile(model)` undoes it (first-step fallback).
+  fused expert MLP enters the graph as one custom op), "layers-graphs" (as "layers-all", each layer's graphs then
+  replayed as CUDA graphs: one launch per graph instead of one per kernel, for steps that wait on the host; one CUDA
+  device, one process), "attn" (only the attention modules and norms). `disable_compile(model)` undoes it
+  (first-step fallback).
 - ac: activation checkpointing "none", "full" (every decoder layer), "attn" (= "selective": only the attention
   sub-block is recomputed: cheap to recompute per byte saved and it holds no router state), "mlp" (the MoE sub-block).
 - optimizer: "foreach" (torch AdamW default), "fused" (one kernel), "in-backward" (fused AdamW per parameter as soon as
@@ -39,7 +41,7 @@ from trainer.moe.experts import IMPLEMENTATION_NAME as EXPERTS_IMPLEMENTATION
 CHOICES = {
     "loss": ("hf", "fused", "chunked", "liger"),
     "kernels": ("eager", "liger"),
-    "compile": ("none", "layers", "layers-all", "attn"),
+    "compile": ("none", "layers", "layers-all", "layers-graphs", "attn"),
     "ac": ("none", "full", "attn", "selective", "mlp"),
     "optimizer": ("foreach", "fused", "in-backward", "overlap"),
     "master": ("none", "fp32"),
@@ -53,6 +55,7 @@ SHORTCUTS = {
     "liger": {"kernels": "liger"},
     "compile": {"compile": "layers"},
     "compile-all": {"compile": "layers-all"},
+    "cuda-graphs": {"compile": "layers-graphs"},
     "compile-attn": {"compile": "attn"},
     "fused-adamw": {"optimizer": "fused"},
     "opt-in-bwd": {"optimizer": "in-backward"},
@@ -125,9 +128,23 @@ def apply_optimizations(model: torch.nn.Module, options: PerfOptions) -> list[st
         notes.append(_apply_fp8(model))
     if options.ac != "none":
         notes.append(_apply_checkpointing(model, options.ac))
+    if options.compile == "layers-graphs" and not _one_cuda_process(model):
+        options.compile = "layers-all"
+        notes.append("CUDA graphs need one CUDA device in one process: compile=layers-all")
+    if options.compile == "layers-graphs" and any(p.dtype == torch.float32 for p in model.parameters()):
+        # the grouped GEMM runs in bf16/fp16; fp32 experts loop on the host over the experts' row counts
+        options.compile = "layers-all"
+        notes.append("CUDA graphs need bf16/fp16 weights (fp32 experts read row counts on the host): "
+                     "compile=layers-all")
     if options.compile != "none":
         notes.append(_apply_compile(model, options.compile))
     return notes
+
+
+def _one_cuda_process(model: torch.nn.Module) -> bool:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    devices = {p.device for p in model.parameters()}
+    return not distributed and len(devices) == 1 and next(iter(devices)).type == "cuda"
 
 
 def _liger_importable() -> bool:
@@ -226,8 +243,9 @@ def _apply_compile(model: torch.nn.Module, mode: str) -> str:
                 if mode == "layers" or not ours:
                     module.forward = torch.compiler.disable(module.forward)
     compile_friendly_output_capture()
+    kwargs = {"mode": "reduce-overhead"} if mode == "layers-graphs" else {}
     for module in targets:
-        module.compile(dynamic=False)
+        module.compile(dynamic=False, **kwargs)
     _allow_one_graph_per_layer(len(targets))
     model._moe_compiled = targets  # noqa: SLF001 - read by disable_compile
     return f"torch.compile ({mode}) on {len(targets)} modules"
@@ -313,6 +331,9 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, options
     FSDP2's hooks and HF's router aux loss (added with the config's coefficient, as HF does) exactly as they are.
     Heads with a bias or logit scaling/soft-capping fall back to "hf" (noted in options.notes).
     """
+    if options.compile == "layers-graphs":
+        # a new training step: the previous step's graph outputs (activations, gradients) may be overwritten now
+        torch.compiler.cudagraph_mark_step_begin()
     want_router = output_router_logits and _accepts_router_logits(model)
     kwargs = {"output_router_logits": True} if want_router else {}
     head = None if options.loss == "hf" else _fused_head(model)
@@ -348,32 +369,42 @@ def _accepts_router_logits(model) -> bool:
 # ---- optimizers ------------------------------------------------------------------------------------------------
 
 class _PerParamAdamW:
-    """AdamW one parameter at a time (the fused AdamW kernel, called directly), optionally on an fp32 master copy
-    (bf16 params, fp32 weights + states).
+    """AdamW on each parameter's own state tensors (the fused AdamW kernel, called directly), optionally on an fp32
+    master copy (bf16 params, fp32 weights + states).
 
-    `in_backward=True` steps each parameter from a post-accumulate-grad hook and frees its gradient at once, so at
-    most a few gradients exist at any time. Otherwise `step()` walks the parameters one by one (the fp32 copy of a
-    gradient is made per parameter, never for all at once).
+    `in_backward=True` steps parameters from post-accumulate-grad hooks and frees their gradients at once, so only a
+    few gradients exist at any time. Parameters are updated in buckets, one per decoder layer (and one for each
+    parameter outside the layers): the bucket's update is one multi-tensor kernel launch once the last of its
+    gradients is complete, instead of one launch per parameter. A bucket whose gradients did not all arrive (a
+    parameter unused this step) is updated by `step()`. Otherwise `step()` walks the buckets in order (the fp32 copy
+    of a gradient is made per bucket, never for all at once).
 
     `overlap=True` (CUDA, with in_backward) launches each update on one side stream that first waits for the
-    gradient; the backward goes on meanwhile. This is safe because autograd fires the hook only after the
-    parameter's last use in the backward (its gradient is complete), the gradient's memory is kept until the side
-    stream is done with it (`record_stream`), and `step()` makes the compute stream wait for every update before the
-    next forward reads the parameters.
+    gradients; the backward goes on meanwhile. This is safe because autograd fires the hook only after the
+    parameter's last use in the backward (its gradient is complete), the gradients' memory is kept until the side
+    stream is done with it (`record_stream`, or a reference held until `step()` with `hold_gradients`), and `step()`
+    makes the compute stream wait for every update before the next forward reads the parameters.
 
-    Per parameter this is one kernel launch and no optimizer bookkeeping: all parameters step together, so they
-    share one step counter per device (advanced by `step()` once every parameter has been updated), and sharded
-    (DTensor) parameters are updated through their local shards. The update is `torch.optim.AdamW(fused=True)`'s.
+    `hold_gradients=True` keeps every gradient referenced until `step()`: needed when gradients live in a CUDA-graph
+    memory pool (compiled layers replayed as CUDA graphs), which reuses memory that no tensor references within the
+    same step and knows nothing of the side stream.
+
+    All parameters step together, so they share one step counter per device (advanced by `step()` once every
+    parameter has been updated). Sharded (DTensor) parameters are updated one by one through their local shards, in
+    the stream where FSDP2 calls the hook. The update is `torch.optim.AdamW(fused=True)`'s.
     """
 
     def __init__(self, params, lr: float, betas, eps: float, weight_decay: float, master_fp32: bool, in_backward: bool,
-                 overlap: bool = False):
-        self.master_fp32, self.in_backward = master_fp32, in_backward
+                 overlap: bool = False, buckets: list[list[torch.nn.Parameter]] | None = None,
+                 hold_gradients: bool = False):
+        self.master_fp32, self.in_backward, self.hold_gradients = master_fp32, in_backward, hold_gradients
         self.hyper = dict(lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
                           maximize=False)
         self._entries = {}
         self._steps = {}  # device -> shared step counter (fp32 scalar, as the fused kernel reads it)
         self._side_stream = None
+        self._held: list[torch.Tensor] = []
+        params = list(params)
         for p in params:
             local = _local(p).detach()
             own_copy = master_fp32 and p.dtype != torch.float32
@@ -382,44 +413,77 @@ class _PerParamAdamW:
                 self._steps[local.device] = torch.ones((), dtype=torch.float32, device=local.device)
             self._entries[p] = (target, torch.zeros_like(target), torch.zeros_like(target), own_copy)
             if in_backward:
-                p.register_post_accumulate_grad_hook(self._step_param)
+                p.register_post_accumulate_grad_hook(self._on_gradient)
             if overlap and in_backward and p.is_cuda and self._side_stream is None:
                 self._side_stream = torch.cuda.Stream(device=p.device)
+        self._buckets = _complete_buckets(params, buckets)
+        self._bucket_of = {p: i for i, bucket in enumerate(self._buckets) for p in bucket}
+        self._ready: list[list[torch.Tensor]] = [[] for _ in self._buckets]
 
     @torch.no_grad()
-    def _step_param(self, p: torch.Tensor) -> None:
+    def _on_gradient(self, p: torch.Tensor) -> None:
         if p.grad is None:
             return
-        side = self._side_stream
-        if side is None or type(p).__name__ == "DTensor":
+        if type(p).__name__ == "DTensor":
             # FSDP2 calls this hook on its reduce-scatter stream, after the gradient's reduce-scatter: the update
             # already runs beside the backward, in the stream that owns the gradient's memory; the end of the
             # backward waits for that stream before the next forward
-            self._update(p)
+            self._update([p])
             return
-        side.wait_stream(torch.cuda.current_stream(p.device))
-        p.grad.record_stream(side)  # its memory must outlive the update, not just this hook
-        with torch.cuda.stream(side):
-            self._update(p)
+        index = self._bucket_of[p]
+        ready = self._ready[index]
+        ready.append(p)
+        if len(ready) == len(self._buckets[index]):
+            self._launch(ready)
+            self._ready[index] = []
 
-    def _update(self, p: torch.Tensor) -> None:
-        target, exp_avg, exp_avg_sq, own_copy = self._entries[p]
-        grad = _local(p.grad)
-        if grad.dtype != target.dtype:
-            grad = grad.to(target.dtype)
-        torch._fused_adamw_([target], [grad], [exp_avg], [exp_avg_sq], [], [self._steps[target.device]],
-                            **self.hyper)
-        if own_copy:
-            _local(p).copy_(target)
-        p.grad = None
+    def _launch(self, params: list[torch.Tensor]) -> None:
+        side = self._side_stream
+        if side is None:
+            self._update(params)
+            return
+        side.wait_stream(torch.cuda.current_stream(side.device))
+        for p in params:
+            if not self.hold_gradients:
+                p.grad.record_stream(side)  # its memory must outlive the update, not just this hook
+        with torch.cuda.stream(side):
+            self._update(params)
+
+    def _update(self, params: list[torch.Tensor]) -> None:
+        groups: dict[tuple, tuple[list, list, list, list]] = {}
+        for p in params:
+            target, exp_avg, exp_avg_sq, _ = self._entries[p]
+            grad = _local(p.grad)
+            if grad.dtype != target.dtype:
+                grad = grad.to(target.dtype)
+            lists = groups.setdefault((target.device, target.dtype), ([], [], [], []))
+            for values, tensor in zip(lists, (target, grad, exp_avg, exp_avg_sq)):
+                values.append(tensor)
+        for (device, _), (targets, grads, exp_avgs, exp_avg_sqs) in groups.items():
+            torch._fused_adamw_(targets, grads, exp_avgs, exp_avg_sqs, [], [self._steps[device]] * len(targets),
+                                **self.hyper)
+        for p in params:
+            target, _, _, own_copy = self._entries[p]
+            if own_copy:
+                _local(p).copy_(target)
+            if self.hold_gradients:
+                self._held.append(p.grad)
+            p.grad = None
 
     @torch.no_grad()
     def step(self) -> None:
         if not self.in_backward:
-            for p in self._entries:
-                self._step_param(p)
-        elif self._side_stream is not None:
+            for bucket in self._buckets:
+                with_grad = [p for p in bucket if p.grad is not None]
+                if with_grad:
+                    self._update(with_grad)
+        for index, ready in enumerate(self._ready):  # buckets with a parameter that got no gradient this step
+            if ready:
+                self._launch(ready)
+                self._ready[index] = []
+        if self._side_stream is not None:
             torch.cuda.current_stream(self._side_stream.device).wait_stream(self._side_stream)
+        self._held.clear()
         for counter in self._steps.values():
             counter.add_(1)
 
@@ -433,6 +497,24 @@ class _PerParamAdamW:
             total += (target.numel() * target.element_size()) if own_copy else 0
             total += exp_avg.numel() * exp_avg.element_size() + exp_avg_sq.numel() * exp_avg_sq.element_size()
         return total
+
+
+def _complete_buckets(params: list[torch.Tensor], buckets: list[list[torch.Tensor]] | None) -> list[list[torch.Tensor]]:
+    """The given buckets restricted to `params` (plain tensors only), plus one bucket per remaining parameter."""
+    wanted = {p for p in params if type(p).__name__ != "DTensor"}
+    result, placed = [], set()
+    for bucket in buckets or []:
+        members = [p for p in bucket if p in wanted and p not in placed]
+        placed.update(members)
+        if members:
+            result.append(members)
+    result += [[p] for p in params if p in wanted and p not in placed]
+    return result
+
+
+def layer_buckets(model: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
+    """The trainable parameters of each decoder layer, one list per layer (the optimizer's update buckets)."""
+    return [[p for p in layer.parameters() if p.requires_grad] for layer in decoder_layers(model)]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -464,7 +546,8 @@ def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e
         in_backward = False
     if in_backward or options.master == "fp32":
         return _PerParamAdamW(params, lr, betas, eps, weight_decay, options.master == "fp32", in_backward,
-                              overlap=options.optimizer == "overlap")
+                              overlap=options.optimizer == "overlap", buckets=layer_buckets(model),
+                              hold_gradients=options.compile == "layers-graphs")
     on_cuda = all(p.is_cuda for p in params)
     kind = {"fused": True} if options.optimizer in ("fused", "in-backward") and on_cuda else {"foreach": True}
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kind)

@@ -5,6 +5,7 @@
 #   STAGES="build train-step mamba-test b3-kernels" bash bench/device/run_x2.sh     # a subset (~10 min per subset)
 #
 # Stages:
+#   graphs-test  GPU parity test: compiled layers as CUDA graphs vs kernel by kernel, overlapped optimizer (GPU 0)
 #   build        causal-conv1d (sm_90) + mamba-ssm (Python/Triton) wheels, in the background (bench/device/build_mamba.sh);
 #                skipped when .whl/ already holds both wheels (a previous build's wheels, copied back from $OUT)
 #   b1           B1-bs4 on GPU 0 and B1-bs1 on GPU 1 at the same time (bench/device/run_all.sh; B1_BS4_VARIANTS,
@@ -32,7 +33,7 @@ LOG="$R/x2.log"
 exec > >(tee -a "$LOG") 2>&1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-STAGES="${STAGES:-build b1 ce-test profile b2 ep-dispatch train-step b3-torch plan mamba-test b3-kernels}"
+STAGES="${STAGES:-graphs-test build b1 ce-test profile b2 ep-dispatch train-step b3-torch plan mamba-test b3-kernels}"
 SCRATCH=/tmp/x2
 mkdir -p "$SCRATCH"
 for wheel in .whl/*.whl; do
@@ -55,6 +56,13 @@ if has build; then
       .device/src/mamba-v2.3.0.tar.gz "$SCRATCH/mwheels" > "$SCRATCH/build_mamba.log" 2>&1 &
     BUILD=$!
   fi
+fi
+
+if has graphs-test; then
+  step "GPU parity tests: CUDA-graph layers, overlapped optimizer (GPU 0)"
+  CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short \
+    tests/gpu/test_cuda_graph_layers.py tests/gpu/test_optimizer_overlap.py > "$SCRATCH/graphs_test.log" 2>&1
+  grep -E "^E |Error|passed|failed" "$SCRATCH/graphs_test.log" | tail -25
 fi
 
 if has b1; then
@@ -91,7 +99,7 @@ if has profile; then
   done
   wait "${PIDS[@]}"
   for job in ${PROFILE_JOBS:-B1-bs4}; do
-    echo "--- $job"; grep -v "^\s*$" "$SCRATCH/profile-$job.log" | tail -42
+    echo "--- $job"; grep -v "^\s*$" "$SCRATCH/profile-$job.log" | tail -56
     cp "$SCRATCH/profile-$job/results.json" "$R/$job-profile.json" 2>/dev/null
   done
 fi

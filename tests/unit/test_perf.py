@@ -12,7 +12,7 @@ import torch
 
 import tiny_configs
 from trainer.models import MoEAutoModelForCausalLM
-from trainer.perf import PerfOptions, apply_optimizations, build_optimizer, causal_lm_loss, disable_compile
+from trainer.perf import PerfOptions, _PerParamAdamW, apply_optimizations, build_optimizer, causal_lm_loss, disable_compile
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -115,6 +115,62 @@ def test_in_backward_optimizer_leaves_no_gradients_behind():
     build_optimizer(model, options, lr=1e-3)
     causal_lm_loss(model, IDS, IDS, options).loss.backward()
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_in_backward_optimizer_launches_one_update_per_layer(monkeypatch):
+    model = _model()
+    options = PerfOptions.parse("opt-in-bwd")
+    optimizer = build_optimizer(model, options, lr=1e-3)
+    launches = []
+    real = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda params, *a, **k: (launches.append(len(params)),
+                                                                         real(params, *a, **k)))
+    causal_lm_loss(model, IDS, IDS, options).loss.backward()
+    optimizer.step()
+    layers = len(model.model.layers)
+    outside = sum(1 for n, _ in model.named_parameters() if not n.startswith("model.layers."))
+    assert len(launches) == layers + outside  # a bucket per decoder layer, one per parameter outside them
+    assert sum(launches) == sum(1 for _ in model.parameters())
+
+
+def test_bucket_with_an_unused_parameter_is_updated_by_step():
+    torch.manual_seed(0)
+    used, unused = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    reference = [p.detach().clone().requires_grad_() for p in used.parameters()]
+    params = [*used.parameters(), *unused.parameters()]
+    optimizer = _PerParamAdamW(params, 1e-2, (0.9, 0.95), 1e-8, 0.0, master_fp32=False, in_backward=True,
+                               buckets=[params])
+    torch_adamw = torch.optim.AdamW(reference, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
+    x = torch.randn(3, 4)
+    for _ in range(2):
+        used(x).square().sum().backward()  # the bucket never completes: `unused` gets no gradient
+        assert used.weight.grad is not None  # waiting for the rest of its bucket
+        optimizer.step()
+        torch.nn.functional.linear(x, reference[0], reference[1]).square().sum().backward()
+        torch_adamw.step()
+        torch_adamw.zero_grad()
+        assert used.weight.grad is None
+    for a, b in zip(used.parameters(), reference):
+        assert _relative(a.detach(), b.detach()) <= 1e-6
+
+
+def test_held_gradients_live_until_step():
+    model = _model()
+    optimizer = _PerParamAdamW(list(model.parameters()), 1e-3, (0.9, 0.95), 1e-8, 0.0, master_fp32=False,
+                               in_backward=True, hold_gradients=True)
+    causal_lm_loss(model, IDS, IDS, PerfOptions()).loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert len(optimizer._held) == sum(1 for _ in model.parameters())
+    optimizer.step()
+    assert optimizer._held == []
+
+
+def test_cuda_graphs_fall_back_to_compiled_layers_off_cuda():
+    model = _model()
+    options = PerfOptions.parse("fused-experts+cuda-graphs")
+    notes = apply_optimizations(model, options)
+    assert options.compile == "layers-all"
+    assert any("CUDA graphs need one CUDA device" in n for n in notes)
 
 
 def test_compiled_layers_with_fused_experts_are_one_graph_and_equal_the_hf_forward():
