@@ -22,7 +22,7 @@ Options (the benchmark keeps each only where it pays, docs/BENCHMARKS.md):
 - optimizer: "foreach" (torch AdamW default), "fused" (one kernel), "in-backward" (fused AdamW per parameter as soon as
   its gradient is complete, so the full set of gradients never exists; no clipping, no accumulation), "overlap"
   (in-backward, with the updates on a side CUDA stream so the memory-bound AdamW runs under the compute-bound
-  backward; `.step()` joins the streams).
+  backward; `.step()` joins the streams), "overlap-priority" (the same on a high-priority side stream).
 - master: "none" (optimizer works on the parameters' dtype) or "fp32" (fp32 master weights and AdamW states kept by
   the optimizer, bf16 parameters for compute: the recommended recipe).
 """
@@ -43,7 +43,7 @@ CHOICES = {
     "kernels": ("eager", "liger"),
     "compile": ("none", "layers", "layers-all", "layers-graphs", "attn"),
     "ac": ("none", "full", "attn", "selective", "mlp"),
-    "optimizer": ("foreach", "fused", "in-backward", "overlap"),
+    "optimizer": ("foreach", "fused", "in-backward", "overlap", "overlap-priority"),
     "master": ("none", "fp32"),
 }
 
@@ -60,6 +60,7 @@ SHORTCUTS = {
     "fused-adamw": {"optimizer": "fused"},
     "opt-in-bwd": {"optimizer": "in-backward"},
     "opt-overlap": {"optimizer": "overlap"},
+    "opt-priority": {"optimizer": "overlap-priority"},
     "master-fp32": {"master": "fp32"},
     "fp8": {"fp8": True},
     "best": {"loss": "fused", "fused_experts": True, "kernels": "liger", "optimizer": "overlap", "compile": "layers"},
@@ -396,7 +397,7 @@ class _PerParamAdamW:
 
     def __init__(self, params, lr: float, betas, eps: float, weight_decay: float, master_fp32: bool, in_backward: bool,
                  overlap: bool = False, buckets: list[list[torch.nn.Parameter]] | None = None,
-                 hold_gradients: bool = False):
+                 hold_gradients: bool = False, high_priority: bool = False):
         self.master_fp32, self.in_backward, self.hold_gradients = master_fp32, in_backward, hold_gradients
         self.hyper = dict(lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
                           maximize=False)
@@ -415,7 +416,9 @@ class _PerParamAdamW:
             if in_backward:
                 p.register_post_accumulate_grad_hook(self._on_gradient)
             if overlap and in_backward and p.is_cuda and self._side_stream is None:
-                self._side_stream = torch.cuda.Stream(device=p.device)
+                # high priority: the updates' blocks are scheduled before the backward's as SMs free up, so fewer
+                # of them are left to run alone after the backward
+                self._side_stream = torch.cuda.Stream(device=p.device, priority=-1 if high_priority else 0)
         self._buckets = _complete_buckets(params, buckets)
         self._bucket_of = {p: i for i, bucket in enumerate(self._buckets) for p in bucket}
         self._ready: list[list[torch.Tensor]] = [[] for _ in self._buckets]
@@ -538,7 +541,7 @@ def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e
                     eps: float = 1e-8, weight_decay: float = 0.0):
     """AdamW as `options.optimizer` / `options.master` say. Has .step() and .zero_grad(set_to_none=True)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    in_backward = options.optimizer in ("in-backward", "overlap")
+    in_backward = options.optimizer in ("in-backward", "overlap", "overlap-priority")
     if in_backward and any(type(p).__name__ == "DTensor" for p in params) and not fsdp_fires_grad_hooks():
         # older FSDP2 writes sharded gradients itself after its reduce-scatter and calls no per-parameter hook
         options.notes.append("optimizer in backward needs an FSDP2 that calls post-accumulate-grad hooks "
@@ -546,7 +549,8 @@ def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e
         in_backward = False
     if in_backward or options.master == "fp32":
         return _PerParamAdamW(params, lr, betas, eps, weight_decay, options.master == "fp32", in_backward,
-                              overlap=options.optimizer == "overlap", buckets=layer_buckets(model),
+                              overlap=options.optimizer.startswith("overlap"), buckets=layer_buckets(model),
+                              high_priority=options.optimizer == "overlap-priority",
                               hold_gradients=options.compile == "layers-graphs")
     on_cuda = all(p.is_cuda for p in params)
     kind = {"fused": True} if options.optimizer in ("fused", "in-backward") and on_cuda else {"foreach": True}
