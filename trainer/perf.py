@@ -23,6 +23,8 @@ Options (the benchmark keeps each only where it pays, docs/BENCHMARKS.md):
   its gradient is complete, so the full set of gradients never exists; no clipping, no accumulation), "overlap"
   (in-backward, with the updates on a side CUDA stream so the memory-bound AdamW runs under the compute-bound
   backward; `.step()` joins the streams), "overlap-priority" (the same on a high-priority side stream).
+- sm_carveout: SMs the grouped and cuBLAS GEMMs leave free (0: none), so that the side stream's updates are not
+  starved by persistent GEMM kernels; process-wide, CUDA only.
 - master: "none" (optimizer works on the parameters' dtype) or "fp32" (fp32 master weights and AdamW states kept by
   the optimizer, bf16 parameters for compute: the recommended recipe).
 """
@@ -77,6 +79,7 @@ class PerfOptions:
     optimizer: str = "foreach"
     master: str = "none"
     fp8: bool = False
+    sm_carveout: int = 0  # SMs that grouped / cuBLAS GEMMs leave free (for the side stream's updates)
     notes: list[str] = field(default_factory=list, compare=False)
 
     @classmethod
@@ -92,9 +95,14 @@ class PerfOptions:
             key = {"opt": "optimizer"}.get(key, key).replace("-", "_")
             if not sep or key not in {f.name for f in dataclasses.fields(cls)} or key == "notes":
                 raise ValueError(f"unknown option {token!r}: use one of {sorted(SHORTCUTS)} or key=value "
-                                 f"with keys {sorted(CHOICES) + ['fused_experts', 'fp8']}")
+                                 f"with keys {sorted(CHOICES) + ['fused_experts', 'fp8', 'sm_carveout']}")
             if key in ("fused_experts", "fp8"):
                 setattr(options, key, value.lower() in ("1", "true", "on", "yes"))
+                continue
+            if key == "sm_carveout":
+                if not value.isdigit():
+                    raise ValueError(f"option sm_carveout={value!r}: a number of SMs (0 = none)")
+                options.sm_carveout = int(value)
                 continue
             if value not in CHOICES[key]:
                 raise ValueError(f"option {key}={value!r}: choose one of {CHOICES[key]}")
@@ -127,6 +135,8 @@ def apply_optimizations(model: torch.nn.Module, options: PerfOptions) -> list[st
             notes.append("liger not importable: eager RMSNorm / SwiGLU")
     if options.fp8:
         notes.append(_apply_fp8(model))
+    if options.sm_carveout:
+        notes.append(_apply_sm_carveout(options.sm_carveout))
     if options.ac != "none":
         notes.append(_apply_checkpointing(model, options.ac))
     if options.compile == "layers-graphs" and not _one_cuda_process(model):
@@ -140,6 +150,15 @@ def apply_optimizations(model: torch.nn.Module, options: PerfOptions) -> list[st
     if options.compile != "none":
         notes.append(_apply_compile(model, options.compile))
     return notes
+
+
+def _apply_sm_carveout(count: int) -> str:
+    """Persistent GEMM kernels (grouped GEMM, cuBLASLt) take every SM until they end, so the side stream's AdamW
+    blocks wait for SMs; leaving `count` SMs free lets them run beside the backward (process-wide setting)."""
+    if not torch.cuda.is_available() or not hasattr(torch._C, "_set_sm_carveout_experimental"):
+        return "SM carveout needs CUDA and a torch with torch._C._set_sm_carveout_experimental: not set"
+    torch._C._set_sm_carveout_experimental(count)
+    return f"GEMMs leave {count} SMs free"
 
 
 def _one_cuda_process(model: torch.nn.Module) -> bool:
