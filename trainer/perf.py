@@ -22,9 +22,7 @@ Options (the benchmark keeps each only where it pays, docs/BENCHMARKS.md):
 - optimizer: "foreach" (torch AdamW default), "fused" (one kernel), "in-backward" (fused AdamW per parameter as soon as
   its gradient is complete, so the full set of gradients never exists; no clipping, no accumulation), "overlap"
   (in-backward, with the updates on a side CUDA stream so the memory-bound AdamW runs under the compute-bound
-  backward; `.step()` joins the streams), "overlap-priority" (the same on a high-priority side stream).
-- sm_carveout: SMs the grouped and cuBLAS GEMMs leave free (0: none), so that the side stream's updates are not
-  starved by persistent GEMM kernels; process-wide, CUDA only.
+  backward; `.step()` joins the streams).
 - master: "none" (optimizer works on the parameters' dtype) or "fp32" (fp32 master weights and AdamW states kept by
   the optimizer, bf16 parameters for compute: the recommended recipe).
 """
@@ -45,7 +43,7 @@ CHOICES = {
     "kernels": ("eager", "liger"),
     "compile": ("none", "layers", "layers-all", "layers-graphs", "attn"),
     "ac": ("none", "full", "attn", "selective", "mlp"),
-    "optimizer": ("foreach", "fused", "in-backward", "overlap", "overlap-priority"),
+    "optimizer": ("foreach", "fused", "in-backward", "overlap"),
     "master": ("none", "fp32"),
 }
 
@@ -62,7 +60,6 @@ SHORTCUTS = {
     "fused-adamw": {"optimizer": "fused"},
     "opt-in-bwd": {"optimizer": "in-backward"},
     "opt-overlap": {"optimizer": "overlap"},
-    "opt-priority": {"optimizer": "overlap-priority"},
     "master-fp32": {"master": "fp32"},
     "fp8": {"fp8": True},
     "best": {"loss": "fused", "fused_experts": True, "kernels": "liger", "optimizer": "overlap", "compile": "layers"},
@@ -79,7 +76,6 @@ class PerfOptions:
     optimizer: str = "foreach"
     master: str = "none"
     fp8: bool = False
-    sm_carveout: int = 0  # SMs that grouped / cuBLAS GEMMs leave free (for the side stream's updates)
     notes: list[str] = field(default_factory=list, compare=False)
 
     @classmethod
@@ -95,14 +91,9 @@ class PerfOptions:
             key = {"opt": "optimizer"}.get(key, key).replace("-", "_")
             if not sep or key not in {f.name for f in dataclasses.fields(cls)} or key == "notes":
                 raise ValueError(f"unknown option {token!r}: use one of {sorted(SHORTCUTS)} or key=value "
-                                 f"with keys {sorted(CHOICES) + ['fused_experts', 'fp8', 'sm_carveout']}")
+                                 f"with keys {sorted(CHOICES) + ['fused_experts', 'fp8']}")
             if key in ("fused_experts", "fp8"):
                 setattr(options, key, value.lower() in ("1", "true", "on", "yes"))
-                continue
-            if key == "sm_carveout":
-                if not value.isdigit():
-                    raise ValueError(f"option sm_carveout={value!r}: a number of SMs (0 = none)")
-                options.sm_carveout = int(value)
                 continue
             if value not in CHOICES[key]:
                 raise ValueError(f"option {key}={value!r}: choose one of {CHOICES[key]}")
@@ -135,8 +126,6 @@ def apply_optimizations(model: torch.nn.Module, options: PerfOptions) -> list[st
             notes.append("liger not importable: eager RMSNorm / SwiGLU")
     if options.fp8:
         notes.append(_apply_fp8(model))
-    if options.sm_carveout:
-        notes.append(_apply_sm_carveout(options.sm_carveout))
     if options.ac != "none":
         notes.append(_apply_checkpointing(model, options.ac))
     if options.compile == "layers-graphs" and not _one_cuda_process(model):
@@ -150,15 +139,6 @@ def apply_optimizations(model: torch.nn.Module, options: PerfOptions) -> list[st
     if options.compile != "none":
         notes.append(_apply_compile(model, options.compile))
     return notes
-
-
-def _apply_sm_carveout(count: int) -> str:
-    """Persistent GEMM kernels (grouped GEMM, cuBLASLt) take every SM until they end, so the side stream's AdamW
-    blocks wait for SMs; leaving `count` SMs free lets them run beside the backward (process-wide setting)."""
-    if not torch.cuda.is_available() or not hasattr(torch._C, "_set_sm_carveout_experimental"):
-        return "SM carveout needs CUDA and a torch with torch._C._set_sm_carveout_experimental: not set"
-    torch._C._set_sm_carveout_experimental(count)
-    return f"GEMMs leave {count} SMs free"
 
 
 def _one_cuda_process(model: torch.nn.Module) -> bool:
@@ -416,7 +396,7 @@ class _PerParamAdamW:
 
     def __init__(self, params, lr: float, betas, eps: float, weight_decay: float, master_fp32: bool, in_backward: bool,
                  overlap: bool = False, buckets: list[list[torch.nn.Parameter]] | None = None,
-                 hold_gradients: bool = False, high_priority: bool = False):
+                 hold_gradients: bool = False):
         self.master_fp32, self.in_backward, self.hold_gradients = master_fp32, in_backward, hold_gradients
         self.hyper = dict(lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
                           maximize=False)
@@ -435,9 +415,7 @@ class _PerParamAdamW:
             if in_backward:
                 p.register_post_accumulate_grad_hook(self._on_gradient)
             if overlap and in_backward and p.is_cuda and self._side_stream is None:
-                # high priority: the updates' blocks are scheduled before the backward's as SMs free up, so fewer
-                # of them are left to run alone after the backward
-                self._side_stream = torch.cuda.Stream(device=p.device, priority=-1 if high_priority else 0)
+                self._side_stream = torch.cuda.Stream(device=p.device)
         self._buckets = _complete_buckets(params, buckets)
         self._bucket_of = {p: i for i, bucket in enumerate(self._buckets) for p in bucket}
         self._ready: list[list[torch.Tensor]] = [[] for _ in self._buckets]
@@ -560,7 +538,7 @@ def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e
                     eps: float = 1e-8, weight_decay: float = 0.0):
     """AdamW as `options.optimizer` / `options.master` say. Has .step() and .zero_grad(set_to_none=True)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    in_backward = options.optimizer in ("in-backward", "overlap", "overlap-priority")
+    in_backward = options.optimizer in ("in-backward", "overlap")
     if in_backward and any(type(p).__name__ == "DTensor" for p in params) and not fsdp_fires_grad_hooks():
         # older FSDP2 writes sharded gradients itself after its reduce-scatter and calls no per-parameter hook
         options.notes.append("optimizer in backward needs an FSDP2 that calls post-accumulate-grad hooks "
@@ -568,8 +546,7 @@ def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e
         in_backward = False
     if in_backward or options.master == "fp32":
         return _PerParamAdamW(params, lr, betas, eps, weight_decay, options.master == "fp32", in_backward,
-                              overlap=options.optimizer.startswith("overlap"), buckets=layer_buckets(model),
-                              high_priority=options.optimizer == "overlap-priority",
+                              overlap=options.optimizer == "overlap", buckets=layer_buckets(model),
                               hold_gradients=options.compile == "layers-graphs")
     on_cuda = all(p.is_cuda for p in params)
     kind = {"fused": True} if options.optimizer in ("fused", "in-backward") and on_cuda else {"foreach": True}
