@@ -15,7 +15,8 @@ Options (the benchmark keeps each only where it pays, docs/BENCHMARKS.md):
 - compile: "none", "layers" (torch.compile each decoder layer, experts kept eager), "layers-all" (experts too: the
   fused expert MLP enters the graph as one custom op), "layers-graphs" (as "layers-all", each layer's graphs then
   replayed as CUDA graphs: one launch per graph instead of one per kernel, for steps that wait on the host; one CUDA
-  device, one process), "attn" (only the attention modules and norms). `disable_compile(model)` undoes it
+  device, one process, bf16/fp16 weights, else "layers" with a note; the optimizer then holds the gradients to the
+  step's end), "attn" (only the attention modules and norms). `disable_compile(model)` undoes it
   (first-step fallback).
 - ac: activation checkpointing "none", "full" (every decoder layer), "attn" (= "selective": only the attention
   sub-block is recomputed: cheap to recompute per byte saved and it holds no router state), "mlp" (the MoE sub-block).
@@ -62,7 +63,8 @@ SHORTCUTS = {
     "opt-overlap": {"optimizer": "overlap"},
     "master-fp32": {"master": "fp32"},
     "fp8": {"fp8": True},
-    "best": {"loss": "fused", "fused_experts": True, "kernels": "liger", "optimizer": "overlap", "compile": "layers"},
+    "best": {"loss": "fused", "fused_experts": True, "kernels": "liger", "optimizer": "overlap",
+             "compile": "layers-graphs"},
 }
 
 
@@ -129,13 +131,13 @@ def apply_optimizations(model: torch.nn.Module, options: PerfOptions) -> list[st
     if options.ac != "none":
         notes.append(_apply_checkpointing(model, options.ac))
     if options.compile == "layers-graphs" and not _one_cuda_process(model):
-        options.compile = "layers-all"
-        notes.append("CUDA graphs need one CUDA device in one process: compile=layers-all")
+        options.compile = "layers"
+        notes.append("CUDA graphs need one CUDA device in one process: compile=layers")
     if options.compile == "layers-graphs" and any(p.dtype == torch.float32 for p in model.parameters()):
         # the grouped GEMM runs in bf16/fp16; fp32 experts loop on the host over the experts' row counts
-        options.compile = "layers-all"
+        options.compile = "layers"
         notes.append("CUDA graphs need bf16/fp16 weights (fp32 experts read row counts on the host): "
-                     "compile=layers-all")
+                     "compile=layers")
     if options.compile != "none":
         notes.append(_apply_compile(model, options.compile))
     return notes

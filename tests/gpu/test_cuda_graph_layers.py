@@ -65,5 +65,5 @@ def test_fp32_weights_fall_back_to_compiled_layers_with_a_note():
         model = MoEAutoModelForCausalLM.from_config(tiny_configs.qwen3_moe())
     options = PerfOptions.parse("fused-experts+cuda-graphs")
     notes = apply_optimizations(model, options)
-    assert options.compile == "layers-all"
+    assert options.compile == "layers"
     assert any("bf16/fp16 weights" in note for note in notes)
