@@ -1,6 +1,6 @@
 """Render benchmark results (results.json from bench/compare.py) as a text table, markdown and a bar plot.
 
-    python -m bench.report runs/bench/results.json [more.json ...] [--png out.png]
+    python -m bench.report runs/bench/results.json [more.json ...] [--png out.png] [--runs native,ours[best]]
 
 Repeats of the same (job, label) are merged: the table shows the median throughput and the maximum peak memory,
 with the run-to-run spread (max-min over median) so a difference smaller than the noise is visible as such.
@@ -158,8 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("files", nargs="+", help="results.json files from bench/compare.py")
     parser.add_argument("--png", default=None, help="also write the bar plot here")
     parser.add_argument("--text", action="store_true", help="also print the fixed-width table (printed last)")
+    parser.add_argument("--runs", default=None,
+                        help="keep only these run labels, comma-separated (e.g. 'native,ours[best]'); default: all")
     args = parser.parse_args(argv)
     results = load([f for f in args.files if _exists(f)])
+    if args.runs:
+        keep = {label.strip() for label in args.runs.split(",")}
+        results = [r for r in results if r.get("label") in keep]
     print(render_markdown(results))
     if args.png:
         print(write_plot(results, args.png) or "no plot (matplotlib missing or no successful run)")

@@ -107,3 +107,14 @@ def test_speedups_are_against_the_fastest_native_layout():
                dict(base, label="ours[fsdp:best]", tok_s_per_gpu=300.0)]
     rows = {r["label"]: r for r in report.rows(results)}
     assert rows["ours[fsdp:best]"]["speedup"] == 1.5 and rows["native[fsdp]"]["speedup"] == 0.5
+
+
+def test_report_keeps_only_the_chosen_runs(tmp_path, capsys):
+    base = {"job": "B1-bs1", "tflops_per_gpu": 1.0, "peak_gib": 1.0, "loss_last": 1.0}
+    results = [dict(base, label="native", tok_s_per_gpu=100.0), dict(base, label="ours[a]", tok_s_per_gpu=150.0),
+               dict(base, label="ours[b]", tok_s_per_gpu=200.0)]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"results": results}))
+    assert report.main([str(path), "--runs", "native,ours[b]"]) == 0
+    out = capsys.readouterr().out
+    assert "ours[b]" in out and "ours[a]" not in out and "| B1-bs1 | native |" in out
