@@ -1,21 +1,26 @@
-"""The whole local expert MLP as one differentiable op that keeps about half the activations of the unfused path.
+"""The local expert MLP in three differentiable steps that keep about half the activations of the unfused path.
 
     out_TD = sum_k w_TK[t, k] * down_e(act(up_e(x_TD[t])))     e = expert index_TK[t, k]
 
-Forward: gather rows by expert -> grouped GEMM up -> activation (SwiGLU or relu^2) -> grouped GEMM down -> gather
-back -> weighted K-way combine. Saved for backward: the pre-activation [S, 2I] (or [S, I]) and the down-projection
-output [S, H], plus the routing plan (int vectors). The input x_TD is saved too, but it is the MoE block's input,
-which the router keeps alive anyway, so it costs nothing extra. Recomputed in backward: the row gather of x and the
-activation (both bandwidth-cheap next to the GEMMs). The unfused path (autograd through each op) also keeps the
-gathered rows [S, H], the activation output [S, I] (twice for SwiGLU) and the gathered combine input [S, H].
+1. dispatch (`_GatherRows`): the tokens' rows in expert order, x_SD = x_TD[token of row];
+2. the expert MLP on those rows (`_rows_op`): grouped GEMM up -> activation (SwiGLU or relu^2) -> grouped GEMM down;
+3. combine (`_CombineRows`): the rows back in token order, weighted and summed over the K experts of each token.
+
+Saved for backward: the pre-activation [S, 2I] (or [S, I]) and the down-projection output [S, H], plus the routing
+plan (int vectors). The input x_TD is saved too, but it is the MoE block's input, which the router keeps alive
+anyway, so it costs nothing extra. Recomputed in backward: the row gather of x and the activation (both
+bandwidth-cheap next to the GEMMs). The unfused path (autograd through each op) also keeps the gathered rows [S, H],
+the activation output [S, I] (twice for SwiGLU) and the gathered combine input [S, H].
 
 Backward uses the three grouped-GEMM forms: dX = dY @ W^T (2D x 3D), and the per-expert weight gradient
-dW[e] = dY[rows_e]^T @ X[rows_e] (2D x 2D with offsets), written straight in HF's [E, out, in] layout.
+dW[e] = dY[rows_e]^T @ X[rows_e] (2D x 2D with offsets), written straight in HF's [E, out, in] layout; the row
+gathers' backwards are gathers through the inverse permutation (no scatter, no atomics).
 The reference is `trainer.moe.experts.expert_mlp` + `LocalDispatcher` (the unfused path), tested to agree in fp32.
 
-SwiGLU and relu^2 run as a pair of torch custom ops (forward, backward) joined by `register_autograd`: opaque to
-torch.compile, so a compiled decoder layer traces around them without a graph break. Any other activation module
-runs as an autograd Function (eager only).
+With SwiGLU or relu^2 the expert MLP is a pair of torch custom ops (forward, backward) joined by
+`register_autograd`: opaque to torch.compile, so a compiled decoder layer traces around it without a graph break,
+while the dispatch and combine steps are traced (Inductor fuses each gather with its multiply and K-way sum). Any
+other activation module runs as an autograd Function (eager only).
 """
 
 from __future__ import annotations
@@ -120,44 +125,86 @@ def activation_for(module: torch.nn.Module, backend: str = "torch") -> Activatio
     return Activation("module", module, backend)
 
 
-# ---- forward and backward as plain functions -----------------------------------------------------------------------
+# ---- dispatch and combine: the row gathers, each its own differentiable step ----------------------------------------
 
-def _forward(x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, top_k: int, activation: Activation,
-             is_transposed: bool, compute_dtype):
-    """-> (out_TD, pre_SF, y_SD): the output and the two activations the backward needs."""
-    num_tokens = x_TD.shape[0]
+def _token_of_row(perm_S: torch.Tensor, top_k: int) -> torch.Tensor:
+    return torch.div(perm_S, top_k, rounding_mode="floor")
+
+
+class _GatherRows(torch.autograd.Function):
+    """x_SD[s] = x_TD[token of row s]: the tokens' rows in expert order. Backward: a token's gradient is the sum of
+    its K rows' gradients, found by gathering them (inverse permutation), never by scattering (no atomics).
+    Compiled, the backward's gather and K-way sum become one kernel."""
+
+    @staticmethod
+    def forward(ctx, x_TD, perm_S, inv_perm_S, top_k: int):
+        ctx.save_for_backward(inv_perm_S)
+        ctx.top_k = top_k
+        return x_TD.index_select(0, _token_of_row(perm_S, top_k))
+
+    @staticmethod
+    def backward(ctx, grad_x_SD):
+        (inv_perm_S,) = ctx.saved_tensors
+        num_tokens = inv_perm_S.shape[0] // ctx.top_k
+        grad_x_TD = grad_x_SD.index_select(0, inv_perm_S).view(num_tokens, ctx.top_k, -1).sum(dim=1)
+        return grad_x_TD, None, None, None
+
+
+class _CombineRows(torch.autograd.Function):
+    """out_TD[t] = sum_k w_TK[t, k] * y_SD[row of (t, k)]: the expert outputs back in token order, weighted.
+
+    Eagerly the K-way sum is a batched GEMM over gathered rows (one pass over them); compiled it is written as a
+    multiply and a sum, which Inductor fuses with the gather into one kernel per direction (the gathered [T, K, H]
+    rows are never written). The backward is gathers only: dy for a row is w * dout of its token.
+    """
+
+    @staticmethod
+    def forward(ctx, y_SD, weights_TK, perm_S, inv_perm_S):
+        ctx.save_for_backward(y_SD, weights_TK, perm_S, inv_perm_S)
+        num_tokens, top_k = weights_TK.shape
+        y_TKD = y_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, -1)
+        weights_TK = weights_TK.to(y_SD.dtype)
+        if torch.compiler.is_compiling():
+            return (weights_TK.unsqueeze(-1).float() * y_TKD.float()).sum(dim=1).to(y_SD.dtype)
+        return torch.bmm(weights_TK.unsqueeze(1), y_TKD).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad_out_TD):
+        y_SD, weights_TK, perm_S, inv_perm_S = ctx.saved_tensors
+        num_tokens, top_k = weights_TK.shape
+        grad_out_TD = grad_out_TD.to(y_SD.dtype)
+        y_TKD = y_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, -1)
+        if torch.compiler.is_compiling():
+            grad_weights_TK = (y_TKD.float() * grad_out_TD.unsqueeze(1).float()).sum(dim=-1)
+        else:
+            grad_weights_TK = torch.bmm(y_TKD, grad_out_TD.unsqueeze(2)).squeeze(2)
+        weight_of_row_S = weights_TK.reshape(-1).index_select(0, perm_S).to(y_SD.dtype)
+        grad_y_SD = grad_out_TD.index_select(0, _token_of_row(perm_S, top_k)) * weight_of_row_S.unsqueeze(1)
+        return grad_y_SD, grad_weights_TK.to(weights_TK.dtype), None, None
+
+
+# ---- the expert MLP on rows grouped by expert: forward and backward as plain functions ------------------------------
+
+def _forward(x_SD, up_w, down_w, offsets_E, activation: Activation, is_transposed: bool, compute_dtype):
+    """-> (y_SD, pre_SF): the rows' expert outputs and the pre-activation the backward needs."""
     # grouped GEMM wants [E, in, out]; HF stores [E, out, in] unless is_transposed
     up_EHF = (up_w if is_transposed else up_w.transpose(-2, -1)).to(compute_dtype)
     down_EIH = (down_w if is_transposed else down_w.transpose(-2, -1)).to(compute_dtype)
-    token_of_row_S = torch.div(perm_S, top_k, rounding_mode="floor")
-    x_SD = x_TD.to(compute_dtype).index_select(0, token_of_row_S)
-    pre_SF = grouped_mm(x_SD, up_EHF, offsets_E)
-    del x_SD
+    pre_SF = grouped_mm(x_SD.to(compute_dtype), up_EHF, offsets_E)
     h_SI = activation.forward(pre_SF)
     y_SD = grouped_mm(h_SI, down_EIH, offsets_E)
-    del h_SI
-    y_TKD = y_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, -1)
-    out_TD = torch.bmm(weights_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)
-    return out_TD, pre_SF, y_SD
+    return y_SD, pre_SF
 
 
-def _backward(grad_out_TD, x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, pre_SF, y_SD, top_k: int,
-              activation: Activation, is_transposed: bool, dtype, in_place: bool):
-    """-> (grad_x_TD, grad_weights_TK, grad_up, grad_down). With `in_place`, pre_SF may be overwritten."""
-    num_tokens, hidden = x_TD.shape
-    grad_out_TD = grad_out_TD.to(dtype)
-
-    # combine: out[t] = sum_k w[t, k] * y[t, k]
-    y_TKD = y_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, hidden)
-    grad_weights_TK = torch.bmm(y_TKD, grad_out_TD.unsqueeze(2)).squeeze(2).to(weights_TK.dtype)
-    del y_TKD, y_SD
-    grad_y_TKD = weights_TK.to(dtype).unsqueeze(2) * grad_out_TD.unsqueeze(1)
-    grad_y_SD = grad_y_TKD.view(num_tokens * top_k, hidden).index_select(0, perm_S)
-    del grad_y_TKD
-
-    # down projection: y = h @ Wd[e]
+def _backward(grad_y_SD, x_TD, up_w, down_w, perm_S, offsets_E, pre_SF, top_k: int, activation: Activation,
+              is_transposed: bool, dtype, in_place: bool):
+    """-> (grad_x_SD, grad_up, grad_down). The input rows are gathered again from the tokens x_TD (not saved).
+    With `in_place`, pre_SF may be overwritten."""
+    grad_y_SD = grad_y_SD.to(dtype)
     up_EHF = (up_w if is_transposed else up_w.transpose(-2, -1)).to(dtype)
     down_EIH = (down_w if is_transposed else down_w.transpose(-2, -1)).to(dtype)
+
+    # down projection: y = h @ Wd[e]
     h_SI = activation.forward(pre_SF)
     grad_down = _weight_grad(h_SI, grad_y_SD, offsets_E, is_transposed, down_w)
     del h_SI
@@ -167,33 +214,30 @@ def _backward(grad_out_TD, x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, o
     # activation, then up projection: pre = x @ Wu[e]
     grad_pre_SF = activation.backward(pre_SF, grad_h_SI, in_place=in_place)
     del grad_h_SI, pre_SF
-    token_of_row_S = torch.div(perm_S, top_k, rounding_mode="floor")
-    x_SD = x_TD.to(dtype).index_select(0, token_of_row_S)
+    x_SD = x_TD.to(dtype).index_select(0, _token_of_row(perm_S, top_k))
     grad_up = _weight_grad(x_SD, grad_pre_SF, offsets_E, is_transposed, up_w)
     del x_SD
     grad_x_SD = grouped_mm(grad_pre_SF, up_EHF.transpose(-2, -1), offsets_E)
-    del grad_pre_SF
-    grad_x_TD = grad_x_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, hidden).sum(dim=1)
-    return grad_x_TD.to(x_TD.dtype), grad_weights_TK, grad_up, grad_down
+    return grad_x_SD, grad_up, grad_down
 
 
 # ---- as an autograd Function (any activation, eager) ---------------------------------------------------------------
 
-class _FusedExpertMLP(torch.autograd.Function):
+class _ExpertMLPRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, top_k: int,
-                activation: Activation, is_transposed: bool, compute_dtype):
-        out_TD, pre_SF, y_SD = _forward(x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, top_k,
-                                        activation, is_transposed, compute_dtype)
-        ctx.save_for_backward(x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, pre_SF, y_SD)
+    def forward(ctx, x_SD, x_TD, up_w, down_w, perm_S, offsets_E, top_k: int, activation: Activation,
+                is_transposed: bool, compute_dtype):
+        y_SD, pre_SF = _forward(x_SD, up_w, down_w, offsets_E, activation, is_transposed, compute_dtype)
+        ctx.save_for_backward(x_TD, up_w, down_w, perm_S, offsets_E, pre_SF)
         ctx.top_k, ctx.activation, ctx.is_transposed, ctx.compute_dtype = top_k, activation, is_transposed, compute_dtype
-        return out_TD
+        return y_SD
 
     @staticmethod
-    def backward(ctx, grad_out_TD):
-        grads = _backward(grad_out_TD, *ctx.saved_tensors, ctx.top_k, ctx.activation, ctx.is_transposed,
-                          ctx.compute_dtype, in_place=True)
-        return (*grads, None, None, None, None, None, None, None)
+    def backward(ctx, grad_y_SD):
+        x_TD, up_w, down_w, perm_S, offsets_E, pre_SF = ctx.saved_tensors
+        grad_x_SD, grad_up, grad_down = _backward(grad_y_SD, x_TD, up_w, down_w, perm_S, offsets_E, pre_SF, ctx.top_k,
+                                                  ctx.activation, ctx.is_transposed, ctx.compute_dtype, in_place=True)
+        return grad_x_SD, None, grad_up, grad_down, None, None, None, None, None, None
 
 
 # ---- as a custom op pair (SwiGLU / relu^2): opaque to torch.compile, so a compiled layer needs no graph break -----
@@ -201,54 +245,49 @@ class _FusedExpertMLP(torch.autograd.Function):
 OP_ACTIVATIONS = ("swiglu", "relu2")
 
 
-@torch.library.custom_op("moe_stack::fused_expert_mlp", mutates_args=())
-def _fused_op(x_TD: torch.Tensor, weights_TK: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor,
-              perm_S: torch.Tensor, inv_perm_S: torch.Tensor, offsets_E: torch.Tensor, top_k: int, activation: str,
-              backend: str, is_transposed: bool, compute_dtype: torch.dtype
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, top_k,
-                    Activation(activation, None, backend), is_transposed, compute_dtype)
+@torch.library.custom_op("moe_stack::expert_mlp_rows", mutates_args=())
+def _rows_op(x_SD: torch.Tensor, x_TD: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor, perm_S: torch.Tensor,
+             offsets_E: torch.Tensor, top_k: int, activation: str, backend: str, is_transposed: bool,
+             compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(x_SD, up_w, down_w, offsets_E, Activation(activation, None, backend), is_transposed, compute_dtype)
 
 
-@_fused_op.register_fake
-def _(x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, top_k, activation, backend, is_transposed,
-      compute_dtype):
-    rows, hidden = perm_S.shape[0], x_TD.shape[1]
+@_rows_op.register_fake
+def _(x_SD, x_TD, up_w, down_w, perm_S, offsets_E, top_k, activation, backend, is_transposed, compute_dtype):
+    rows, hidden = x_SD.shape
     pre_width = up_w.shape[-1] if is_transposed else up_w.shape[-2]
-    return (x_TD.new_empty(x_TD.shape[0], hidden, dtype=compute_dtype),
-            x_TD.new_empty(rows, pre_width, dtype=compute_dtype), x_TD.new_empty(rows, hidden, dtype=compute_dtype))
+    return x_SD.new_empty(rows, hidden, dtype=compute_dtype), x_SD.new_empty(rows, pre_width, dtype=compute_dtype)
 
 
-@torch.library.custom_op("moe_stack::fused_expert_mlp_backward", mutates_args=())
-def _fused_op_backward(grad_out_TD: torch.Tensor, x_TD: torch.Tensor, weights_TK: torch.Tensor, up_w: torch.Tensor,
-                       down_w: torch.Tensor, perm_S: torch.Tensor, inv_perm_S: torch.Tensor, offsets_E: torch.Tensor,
-                       pre_SF: torch.Tensor, y_SD: torch.Tensor, top_k: int, activation: str, backend: str,
-                       is_transposed: bool, compute_dtype: torch.dtype
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # not in place: a custom op must leave its inputs (here the saved activations) as they were
-    return _backward(grad_out_TD, x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, pre_SF, y_SD, top_k,
+@torch.library.custom_op("moe_stack::expert_mlp_rows_backward", mutates_args=())
+def _rows_op_backward(grad_y_SD: torch.Tensor, x_TD: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor,
+                      perm_S: torch.Tensor, offsets_E: torch.Tensor, pre_SF: torch.Tensor, top_k: int, activation: str,
+                      backend: str, is_transposed: bool, compute_dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # not in place: a custom op must leave its inputs (here the saved pre-activation) as they were
+    return _backward(grad_y_SD, x_TD, up_w, down_w, perm_S, offsets_E, pre_SF, top_k,
                      Activation(activation, None, backend), is_transposed, compute_dtype, in_place=False)
 
 
-@_fused_op_backward.register_fake
-def _(grad_out_TD, x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, pre_SF, y_SD, top_k, activation,
-      backend, is_transposed, compute_dtype):
-    return torch.empty_like(x_TD), torch.empty_like(weights_TK), torch.empty_like(up_w), torch.empty_like(down_w)
+@_rows_op_backward.register_fake
+def _(grad_y_SD, x_TD, up_w, down_w, perm_S, offsets_E, pre_SF, top_k, activation, backend, is_transposed,
+      compute_dtype):
+    return torch.empty_like(grad_y_SD), torch.empty_like(up_w), torch.empty_like(down_w)
 
 
 def _op_setup_context(ctx, inputs, output):
-    x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, *options = inputs
-    _, pre_SF, y_SD = output
-    ctx.save_for_backward(x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, pre_SF, y_SD)
+    x_SD, x_TD, up_w, down_w, perm_S, offsets_E, *options = inputs
+    _, pre_SF = output
+    ctx.save_for_backward(x_TD, up_w, down_w, perm_S, offsets_E, pre_SF)
     ctx.options = options  # top_k, activation, backend, is_transposed, compute_dtype
 
 
-def _op_backward(ctx, grad_out_TD, _grad_pre, _grad_y):
-    grads = _fused_op_backward(grad_out_TD, *ctx.saved_tensors, *ctx.options)
-    return (*grads, None, None, None, None, None, None, None, None)
+def _op_backward(ctx, grad_y_SD, _grad_pre):
+    grad_x_SD, grad_up, grad_down = _rows_op_backward(grad_y_SD, *ctx.saved_tensors, *ctx.options)
+    return grad_x_SD, None, grad_up, grad_down, None, None, None, None, None, None, None
 
 
-_fused_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+_rows_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def _weight_grad(in_SK, grad_SN, offsets_E, is_transposed: bool, param: torch.Tensor) -> torch.Tensor:
@@ -284,8 +323,12 @@ def fused_expert_mlp(
     if torch.is_autocast_enabled(x_TD.device.type):
         compute_dtype = torch.get_autocast_dtype(x_TD.device.type)
     with torch.autocast(x_TD.device.type, enabled=False):
+        x_SD = _GatherRows.apply(x_TD.to(compute_dtype), perm_S, inv_perm_S, top_k)
+        x_saved = x_TD.detach()  # the backward gathers the rows again from the tokens instead of keeping x_SD
         if activation.kind in OP_ACTIVATIONS:
-            return _fused_op(x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, top_k, activation.kind,
-                             activation.backend, is_transposed, compute_dtype)[0]
-        return _FusedExpertMLP.apply(x_TD, weights_TK, up_w, down_w, perm_S, inv_perm_S, offsets_E, top_k,
-                                     activation, is_transposed, compute_dtype)
+            y_SD = _rows_op(x_SD, x_saved, up_w, down_w, perm_S, offsets_E, top_k, activation.kind,
+                            activation.backend, is_transposed, compute_dtype)[0]
+        else:
+            y_SD = _ExpertMLPRows.apply(x_SD, x_saved, up_w, down_w, perm_S, offsets_E, top_k, activation,
+                                        is_transposed, compute_dtype)
+        return _CombineRows.apply(y_SD, weights_TK, perm_S, inv_perm_S)
