@@ -15,8 +15,8 @@ Options (the benchmark keeps each only where it pays, docs/BENCHMARKS.md):
 - compile: "none", "layers" (torch.compile each decoder layer, experts kept eager), "layers-all" (experts too: the
   fused expert MLP enters the graph as one custom op), "layers-graphs" (as "layers-all", each layer's graphs then
   replayed as CUDA graphs: one launch per graph instead of one per kernel, for steps that wait on the host; one CUDA
-  device, one process, bf16/fp16 weights, else "layers" with a note; the optimizer then holds the gradients to the
-  step's end), "attn" (only the attention modules and norms). `disable_compile(model)` undoes it
+  device, one process, bf16/fp16 weights, else "layers" with a note; the overlapped optimizer then holds the
+  gradients to the step's end), "attn" (only the attention modules and norms). `disable_compile(model)` undoes it
   (first-step fallback).
 - ac: activation checkpointing "none", "full" (every decoder layer), "attn" (= "selective": only the attention
   sub-block is recomputed: cheap to recompute per byte saved and it holds no router state), "mlp" (the MoE sub-block).
@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trainer.kernels.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy_sum, shift_labels
+from trainer.models.aux_loss import use_sync_free_aux_loss
 from trainer.models.output_capture import compile_friendly_output_capture
 from trainer.moe.experts import IMPLEMENTATION_NAME as EXPERTS_IMPLEMENTATION
 
@@ -111,6 +112,9 @@ class PerfOptions:
 def apply_optimizations(model: torch.nn.Module, options: PerfOptions) -> list[str]:
     """Patch `model` in place for `options`; returns human-readable notes (what ran, what fell back and why)."""
     notes = options.notes
+    aux_note = use_sync_free_aux_loss(model)
+    if aux_note:
+        notes.append(aux_note)
     if options.fused_experts:
         from trainer.moe.experts import set_fused_experts
 
@@ -549,7 +553,8 @@ def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e
     if in_backward or options.master == "fp32":
         return _PerParamAdamW(params, lr, betas, eps, weight_decay, options.master == "fp32", in_backward,
                               overlap=options.optimizer == "overlap", buckets=layer_buckets(model),
-                              hold_gradients=options.compile == "layers-graphs")
+                              # CUDA-graph memory is reused in stream order: only a side stream needs the hold
+                              hold_gradients=options.compile == "layers-graphs" and options.optimizer == "overlap")
     on_cuda = all(p.is_cuda for p in params)
     kind = {"fused": True} if options.optimizer in ("fused", "in-backward") and on_cuda else {"foreach": True}
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kind)

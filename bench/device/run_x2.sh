@@ -5,7 +5,7 @@
 #   STAGES="build train-step mamba-test b3-kernels" bash bench/device/run_x2.sh     # a subset (~10 min per subset)
 #
 # Stages:
-#   graphs-test  GPU parity test: compiled layers as CUDA graphs vs kernel by kernel, overlapped optimizer (GPU 0)
+#   graphs-test  GPU tests: CUDA-graph layers vs kernel by kernel, overlapped optimizer, sync-free aux loss (GPU 0)
 #   build        causal-conv1d (sm_90) + mamba-ssm (Python/Triton) wheels, in the background (bench/device/build_mamba.sh);
 #                skipped when .whl/ already holds both wheels (a previous build's wheels, copied back from $OUT)
 #   b1           B1-bs4 on GPU 0 and B1-bs1 on GPU 1 at the same time (bench/device/run_all.sh; B1_BS4_VARIANTS,
@@ -61,7 +61,8 @@ fi
 if has graphs-test; then
   step "GPU parity tests: CUDA-graph layers, overlapped optimizer (GPU 0)"
   CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short \
-    tests/gpu/test_cuda_graph_layers.py tests/gpu/test_optimizer_overlap.py > "$SCRATCH/graphs_test.log" 2>&1
+    tests/gpu/test_cuda_graph_layers.py tests/gpu/test_optimizer_overlap.py tests/gpu/test_aux_loss_gpu.py \
+    > "$SCRATCH/graphs_test.log" 2>&1
   grep -E "^E |Error|passed|failed" "$SCRATCH/graphs_test.log" | tail -25
 fi
 
