@@ -506,15 +506,16 @@ class _PerParamAdamW:
 
 
 def _complete_buckets(params: list[torch.Tensor], buckets: list[list[torch.Tensor]] | None) -> list[list[torch.Tensor]]:
-    """The given buckets restricted to `params` (plain tensors only), plus one bucket per remaining parameter."""
-    wanted = {p for p in params if type(p).__name__ != "DTensor"}
+    """The given buckets restricted to `params`' plain tensors, plus one bucket for each remaining parameter (sharded
+    DTensor parameters always alone: FSDP2 hands over their gradients one by one)."""
+    groupable = {p for p in params if type(p).__name__ != "DTensor"}
     result, placed = [], set()
     for bucket in buckets or []:
-        members = [p for p in bucket if p in wanted and p not in placed]
+        members = [p for p in bucket if p in groupable and p not in placed]
         placed.update(members)
         if members:
             result.append(members)
-    result += [[p] for p in params if p in wanted and p not in placed]
+    result += [[p] for p in params if p not in placed]
     return result
 
 

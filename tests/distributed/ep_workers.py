@@ -159,17 +159,17 @@ def dcp_reshard(directory: str) -> dict:
     return equal
 
 
-def optimizer_in_backward_matches(parallel: dict, steps: int = 3) -> dict:
-    """Sharded model: AdamW stepped from FSDP2's post-reduce-scatter hooks (`opt-in-bwd`) vs the same AdamW after
-    backward. Returns the worst relative parameter difference after `steps` steps and whether every hook fired."""
+def optimizer_in_backward_matches(parallel: dict, steps: int = 3, spec: str = "opt-in-bwd") -> dict:
+    """Sharded model: AdamW stepped from FSDP2's post-reduce-scatter hooks (`opt-in-bwd`), or the per-parameter
+    optimizer's own `step()` after backward (`master-fp32`), vs torch's AdamW after backward. Returns the worst
+    relative parameter difference after `steps` steps and how many gradients the backward left."""
     from trainer.perf import PerfOptions, build_optimizer
 
     world = dist.get_world_size()
     base = random_model(tiny_configs.qwen3_moe())
     models, notes = [], []
-    for spec in ("foreach", "in-backward"):
+    for options in (PerfOptions(optimizer="foreach"), PerfOptions.parse(spec)):
         model = parallelize(copy.deepcopy(base), ParallelConfig(**parallel, param_dtype=None))
-        options = PerfOptions(optimizer=spec)
         models.append((model, build_optimizer(model, options, lr=1e-2)))
         notes += options.notes
     grads_left = 0

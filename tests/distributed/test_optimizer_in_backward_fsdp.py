@@ -23,3 +23,10 @@ def test_optimizer_in_backward_on_fsdp2_equals_the_step_after_backward(parallel)
         assert result["grads_left"] == 0, "every sharded gradient should be consumed and freed in the backward"
         assert result["moved"] > 1e-4, "the parameters should have been trained"
         assert result["worst_rel"] <= 1e-6, f"parameters differ by {result['worst_rel']:.2e}"
+
+
+@pytest.mark.parametrize("parallel", [{"ep_size": 1}, {"ep_size": 2}], ids=["fsdp", "ep2"])
+def test_per_parameter_optimizer_step_after_backward_updates_sharded_parameters(parallel):
+    for result in run_ranks(ep_workers.optimizer_in_backward_matches, 2, parallel, 3, "master-fp32", timeout=120):
+        assert result["moved"] > 1e-4, "the sharded parameters should have been trained by step()"
+        assert result["worst_rel"] <= 1e-6, f"parameters differ by {result['worst_rel']:.2e}"
