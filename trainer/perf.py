@@ -9,7 +9,7 @@ Options (the benchmark keeps each only where it pays, docs/BENCHMARKS.md):
 - loss: "hf" (the model's own forward + loss), "fused" (linear + cross-entropy without full logits: the chunked
   kernel, compiled per chunk on CUDA), "chunked" (the same), "liger" (Liger's Triton kernel). The router aux loss is
   HF's own.
-- fused_experts: the memory-lean expert MLP Function (local experts path, `trainer.kernels.fused_expert_mlp`).
+- fused_experts: the memory-lean expert MLP (local experts path, `trainer.kernels.fused_expert_mlp`).
 - kernels: "eager" or "liger" (Liger Triton RMSNorm patched into every HF RMSNorm, Liger SwiGLU inside the experts);
   falls back to eager with a note when liger is not importable.
 - compile: "none", "layers" (torch.compile each decoder layer, experts kept eager), "layers-all" (experts too: the

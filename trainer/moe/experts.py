@@ -7,10 +7,11 @@ once the model is built with `experts_implementation="moe_fast"`. It keeps HF's 
 and runs: dispatch (sort by expert, or all-to-all / DeepEP under expert parallelism) -> grouped GEMM -> activation ->
 grouped GEMM -> combine (weighted K-way sum, deterministic).
 
-Option (local path only, no bias): the memory-lean fused expert MLP (`trainer.kernels.fused_expert_mlp`), one
-differentiable op that saves the pre-activation and the down output only (its routing plan, like the local
-dispatcher's, needs no host synchronisation). Turn it on per module with `set_fused_experts(model)` (what `trainer.perf` does), or for
-every model with the environment variable MOE_FUSED_EXPERTS=1. Expert-parallel dispatchers keep the unfused path.
+Option (local path only, no bias): the memory-lean fused expert MLP (`trainer.kernels.fused_expert_mlp`): row
+gather, expert MLP on rows, combine, which together save the pre-activation and the down output only (its routing
+plan, like the local dispatcher's, needs no host synchronisation). Turn it on per module with
+`set_fused_experts(model)` (what `trainer.perf` does), or for every model with the environment variable
+MOE_FUSED_EXPERTS=1. Expert-parallel dispatchers keep the unfused path.
 """
 
 from __future__ import annotations
