@@ -134,23 +134,26 @@ def apply_optimizations(model: torch.nn.Module, options: PerfOptions) -> list[st
         notes.append(_apply_fp8(model))
     if options.ac != "none":
         notes.append(_apply_checkpointing(model, options.ac))
-    if options.compile == "layers-graphs" and not _one_cuda_process(model):
-        options.compile = "layers"
-        notes.append("CUDA graphs need one CUDA device in one process: compile=layers")
-    if options.compile == "layers-graphs" and any(p.dtype == torch.float32 for p in model.parameters()):
-        # the grouped GEMM runs in bf16/fp16; fp32 experts loop on the host over the experts' row counts
-        options.compile = "layers"
-        notes.append("CUDA graphs need bf16/fp16 weights (fp32 experts read row counts on the host): "
-                     "compile=layers")
+    if options.compile == "layers-graphs":
+        missing = _cuda_graphs_missing(model)
+        if missing:
+            options.compile = "layers"
+            notes.append(f"CUDA graphs need {missing}: compile=layers")
     if options.compile != "none":
         notes.append(_apply_compile(model, options.compile))
     return notes
 
 
-def _one_cuda_process(model: torch.nn.Module) -> bool:
+def _cuda_graphs_missing(model: torch.nn.Module) -> str | None:
+    """What the model's step lacks for CUDA graphs, or None."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     devices = {p.device for p in model.parameters()}
-    return not distributed and len(devices) == 1 and next(iter(devices)).type == "cuda"
+    if distributed or len(devices) != 1 or next(iter(devices)).type != "cuda":
+        return "one CUDA device in one process"
+    if any(p.dtype == torch.float32 for p in model.parameters()):
+        # the grouped GEMM runs in bf16/fp16; fp32 experts loop on the host over the experts' row counts
+        return "bf16/fp16 weights (fp32 experts read row counts on the host)"
+    return None
 
 
 def _liger_importable() -> bool:
@@ -449,8 +452,8 @@ class _PerParamAdamW:
             self._update(params)
             return
         side.wait_stream(torch.cuda.current_stream(side.device))
-        for p in params:
-            if not self.hold_gradients:
+        if not self.hold_gradients:
+            for p in params:
                 p.grad.record_stream(side)  # its memory must outlive the update, not just this hook
         with torch.cuda.stream(side):
             self._update(params)

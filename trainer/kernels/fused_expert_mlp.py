@@ -2,9 +2,10 @@
 
     out_TD = sum_k w_TK[t, k] * down_e(act(up_e(x_TD[t])))     e = expert index_TK[t, k]
 
-1. dispatch (`_GatherRows`): the tokens' rows in expert order, x_SD = x_TD[token of row];
+1. dispatch (`trainer.moe.permute.permute_tokens`): the tokens' rows in expert order, x_SD = x_TD[token of row];
 2. the expert MLP on those rows (`_rows_op`): grouped GEMM up -> activation (SwiGLU or relu^2) -> grouped GEMM down;
-3. combine (`_CombineRows`): the rows back in token order, weighted and summed over the K experts of each token.
+3. combine (`trainer.moe.permute.unpermute_and_combine`): the rows back in token order, weighted and summed over the
+   K experts of each token.
 
 Saved for backward: the pre-activation [S, 2I] (or [S, I]) and the down-projection output [S, H], plus the routing
 plan (int vectors). The input x_TD is saved too, but it is the MoE block's input, which the router keeps alive
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.moe.grouped_gemm import grouped_mm, grouped_mm_weight_grad
+from trainer.moe.permute import RoutingPlan, permute_tokens, token_of_row, unpermute_and_combine
 
 
 # ---- activations: forward and an explicit backward on the saved pre-activation -------------------------------------
@@ -125,64 +127,6 @@ def activation_for(module: torch.nn.Module, backend: str = "torch") -> Activatio
     return Activation("module", module, backend)
 
 
-# ---- dispatch and combine: the row gathers, each its own differentiable step ----------------------------------------
-
-def _token_of_row(perm_S: torch.Tensor, top_k: int) -> torch.Tensor:
-    return torch.div(perm_S, top_k, rounding_mode="floor")
-
-
-class _GatherRows(torch.autograd.Function):
-    """x_SD[s] = x_TD[token of row s]: the tokens' rows in expert order. Backward: a token's gradient is the sum of
-    its K rows' gradients, found by gathering them (inverse permutation), never by scattering (no atomics).
-    Compiled, the backward's gather and K-way sum become one kernel."""
-
-    @staticmethod
-    def forward(ctx, x_TD, perm_S, inv_perm_S, top_k: int):
-        ctx.save_for_backward(inv_perm_S)
-        ctx.top_k = top_k
-        return x_TD.index_select(0, _token_of_row(perm_S, top_k))
-
-    @staticmethod
-    def backward(ctx, grad_x_SD):
-        (inv_perm_S,) = ctx.saved_tensors
-        num_tokens = inv_perm_S.shape[0] // ctx.top_k
-        grad_x_TD = grad_x_SD.index_select(0, inv_perm_S).view(num_tokens, ctx.top_k, -1).sum(dim=1)
-        return grad_x_TD, None, None, None
-
-
-class _CombineRows(torch.autograd.Function):
-    """out_TD[t] = sum_k w_TK[t, k] * y_SD[row of (t, k)]: the expert outputs back in token order, weighted.
-
-    Eagerly the K-way sum is a batched GEMM over gathered rows (one pass over them); compiled it is written as a
-    multiply and a sum, which Inductor fuses with the gather into one kernel per direction (the gathered [T, K, H]
-    rows are never written). The backward is gathers only: dy for a row is w * dout of its token.
-    """
-
-    @staticmethod
-    def forward(ctx, y_SD, weights_TK, perm_S, inv_perm_S):
-        ctx.save_for_backward(y_SD, weights_TK, perm_S, inv_perm_S)
-        num_tokens, top_k = weights_TK.shape
-        y_TKD = y_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, -1)
-        weights_TK = weights_TK.to(y_SD.dtype)
-        if torch.compiler.is_compiling():
-            return (weights_TK.unsqueeze(-1).float() * y_TKD.float()).sum(dim=1).to(y_SD.dtype)
-        return torch.bmm(weights_TK.unsqueeze(1), y_TKD).squeeze(1)
-
-    @staticmethod
-    def backward(ctx, grad_out_TD):
-        y_SD, weights_TK, perm_S, inv_perm_S = ctx.saved_tensors
-        num_tokens, top_k = weights_TK.shape
-        grad_out_TD = grad_out_TD.to(y_SD.dtype)
-        y_TKD = y_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, -1)
-        if torch.compiler.is_compiling():
-            grad_weights_TK = (y_TKD.float() * grad_out_TD.unsqueeze(1).float()).sum(dim=-1)
-        else:
-            grad_weights_TK = torch.bmm(y_TKD, grad_out_TD.unsqueeze(2)).squeeze(2)
-        weight_of_row_S = weights_TK.reshape(-1).index_select(0, perm_S).to(y_SD.dtype)
-        grad_y_SD = grad_out_TD.index_select(0, _token_of_row(perm_S, top_k)) * weight_of_row_S.unsqueeze(1)
-        return grad_y_SD, grad_weights_TK.to(weights_TK.dtype), None, None
-
-
 # ---- the expert MLP on rows grouped by expert: forward and backward as plain functions ------------------------------
 
 def _forward(x_SD, up_w, down_w, offsets_E, activation: Activation, is_transposed: bool, compute_dtype):
@@ -214,7 +158,7 @@ def _backward(grad_y_SD, x_TD, up_w, down_w, perm_S, offsets_E, pre_SF, top_k: i
     # activation, then up projection: pre = x @ Wu[e]
     grad_pre_SF = activation.backward(pre_SF, grad_h_SI, in_place=in_place)
     del grad_h_SI, pre_SF
-    x_SD = x_TD.to(dtype).index_select(0, _token_of_row(perm_S, top_k))
+    x_SD = x_TD.to(dtype).index_select(0, token_of_row(perm_S, top_k))
     grad_up = _weight_grad(x_SD, grad_pre_SF, offsets_E, is_transposed, up_w)
     del x_SD
     grad_x_SD = grouped_mm(grad_pre_SF, up_EHF.transpose(-2, -1), offsets_E)
@@ -305,30 +249,26 @@ def fused_expert_mlp(
     weights_TK: torch.Tensor,
     up_w: torch.Tensor,
     down_w: torch.Tensor,
-    perm_S: torch.Tensor,
-    inv_perm_S: torch.Tensor,
-    offsets_E: torch.Tensor,
-    top_k: int,
+    plan: RoutingPlan,
     activation: Activation,
     is_transposed: bool = False,
 ) -> torch.Tensor:
     """Routed expert MLP with weighted combine. Returns [T, H] in the compute dtype.
 
     x_TD [T, H]; weights_TK [T, K]; up_w [E, F, H] (F = 2I gated, I otherwise) and down_w [E, H, I] in HF layout
-    (or [E, H, F] / [E, I, H] when is_transposed); perm_S [T*K]: sorted row -> flat (token*K + k) index;
-    inv_perm_S its inverse; offsets_E int32 cumulative rows per expert. Under autocast the GEMMs run in the autocast
-    dtype and weight gradients come back in the parameters' dtype.
+    (or [E, H, F] / [E, I, H] when is_transposed); plan: the routing plan (`trainer.moe.permute.make_plan`). Under
+    autocast the GEMMs run in the autocast dtype and weight gradients come back in the parameters' dtype.
     """
     compute_dtype = up_w.dtype
     if torch.is_autocast_enabled(x_TD.device.type):
         compute_dtype = torch.get_autocast_dtype(x_TD.device.type)
     with torch.autocast(x_TD.device.type, enabled=False):
-        x_SD = _GatherRows.apply(x_TD.to(compute_dtype), perm_S, inv_perm_S, top_k)
+        x_SD = permute_tokens(x_TD.to(compute_dtype), plan)
         x_saved = x_TD.detach()  # the backward gathers the rows again from the tokens instead of keeping x_SD
         if activation.kind in OP_ACTIVATIONS:
-            y_SD = _rows_op(x_SD, x_saved, up_w, down_w, perm_S, offsets_E, top_k, activation.kind,
+            y_SD = _rows_op(x_SD, x_saved, up_w, down_w, plan.perm_S, plan.offsets_E, plan.top_k, activation.kind,
                             activation.backend, is_transposed, compute_dtype)[0]
         else:
-            y_SD = _ExpertMLPRows.apply(x_SD, x_saved, up_w, down_w, perm_S, offsets_E, top_k, activation,
-                                        is_transposed, compute_dtype)
-        return _CombineRows.apply(y_SD, weights_TK, perm_S, inv_perm_S)
+            y_SD = _ExpertMLPRows.apply(x_SD, x_saved, up_w, down_w, plan.perm_S, plan.offsets_E, plan.top_k,
+                                        activation, is_transposed, compute_dtype)
+        return unpermute_and_combine(y_SD, weights_TK, plan)

@@ -113,7 +113,7 @@ def _fused_local_forward(module, hidden_states, top_k_index, top_k_weights) -> t
     module.moe_last_tokens_per_expert = plan.tokens_per_expert_E.detach()
     out_TD = fused_expert_mlp(
         hidden_states, top_k_weights, _local(module.gate_up_proj if has_gate else module.up_proj),
-        _local(module.down_proj), plan.perm_S, plan.inv_perm_S, plan.offsets_E, plan.top_k, activation,
+        _local(module.down_proj), plan, activation,
         is_transposed=getattr(module, "is_transposed", False),
     )
     return out_TD.to(hidden_states.dtype)

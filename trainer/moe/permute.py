@@ -2,7 +2,8 @@
 
 Both directions are gathers (no scatter-add, no atomics), so forward and backward are bit-reproducible on GPU:
 dispatch's backward sums the K copies of each token with a reshape + sum, combine's backward is a gather by the
-forward permutation. No host synchronisation happens here.
+forward permutation. No host synchronisation happens here. Compiled, Inductor fuses each gather with its multiply
+and K-way sum.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ def make_plan(index_TK: torch.Tensor, num_experts: int) -> RoutingPlan:
     )
 
 
+def token_of_row(perm_S: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The token each row (in expert order) came from: flat pair index // K."""
+    return torch.div(perm_S, top_k, rounding_mode="floor")
+
+
 class _ScatterTokensToRows(torch.autograd.Function):
     """x_TD -> x_SD with row s = token perm[s] // K; backward sums each token's K row gradients."""
 
@@ -59,7 +65,7 @@ class _ScatterTokensToRows(torch.autograd.Function):
     def forward(ctx, x_TD, perm_S, inv_perm_S, top_k):
         ctx.save_for_backward(inv_perm_S)
         ctx.top_k = top_k
-        return x_TD.index_select(0, torch.div(perm_S, top_k, rounding_mode="floor"))
+        return x_TD.index_select(0, token_of_row(perm_S, top_k))
 
     @staticmethod
     def backward(ctx, grad_SD):
@@ -68,29 +74,45 @@ class _ScatterTokensToRows(torch.autograd.Function):
         return grad_TKD.sum(dim=1), None, None, None
 
 
-class _GatherRows(torch.autograd.Function):
-    """y = x[order] for a permutation `order`; backward is the gather by the inverse permutation."""
-
-    @staticmethod
-    def forward(ctx, x_SD, order_S, inverse_S):
-        ctx.save_for_backward(inverse_S)
-        return x_SD.index_select(0, order_S)
-
-    @staticmethod
-    def backward(ctx, grad_SD):
-        (inverse_S,) = ctx.saved_tensors
-        return grad_SD.index_select(0, inverse_S), None, None
-
-
 def permute_tokens(x_TD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """[T, D] tokens -> [T*K, D] rows grouped by expert."""
     return _ScatterTokensToRows.apply(x_TD, plan.perm_S, plan.inv_perm_S, plan.top_k)
 
 
 def unpermute_and_combine(y_SD: torch.Tensor, weights_TK: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-    """[T*K, D] expert outputs in expert order -> [T, D] weighted sum over each token's K experts.
+    """[T*K, D] expert outputs in expert order -> [T, D] weighted sum over each token's K experts."""
+    return _CombineRows.apply(y_SD, weights_TK, plan.perm_S, plan.inv_perm_S)
 
-    The K-way sum is a batched [1, K] x [K, D] product per token (fp32 accumulation inside the GEMM).
+
+class _CombineRows(torch.autograd.Function):
+    """out_TD[t] = sum_k w_TK[t, k] * y_SD[row of (t, k)]: the expert outputs back in token order, weighted.
+
+    Eagerly the K-way sum is a batched [1, K] x [K, D] product per token (one pass over the gathered rows, fp32
+    accumulation inside the GEMM); compiled it is written as a multiply and a sum, which Inductor fuses with the
+    gather into one kernel per direction (the gathered [T, K, D] rows are never written). The backward is gathers
+    only: dy for a row is w * dout of its token.
     """
-    y_TKD = _GatherRows.apply(y_SD, plan.inv_perm_S, plan.perm_S).view(plan.num_tokens, plan.top_k, -1)
-    return torch.bmm(weights_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)
+
+    @staticmethod
+    def forward(ctx, y_SD, weights_TK, perm_S, inv_perm_S):
+        ctx.save_for_backward(y_SD, weights_TK, perm_S, inv_perm_S)
+        num_tokens, top_k = weights_TK.shape
+        y_TKD = y_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, -1)
+        weights_TK = weights_TK.to(y_SD.dtype)
+        if torch.compiler.is_compiling():
+            return (weights_TK.unsqueeze(-1).float() * y_TKD.float()).sum(dim=1).to(y_SD.dtype)
+        return torch.bmm(weights_TK.unsqueeze(1), y_TKD).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad_out_TD):
+        y_SD, weights_TK, perm_S, inv_perm_S = ctx.saved_tensors
+        num_tokens, top_k = weights_TK.shape
+        grad_out_TD = grad_out_TD.to(y_SD.dtype)
+        y_TKD = y_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, -1)
+        if torch.compiler.is_compiling():
+            grad_weights_TK = (y_TKD.float() * grad_out_TD.unsqueeze(1).float()).sum(dim=-1)
+        else:
+            grad_weights_TK = torch.bmm(y_TKD, grad_out_TD.unsqueeze(2)).squeeze(2)
+        weight_of_row_S = weights_TK.reshape(-1).index_select(0, perm_S).to(y_SD.dtype)
+        grad_y_SD = grad_out_TD.index_select(0, token_of_row(perm_S, top_k)) * weight_of_row_S.unsqueeze(1)
+        return grad_y_SD, grad_weights_TK.to(weights_TK.dtype), None, None
