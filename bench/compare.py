@@ -240,7 +240,9 @@ def _one_line(result: dict) -> str:
     peak = f"{result['peak_gib']:.1f} GiB" if "peak_gib" in result else "n/a"
     notes = "; ".join(result.get("notes", []))
     return (f"{head} {result['tok_s_per_gpu']:,.0f} tok/s/GPU, {result['tflops_per_gpu']:.0f} TFLOP/s, peak {peak}, "
-            f"loss {result['loss_last']:.4f}, init {result.get('init_s', 0):.0f}s" + (f" [{notes}]" if notes else ""))
+            f"loss {result['loss_last']:.4f}, init {result.get('init_s', 0):.0f}s"
+            + (f", step {1e3 * result['step_s']:.1f} ms (host queued it in {1e3 * result['host_s']:.1f})"
+               if "host_s" in result else "") + (f" [{notes}]" if notes else ""))
 
 
 if __name__ == "__main__":

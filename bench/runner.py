@@ -194,17 +194,17 @@ def _measure(spec: RunSpec, job, device, world: int, result: dict) -> None:
         optimizer = build_optimizer(model, options, lr=spec.lr)
 
     batches = _batches(job, config.vocab_size, spec.warmup + spec.steps, spec.seed, device)
-    times, losses, ces = [], [], []
+    times, host_times, losses, ces = [], [], [], []
     for i, ids in enumerate(batches):
         _sync(device)
         t0 = time.perf_counter()
         try:
-            loss, ce = _one_step(spec, model, optimizer, ids, options)
+            loss, ce, queued = _one_step(spec, model, optimizer, ids, options)
         except Exception as err:
             if i == 0 and spec.side == "ours" and disable_compile(model):
                 options.notes.append(f"compile failed at the first step ({type(err).__name__}): eager instead")
                 optimizer.zero_grad(set_to_none=True)
-                loss, ce = _one_step(spec, model, optimizer, ids, options)
+                loss, ce, queued = _one_step(spec, model, optimizer, ids, options)
             else:
                 raise
         _sync(device)
@@ -213,11 +213,14 @@ def _measure(spec: RunSpec, job, device, world: int, result: dict) -> None:
         ces.append(float(ce))
         if i >= spec.warmup:
             times.append(elapsed)
+            host_times.append(queued - t0)
     tokens = job.batch_size * job.seq_len
     step_s = statistics.median(times)
     tok_s = tokens / step_s
     result.update({
-        "step_s": step_s, "step_s_all": times, "tokens_per_step_per_gpu": tokens, "tok_s_per_gpu": tok_s,
+        "step_s": step_s, "step_s_all": times, "tokens_per_step_per_gpu": tokens,
+        # host time to queue the whole step (until the loss is read): close to step_s means the host sets the pace
+        "host_s": statistics.median(host_times), "tok_s_per_gpu": tok_s,
         "loss_last": losses[-1], "ce_last": ces[-1], "losses": losses,
         **flops.throughput_metrics(config, job.seq_len, tok_s),
         "flops_per_token": flops.flops_per_token(config, job.seq_len),
@@ -230,6 +233,7 @@ def _measure(spec: RunSpec, job, device, world: int, result: dict) -> None:
 
 
 def _one_step(spec, model, optimizer, ids, options):
+    """One optimizer step; returns (loss, cross-entropy, host clock when all its work was queued)."""
     from trainer.perf import causal_lm_loss
 
     if spec.side == "native":
@@ -242,7 +246,8 @@ def _one_step(spec, model, optimizer, ids, options):
         loss, ce = step.loss.detach(), step.ce
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.item(), float(ce)
+    queued = time.perf_counter()
+    return loss.item(), float(ce), queued
 
 
 def _profile_step(spec, model, optimizer, ids, options, device) -> str:
@@ -266,21 +271,32 @@ def _profile_step(spec, model, optimizer, ids, options, device) -> str:
                f"host {cpu_ms:.1f} ms")
     table = averages.table(sort_by=sort_key, row_limit=30, max_name_column_width=70)
     if device.type == "cuda":
-        summary += "\n" + _stream_timeline(prof)
+        summary += "\n" + _stream_timeline(prof, spec)
     return summary + "\n" + table
 
 
-def _stream_timeline(prof) -> str:
-    """Busy time per CUDA stream and the compute stream's idle gaps (bench.timeline) from the step's trace."""
+def _stream_timeline(prof, spec: RunSpec) -> str:
+    """Busy time per CUDA stream and the compute stream's idle gaps (bench.timeline) from the step's trace; with
+    MOE_BENCH_TRACE_DIR set, the trace's kernels and host operators are kept there (gzipped chrome trace)."""
     import tempfile
 
-    from bench.timeline import stream_summary
+    from bench.timeline import compact_trace, stream_summary
 
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "trace.json")
         prof.export_chrome_trace(path)
         with open(path) as f:
-            return stream_summary(json.load(f))
+            trace = json.load(f)
+    keep = os.environ.get("MOE_BENCH_TRACE_DIR")
+    if keep:
+        import gzip
+        import re
+
+        os.makedirs(keep, exist_ok=True)
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{spec.job}-{spec.label}").strip("_")
+        with gzip.open(os.path.join(keep, f"{name}.trace.json.gz"), "wt") as f:
+            json.dump(compact_trace(trace), f)
+    return stream_summary(trace)
 
 
 LAYOUTS = {"ep": "expert parallel over all GPUs + FSDP2", "fsdp": "FSDP2 only (every GPU runs all experts)",

@@ -43,6 +43,21 @@ def _host_ops_at(cpu_ops: list[dict], t: float, depth: int = 3) -> str:
     return " > ".join(names) if names else "(no operator: Python between ops)"
 
 
+def compact_trace(trace: dict) -> dict:
+    """The trace's GPU work, host operators and runtime calls only, each with its stream (small enough to keep)."""
+    events = trace.get("traceEvents", trace if isinstance(trace, list) else [])
+    kept = []
+    for e in events:
+        if e.get("ph") != "X" or e.get("cat") not in GPU_CATEGORIES + ("cpu_op", "cuda_runtime", "python_function"):
+            continue
+        item = {k: e[k] for k in ("ph", "name", "cat", "ts", "dur", "tid", "pid") if k in e}
+        stream = e.get("args", {}).get("stream")
+        if stream is not None:
+            item["args"] = {"stream": stream}
+        kept.append(item)
+    return {"traceEvents": kept}
+
+
 def stream_summary(trace: dict, top_gaps: int = 6, min_gap_us: float = 20.0) -> str:
     events = trace.get("traceEvents", trace if isinstance(trace, list) else [])
     kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES]

@@ -12,7 +12,7 @@
 #                B1_BS1_VARIANTS, REPEAT)
 #   ce-test      GPU parity test of the compiled chunked linear + cross-entropy (GPU 1, in the background)
 #   profile      one profiled step of `ours[PROFILE_VARIANT]` per job in PROFILE_JOBS (default B1-bs4; one GPU each,
-#                concurrently): wall vs kernel vs host time, the top kernels by GPU time
+#                concurrently): wall vs kernel vs host time, the top kernels by GPU time; gzipped traces kept in $OUT
 #   ep-dispatch  DeepEP vs all-to-all equality and timing (bench/ep_dispatch.py, 2 GPUs)
 #   b2           B2: native FSDP2 / native EP=2 vs ours FSDP2-only and EP=2 + FSDP2 (bench/compare.py, 2 GPUs;
 #                B2_VARIANTS, B2_NATIVE, B2_LAYOUTS, MOE_BENCH_DISPATCHER=alltoall|deepep|auto)
@@ -94,7 +94,8 @@ if has profile; then
   step "profile: ${PROFILE_JOBS:-B1-bs4} ours[${PROFILE_VARIANT:-best}]"
   gpu=0; PIDS=()
   for job in ${PROFILE_JOBS:-B1-bs4}; do
-    (CUDA_VISIBLE_DEVICES=$gpu timeout 240 python3 -m bench.compare --jobs "$job" --variants "${PROFILE_VARIANT:-best}" \
+    (CUDA_VISIBLE_DEVICES=$gpu MOE_BENCH_TRACE_DIR="$R" timeout 240 python3 -m bench.compare --jobs "$job" \
+      --variants "${PROFILE_VARIANT:-best}" \
       --recipe none --ours-only --profile --steps 3 --out "$SCRATCH/profile-$job" > "$SCRATCH/profile-$job.log" 2>&1) &
     PIDS+=($!); gpu=$((gpu + 1))
   done

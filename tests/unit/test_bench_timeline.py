@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.timeline import busy_intervals, idle_gaps, stream_summary
+from bench.timeline import busy_intervals, compact_trace, idle_gaps, stream_summary
 
 
 def _kernel(ts, dur, stream):
@@ -35,3 +35,16 @@ def test_summary_names_the_host_operator_during_the_compute_streams_longest_gap(
 
 def test_summary_without_kernels_says_so():
     assert "no GPU kernels" in stream_summary({"traceEvents": [_op("step", 0, 10)]})
+
+
+def test_compact_trace_keeps_gpu_work_and_host_operators_with_their_streams():
+    trace = {"traceEvents": [
+        _op("aten::mm", 0, 10), _kernel(2, 5, 7),
+        {"ph": "X", "cat": "python_function", "name": "f", "ts": 0, "dur": 3, "args": {"Python id": 1}},
+        {"ph": "i", "cat": "instant", "name": "marker", "ts": 1},
+        {"ph": "X", "cat": "user_annotation", "name": "ProfilerStep", "ts": 0, "dur": 20},
+    ]}
+    kept = compact_trace(trace)["traceEvents"]
+    assert [e["name"] for e in kept] == ["aten::mm", "k", "f"]
+    assert kept[1]["args"] == {"stream": 7} and "args" not in kept[2]
+    assert stream_summary(compact_trace(trace)) == stream_summary(trace)
