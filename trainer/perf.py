@@ -24,6 +24,8 @@ Options (the benchmark keeps each only where it pays, docs/BENCHMARKS.md):
   its gradient is complete, so the full set of gradients never exists; no clipping, no accumulation), "overlap"
   (in-backward, with the updates on a side CUDA stream so the memory-bound AdamW runs under the compute-bound
   backward; `.step()` joins the streams).
+- adamw: the in-backward / fp32-master optimizer's kernel: "torch" (`torch._fused_adamw_`) or "triton" (the same
+  update, one Triton kernel per tensor at close to full memory bandwidth: `trainer.kernels.adamw`).
 - master: "none" (optimizer works on the parameters' dtype) or "fp32" (fp32 master weights and AdamW states kept by
   the optimizer, bf16 parameters for compute: the recommended recipe).
 """
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from trainer.kernels import adamw as adamw_kernel
 from trainer.kernels.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy_sum, shift_labels
 from trainer.models.aux_loss import use_sync_free_aux_loss
 from trainer.models.output_capture import compile_friendly_output_capture
@@ -46,6 +49,7 @@ CHOICES = {
     "compile": ("none", "layers", "layers-all", "layers-graphs", "attn"),
     "ac": ("none", "full", "attn", "selective", "mlp"),
     "optimizer": ("foreach", "fused", "in-backward", "overlap"),
+    "adamw": ("torch", "triton"),
     "master": ("none", "fp32"),
 }
 
@@ -62,6 +66,7 @@ SHORTCUTS = {
     "fused-adamw": {"optimizer": "fused"},
     "opt-in-bwd": {"optimizer": "in-backward"},
     "opt-overlap": {"optimizer": "overlap"},
+    "triton-adamw": {"adamw": "triton"},
     "master-fp32": {"master": "fp32"},
     "fp8": {"fp8": True},
     "best": {"loss": "fused", "fused_experts": True, "kernels": "liger", "optimizer": "overlap",
@@ -77,6 +82,7 @@ class PerfOptions:
     compile: str = "none"
     ac: str = "none"
     optimizer: str = "foreach"
+    adamw: str = "torch"  # the per-parameter AdamW's kernel (optimizer in-backward/overlap, master fp32)
     master: str = "none"
     fp8: bool = False
     notes: list[str] = field(default_factory=list, compare=False)
@@ -400,15 +406,19 @@ class _PerParamAdamW:
 
     All parameters step together, so they share one step counter per device (advanced by `step()` once every
     parameter has been updated). Sharded (DTensor) parameters are updated one by one through their local shards, in
-    the stream where FSDP2 calls the hook. The update is `torch.optim.AdamW(fused=True)`'s.
+    the stream where FSDP2 calls the hook. The update is `torch.optim.AdamW(fused=True)`'s: its kernel, or with
+    `triton_kernel=True` the same update as one Triton kernel per CUDA tensor (`trainer.kernels.adamw`, which streams
+    large tensors at about twice the speed and writes an fp32 master copy's bf16 weight in the same pass).
     """
 
     def __init__(self, params, lr: float, betas, eps: float, weight_decay: float, master_fp32: bool, in_backward: bool,
                  overlap: bool = False, buckets: list[list[torch.nn.Parameter]] | None = None,
-                 hold_gradients: bool = False):
+                 hold_gradients: bool = False, triton_kernel: bool = False):
         self.master_fp32, self.in_backward, self.hold_gradients = master_fp32, in_backward, hold_gradients
         self.hyper = dict(lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
                           maximize=False)
+        self.triton_kernel = triton_kernel
+        self._kernel_hyper = dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
         self._entries = {}
         self._steps = {}  # device -> shared step counter (fp32 scalar, as the fused kernel reads it)
         self._side_stream = None
@@ -460,9 +470,15 @@ class _PerParamAdamW:
 
     def _update(self, params: list[torch.Tensor]) -> None:
         groups: dict[tuple, tuple[list, list, list, list]] = {}
+        copied = set()  # parameters whose weight the Triton kernel already wrote
         for p in params:
-            target, exp_avg, exp_avg_sq, _ = self._entries[p]
+            target, exp_avg, exp_avg_sq, own_copy = self._entries[p]
             grad = _local(p.grad)
+            if self.triton_kernel and adamw_kernel.usable(target, grad, exp_avg, exp_avg_sq, _local(p)):
+                adamw_kernel.adamw_(target, grad, exp_avg, exp_avg_sq, self._steps[target.device],
+                                    shadow=_local(p) if own_copy else None, **self._kernel_hyper)
+                copied.add(p)
+                continue
             if grad.dtype != target.dtype:
                 grad = grad.to(target.dtype)
             lists = groups.setdefault((target.device, target.dtype), ([], [], [], []))
@@ -473,7 +489,7 @@ class _PerParamAdamW:
                                 **self.hyper)
         for p in params:
             target, _, _, own_copy = self._entries[p]
-            if own_copy:
+            if own_copy and p not in copied:
                 _local(p).copy_(target)
             if self.hold_gradients:
                 self._held.append(p.grad)
@@ -544,6 +560,16 @@ def fsdp_fires_grad_hooks() -> bool:
     return "_post_accumulate_grad_hooks" in inspect.getsource(_fsdp_collectives)
 
 
+def _triton_adamw(options: PerfOptions, params: list[torch.Tensor]) -> bool:
+    """Whether the per-parameter AdamW uses the Triton kernel (options.adamw == "triton" and it can run here)."""
+    if options.adamw != "triton":
+        return False
+    if not any(_local(p).is_cuda for p in params) or not adamw_kernel.available():
+        options.notes.append("Triton AdamW needs triton and CUDA parameters: torch's fused AdamW kernel")
+        return False
+    return True
+
+
 def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e-4, betas=(0.9, 0.95),
                     eps: float = 1e-8, weight_decay: float = 0.0):
     """AdamW as `options.optimizer` / `options.master` say. Has .step() and .zero_grad(set_to_none=True)."""
@@ -558,7 +584,8 @@ def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e
         return _PerParamAdamW(params, lr, betas, eps, weight_decay, options.master == "fp32", in_backward,
                               overlap=options.optimizer == "overlap", buckets=layer_buckets(model),
                               # CUDA-graph memory is reused in stream order: only a side stream needs the hold
-                              hold_gradients=options.compile == "layers-graphs" and options.optimizer == "overlap")
+                              hold_gradients=options.compile == "layers-graphs" and options.optimizer == "overlap",
+                              triton_kernel=_triton_adamw(options, params))
     on_cuda = all(p.is_cuda for p in params)
     kind = {"fused": True} if options.optimizer in ("fused", "in-backward") and on_cuda else {"foreach": True}
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kind)

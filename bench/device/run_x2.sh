@@ -5,7 +5,9 @@
 #   STAGES="build train-step mamba-test b3-kernels" bash bench/device/run_x2.sh     # a subset (~10 min per subset)
 #
 # Stages:
-#   graphs-test  GPU tests: CUDA-graph layers vs kernel by kernel, overlapped optimizer, sync-free aux loss (GPU 0)
+#   adamw-kernel AdamW of one decoder layer: torch's fused kernel vs the Triton kernel (bench/adamw_kernel.py, GPU 1)
+#   graphs-test  GPU tests: CUDA-graph layers vs kernel by kernel, overlapped optimizer, sync-free aux loss, Triton
+#                AdamW vs torch's (GPU 0)
 #   build        causal-conv1d (sm_90) + mamba-ssm (Python/Triton) wheels, in the background (bench/device/build_mamba.sh);
 #                skipped when .whl/ already holds both wheels (a previous build's wheels, copied back from $OUT)
 #   b1           B1-bs4 on GPU 0 and B1-bs1 on GPU 1 at the same time (bench/device/run_all.sh; B1_BS4_VARIANTS,
@@ -33,7 +35,7 @@ LOG="$R/x2.log"
 exec > >(tee -a "$LOG") 2>&1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-STAGES="${STAGES:-graphs-test build b1 ce-test profile b2 ep-dispatch train-step b3-torch plan mamba-test b3-kernels}"
+STAGES="${STAGES:-adamw-kernel graphs-test build b1 ce-test profile b2 ep-dispatch train-step b3-torch plan mamba-test b3-kernels}"
 SCRATCH=/tmp/x2
 mkdir -p "$SCRATCH"
 for wheel in .whl/*.whl; do
@@ -58,12 +60,26 @@ if has build; then
   fi
 fi
 
+ADAMW_BENCH=""
+if has adamw-kernel; then
+  step "AdamW kernel: torch fused vs Triton, one decoder layer (GPU 1, background)"
+  (CUDA_VISIBLE_DEVICES=1 timeout 120 python3 bench/adamw_kernel.py --out "$R/adamw_kernel.json" \
+    > "$SCRATCH/adamw_kernel.log" 2>&1) &
+  ADAMW_BENCH=$!
+fi
+
 if has graphs-test; then
-  step "GPU parity tests: CUDA-graph layers, overlapped optimizer (GPU 0)"
+  step "GPU parity tests: CUDA-graph layers, overlapped optimizer, Triton AdamW (GPU 0)"
   CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short \
     tests/gpu/test_cuda_graph_layers.py tests/gpu/test_optimizer_overlap.py tests/gpu/test_aux_loss_gpu.py \
-    > "$SCRATCH/graphs_test.log" 2>&1
+    tests/gpu/test_adamw_triton.py > "$SCRATCH/graphs_test.log" 2>&1
   grep -E "^E |Error|passed|failed" "$SCRATCH/graphs_test.log" | tail -25
+fi
+
+if [ -n "$ADAMW_BENCH" ]; then
+  wait "$ADAMW_BENCH"
+  step "AdamW kernel (result)"
+  tail -8 "$SCRATCH/adamw_kernel.log"
 fi
 
 if has b1; then

@@ -87,7 +87,7 @@ def _train(spec: str, steps=3, dtype=torch.float32):
     return model
 
 
-@pytest.mark.parametrize("spec", ["fused-adamw", "opt-in-bwd", "opt-overlap", "master-fp32"])
+@pytest.mark.parametrize("spec", ["fused-adamw", "opt-in-bwd", "opt-overlap", "master-fp32", "opt-in-bwd+triton-adamw"])
 def test_optimizer_variants_reach_the_same_parameters_as_torch_adamw(spec):
     reference, other = _train("base"), _train(spec)
     for (name, a), (_, b) in zip(reference.named_parameters(), other.named_parameters()):
@@ -107,6 +107,14 @@ def test_fp32_master_weights_keep_updates_that_bf16_weights_would_round_away():
     assert master.dtype == torch.float32
     assert not torch.equal(master.bfloat16(), master)  # the fp32 copy holds more than bf16 can
     assert (master - before["lm_head.weight"].float()).abs().max() > 0
+
+
+def test_triton_adamw_off_cuda_says_so_and_uses_torchs_kernel():
+    model = _model()
+    options = PerfOptions.parse("opt-in-bwd+triton-adamw")
+    optimizer = build_optimizer(model, options, lr=1e-3)
+    assert options.adamw == "triton" and not optimizer.triton_kernel
+    assert any("Triton AdamW needs triton and CUDA parameters" in note for note in options.notes)
 
 
 def test_in_backward_optimizer_leaves_no_gradients_behind():

@@ -1,0 +1,97 @@
+"""On a GPU: the Triton AdamW kernel (`trainer.kernels.adamw`) makes the same update as `torch._fused_adamw_`.
+
+Run: `pytest -m gpu tests/gpu/test_adamw_triton.py`. Tolerances: fp32 tensors within 1e-6 relative (the same fp32
+formula, evaluated in another order); bf16 tensors within one bf16 rounding step (2**-7 relative) after 3 steps,
+and at least 99% of the elements bit-identical.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny_configs
+from trainer.kernels import adamw as adamw_kernel
+from trainer.models import MoEAutoModelForCausalLM
+from trainer.perf import PerfOptions, build_optimizer, causal_lm_loss
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+
+
+def _state(numel: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator("cuda").manual_seed(seed)
+    param = torch.randn(numel, device="cuda", generator=g).to(dtype)
+    return param, torch.zeros_like(param), torch.zeros_like(param)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
+    rel = 2.0 ** -7 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(a.float(), b.float(), rtol=rel, atol=rel * 1e-2)
+    if dtype == torch.bfloat16:
+        assert (a == b).float().mean().item() >= 0.99
+
+
+@pytest.mark.parametrize("numel", [1, 4095, 3 * 4096 + 7, 1 << 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_equals_torch_fused_adamw(numel, dtype):
+    ours = _state(numel, dtype, 0)
+    reference = tuple(t.clone() for t in ours)
+    step_ours = torch.zeros((), device="cuda")
+    step_reference = torch.zeros((), device="cuda")
+    for i in range(3):
+        grad = torch.randn(numel, device="cuda", generator=torch.Generator("cuda").manual_seed(10 + i)).to(dtype)
+        step_ours += 1
+        step_reference += 1
+        adamw_kernel.adamw_(*ours[:1], grad, *ours[1:], step_ours, **HYPER)
+        torch._fused_adamw_([reference[0]], [grad], [reference[1]], [reference[2]], [], [step_reference],
+                            lr=HYPER["lr"], beta1=HYPER["beta1"], beta2=HYPER["beta2"], eps=HYPER["eps"],
+                            weight_decay=HYPER["weight_decay"], amsgrad=False, maximize=False)
+    for a, b in zip(ours, reference):
+        _close(a, b, dtype)
+
+
+def test_master_copy_gets_bf16_gradients_and_writes_the_bf16_weight():
+    master, exp_avg, exp_avg_sq = _state(10_000, torch.float32, 0)
+    weight = master.to(torch.bfloat16)
+    reference = master.clone(), exp_avg.clone(), exp_avg_sq.clone()
+    grad = torch.randn(10_000, device="cuda").to(torch.bfloat16)
+    step = torch.ones((), device="cuda")
+    adamw_kernel.adamw_(master, grad, exp_avg, exp_avg_sq, step, shadow=weight, **HYPER)
+    torch._fused_adamw_([reference[0]], [grad.float()], [reference[1]], [reference[2]], [], [step.clone()],
+                        lr=HYPER["lr"], beta1=HYPER["beta1"], beta2=HYPER["beta2"], eps=HYPER["eps"],
+                        weight_decay=HYPER["weight_decay"], amsgrad=False, maximize=False)
+    _close(master, reference[0], torch.float32)
+    assert torch.equal(weight, master.to(torch.bfloat16))
+
+
+def _train(spec: str, steps: int = 3):
+    torch.manual_seed(0)
+    config = tiny_configs.qwen3_moe(output_router_logits=True, router_aux_loss_coef=0.01, hidden_size=256,
+                                    intermediate_size=512, moe_intermediate_size=256, vocab_size=4096,
+                                    max_position_embeddings=512)
+    with torch.device("cuda"):
+        model = MoEAutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    ids = torch.randint(0, config.vocab_size, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    options = PerfOptions.parse(spec)
+    optimizer = build_optimizer(model, options, lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        loss = causal_lm_loss(model, ids, ids, options).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    torch.cuda.synchronize()
+    return model, losses, optimizer
+
+
+@pytest.mark.parametrize("spec", ["opt-overlap", "opt-in-bwd+master-fp32"])
+def test_training_with_the_triton_kernel_follows_torchs_kernel(spec):
+    reference, reference_losses, _ = _train(spec)
+    model, losses, optimizer = _train(spec + "+triton-adamw")
+    assert optimizer.triton_kernel
+    assert losses == pytest.approx(reference_losses, rel=1e-3)
+    for (name, a), (_, b) in zip(reference.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2.0 ** -6, atol=1e-4, msg=name)

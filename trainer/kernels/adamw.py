@@ -1,0 +1,94 @@
+"""AdamW update of one tensor in one Triton kernel, at close to the GPU's memory bandwidth.
+
+    adamw_(param, grad, exp_avg, exp_avg_sq, step, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0)
+
+The same update as `torch._fused_adamw_` (decoupled weight decay, bias corrections from the device step counter, all
+math in fp32, each tensor stored back in its own dtype). PyTorch's multi-tensor kernel launches a few hundred blocks
+per call and reaches about half of an H200's bandwidth on bf16 tensors of hundreds of millions of elements (the
+expert weights); one large grid per tensor streams them at close to the full bandwidth (`bench/adamw_kernel.py`
+measures both). The update reads four tensors and writes three, so bandwidth is all that counts.
+
+`shadow`: a second tensor written with the new parameter in its own dtype (the bf16 model weight of an fp32 master
+copy), instead of a separate copy afterwards. `step` is a one-element fp32 tensor on the same device (the step
+number being taken, starting at 1), read on the device so that no value goes to the host.
+
+Only CUDA tensors that are contiguous and of the same size; `usable(...)` says whether a set of tensors qualifies.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+BLOCK = 4096
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, shadow_ptr, step_ptr, n, lr, beta1, beta2, eps, weight_decay,
+                     log2_beta1, log2_beta2, HAS_SHADOW: tl.constexpr, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        step = tl.load(step_ptr)
+        bias_correction1 = 1.0 - tl.exp2(step * log2_beta1)
+        bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * log2_beta2))
+        param = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
+        grad = tl.load(g_ptr + offsets, mask=mask).to(tl.float32)
+        exp_avg = tl.load(m_ptr + offsets, mask=mask).to(tl.float32)
+        exp_avg_sq = tl.load(v_ptr + offsets, mask=mask).to(tl.float32)
+        param = param - lr * weight_decay * param
+        exp_avg = beta1 * exp_avg + (1.0 - beta1) * grad
+        exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * grad * grad
+        denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
+        param = param - (lr / bias_correction1) * exp_avg / denom
+        tl.store(p_ptr + offsets, param.to(p_ptr.dtype.element_ty), mask=mask)
+        tl.store(m_ptr + offsets, exp_avg.to(m_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_ptr + offsets, exp_avg_sq.to(v_ptr.dtype.element_ty), mask=mask)
+        if HAS_SHADOW:
+            tl.store(shadow_ptr + offsets, param.to(shadow_ptr.dtype.element_ty), mask=mask)
+
+    return adamw_kernel
+
+
+@functools.cache
+def available() -> bool:
+    """Whether Triton is importable and a CUDA device is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        _kernel()
+    except Exception:  # no triton, or one that does not match this torch
+        return False
+    return True
+
+
+def usable(*tensors: torch.Tensor | None) -> bool:
+    """Whether these tensors (None skipped) can go through `adamw_`: CUDA, contiguous, one size, one device."""
+    present = [t for t in tensors if t is not None]
+    first = present[0]
+    return available() and all(t.is_cuda and t.is_contiguous() and t.numel() == first.numel()
+                               and t.device == first.device for t in present)
+
+
+def adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+           step: torch.Tensor, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+           shadow: torch.Tensor | None = None) -> None:
+    """Update `param`, `exp_avg`, `exp_avg_sq` (and write `shadow`) in place, on the current CUDA stream."""
+    n = param.numel()
+    if n == 0:
+        return
+    grid = (triton_cdiv(n, BLOCK),)
+    _kernel()[grid](param, grad, exp_avg, exp_avg_sq, shadow if shadow is not None else param, step, n,
+                    float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+                    math.log2(beta1) if beta1 > 0 else -math.inf, math.log2(beta2) if beta2 > 0 else -math.inf,
+                    HAS_SHADOW=shadow is not None, BLOCK=BLOCK, num_warps=8)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
