@@ -37,7 +37,7 @@ def _kernel():
         mask = offsets < n
         step = tl.load(step_ptr)
         bias_correction1 = 1.0 - tl.exp2(step * log2_beta1)
-        bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * log2_beta2))
+        bias_correction2_sqrt = tl.sqrt_rn(1.0 - tl.exp2(step * log2_beta2))
         param = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
         grad = tl.load(g_ptr + offsets, mask=mask).to(tl.float32)
         exp_avg = tl.load(m_ptr + offsets, mask=mask).to(tl.float32)
@@ -45,8 +45,9 @@ def _kernel():
         param = param - lr * weight_decay * param
         exp_avg = beta1 * exp_avg + (1.0 - beta1) * grad
         exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * grad * grad
-        denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
-        param = param - (lr / bias_correction1) * exp_avg / denom
+        # correctly rounded square root and division, as the CUDA kernel it matches (Triton's defaults approximate)
+        denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
+        param = param - tl.div_rn((lr / bias_correction1) * exp_avg, denom)
         tl.store(p_ptr + offsets, param.to(p_ptr.dtype.element_ty), mask=mask)
         tl.store(m_ptr + offsets, exp_avg.to(m_ptr.dtype.element_ty), mask=mask)
         tl.store(v_ptr + offsets, exp_avg_sq.to(v_ptr.dtype.element_ty), mask=mask)
