@@ -26,6 +26,8 @@ Options (the benchmark keeps each only where it pays, docs/BENCHMARKS.md):
   backward; `.step()` joins the streams).
 - adamw: the in-backward / fp32-master optimizer's kernel: "torch" (`torch._fused_adamw_`) or "triton" (the same
   update, one Triton kernel per tensor at close to full memory bandwidth: `trainer.kernels.adamw`).
+- fused_update: with fused_experts and an in-backward optimizer, the experts' backward updates their weights from
+  the weight-gradient GEMM's output tiles (`trainer.kernels.expert_update`): the expert gradients never exist.
 - master: "none" (optimizer works on the parameters' dtype) or "fp32" (fp32 master weights and AdamW states kept by
   the optimizer, bf16 parameters for compute: the recommended recipe).
 """
@@ -53,6 +55,8 @@ CHOICES = {
     "master": ("none", "fp32"),
 }
 
+BOOLEAN_OPTIONS = ("fused_experts", "fp8", "fused_update")
+
 # Short names for the benchmark's --variants: "base+fused-ce+ac=attn" applies each token in order.
 SHORTCUTS = {
     "base": {},
@@ -67,6 +71,7 @@ SHORTCUTS = {
     "opt-in-bwd": {"optimizer": "in-backward"},
     "opt-overlap": {"optimizer": "overlap"},
     "triton-adamw": {"adamw": "triton"},
+    "fused-update": {"fused_update": True},
     "master-fp32": {"master": "fp32"},
     "fp8": {"fp8": True},
     "best": {"loss": "fused", "fused_experts": True, "kernels": "liger", "optimizer": "overlap",
@@ -83,6 +88,7 @@ class PerfOptions:
     ac: str = "none"
     optimizer: str = "foreach"
     adamw: str = "torch"  # the per-parameter AdamW's kernel (optimizer in-backward/overlap, master fp32)
+    fused_update: bool = False  # the experts' weight-gradient GEMM updates the weights (in-backward optimizers)
     master: str = "none"
     fp8: bool = False
     notes: list[str] = field(default_factory=list, compare=False)
@@ -100,8 +106,8 @@ class PerfOptions:
             key = {"opt": "optimizer"}.get(key, key).replace("-", "_")
             if not sep or key not in {f.name for f in dataclasses.fields(cls)} or key == "notes":
                 raise ValueError(f"unknown option {token!r}: use one of {sorted(SHORTCUTS)} or key=value "
-                                 f"with keys {sorted(CHOICES) + ['fused_experts', 'fp8']}")
-            if key in ("fused_experts", "fp8"):
+                                 f"with keys {sorted(CHOICES) + list(BOOLEAN_OPTIONS)}")
+            if key in BOOLEAN_OPTIONS:
                 setattr(options, key, value.lower() in ("1", "true", "on", "yes"))
                 continue
             if value not in CHOICES[key]:
@@ -413,7 +419,7 @@ class _PerParamAdamW:
 
     def __init__(self, params, lr: float, betas, eps: float, weight_decay: float, master_fp32: bool, in_backward: bool,
                  overlap: bool = False, buckets: list[list[torch.nn.Parameter]] | None = None,
-                 hold_gradients: bool = False, triton_kernel: bool = False):
+                 hold_gradients: bool = False, triton_kernel: bool = False, expert_targets=()):
         self.master_fp32, self.in_backward, self.hold_gradients = master_fp32, in_backward, hold_gradients
         self.hyper = dict(lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
                           maximize=False)
@@ -424,6 +430,8 @@ class _PerParamAdamW:
         self._side_stream = None
         self._held: list[torch.Tensor] = []
         params = list(params)
+        # expert weights updated by their own backward (fused_update): states here, no hooks, no buckets
+        self._in_experts = {p for _, up, down in expert_targets for p in (up, down)}
         for p in params:
             local = _local(p).detach()
             own_copy = master_fp32 and p.dtype != torch.float32
@@ -431,13 +439,31 @@ class _PerParamAdamW:
             if local.device not in self._steps:
                 self._steps[local.device] = torch.ones((), dtype=torch.float32, device=local.device)
             self._entries[p] = (target, torch.zeros_like(target), torch.zeros_like(target), own_copy)
-            if in_backward:
+            if in_backward and p not in self._in_experts:
                 p.register_post_accumulate_grad_hook(self._on_gradient)
             if overlap and in_backward and p.is_cuda and self._side_stream is None:
                 self._side_stream = torch.cuda.Stream(device=p.device)
-        self._buckets = _complete_buckets(params, buckets)
+        self._buckets = _complete_buckets([p for p in params if p not in self._in_experts], buckets)
+        for module, up, down in expert_targets:
+            self._hand_over(module, up, down)
         self._bucket_of = {p: i for i, bucket in enumerate(self._buckets) for p in bucket}
         self._ready: list[list[torch.Tensor]] = [[] for _ in self._buckets]
+
+    def _hand_over(self, module: torch.nn.Module, up: torch.Tensor, down: torch.Tensor) -> None:
+        """Give an experts module its weights' AdamW states: its backward updates them (trainer.kernels.expert_update)."""
+        from trainer.kernels.expert_update import ExpertUpdate
+
+        states = {}
+        for name, p in (("up", up), ("down", down)):
+            _, exp_avg, exp_avg_sq, _ = self._entries[p]
+            for state in (exp_avg, exp_avg_sq):
+                torch._dynamo.mark_static_address(state)  # fixed addresses inside replayed CUDA graphs
+            states[name] = (exp_avg, exp_avg_sq)
+        torch._dynamo.mark_static_address(self._steps[up.device])
+        hyper = self.hyper
+        module.__dict__["moe_expert_update"] = ExpertUpdate(
+            states, self._steps[up.device], hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"],
+            hyper["weight_decay"])
 
     @torch.no_grad()
     def _on_gradient(self, p: torch.Tensor) -> None:
@@ -560,6 +586,29 @@ def fsdp_fires_grad_hooks() -> bool:
     return "_post_accumulate_grad_hooks" in inspect.getsource(_fsdp_collectives)
 
 
+def _fused_update_targets(model: torch.nn.Module, options: PerfOptions, in_backward: bool) -> list:
+    """The experts modules whose backward updates their own weights (options.fused_update), or [] with a note."""
+    if not options.fused_update:
+        return []
+    from trainer.moe.experts import fused_update_targets
+
+    reason = None
+    if not in_backward:
+        reason = "an in-backward optimizer (opt-in-bwd / opt-overlap)"
+    elif options.master == "fp32":
+        reason = "weights that are the optimizer's own (not an fp32 master copy)"
+    elif not options.fused_experts:
+        reason = "fused_experts"
+    targets = [] if reason else fused_update_targets(model)
+    if not reason and not targets:
+        reason = "fused local experts with plain (unsharded) weights"
+    if reason:
+        options.notes.append(f"fused_update needs {reason}: experts updated by the optimizer's hooks")
+        return []
+    options.notes.append(f"experts' weights updated inside their backward on {len(targets)} MoE layers")
+    return targets
+
+
 def _triton_adamw(options: PerfOptions, params: list[torch.Tensor]) -> bool:
     """Whether the per-parameter AdamW uses the Triton kernel (options.adamw == "triton" and it can run here)."""
     if options.adamw != "triton":
@@ -581,11 +630,14 @@ def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e
                              "(not this torch): fused AdamW")
         in_backward = False
     if in_backward or options.master == "fp32":
+        experts = _fused_update_targets(model, options, in_backward)
         return _PerParamAdamW(params, lr, betas, eps, weight_decay, options.master == "fp32", in_backward,
                               overlap=options.optimizer == "overlap", buckets=layer_buckets(model),
                               # CUDA-graph memory is reused in stream order: only a side stream needs the hold
                               hold_gradients=options.compile == "layers-graphs" and options.optimizer == "overlap",
-                              triton_kernel=_triton_adamw(options, params))
+                              triton_kernel=_triton_adamw(options, params), expert_targets=experts)
+    if options.fused_update:
+        options.notes.append("fused_update needs an in-backward optimizer (opt-in-bwd / opt-overlap): off")
     on_cuda = all(p.is_cuda for p in params)
     kind = {"fused": True} if options.optimizer in ("fused", "in-backward") and on_cuda else {"foreach": True}
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kind)
