@@ -5,7 +5,8 @@
 #   STAGES="build train-step mamba-test b3-kernels" bash bench/device/run_x2.sh     # a subset (~10 min per subset)
 #
 # Stages:
-#   adamw-kernel AdamW of one decoder layer: torch's fused kernel vs the Triton kernel (bench/adamw_kernel.py, GPU 1)
+#   adamw-kernel AdamW of one decoder layer: torch's fused kernel vs the Triton kernel (bench/adamw_kernel.py), and
+#                the experts' weight gradient + AdamW, separate vs fused (bench/expert_update.py; GPU 1)
 #   graphs-test  GPU tests: CUDA-graph layers vs kernel by kernel, overlapped optimizer, sync-free aux loss, Triton
 #                AdamW vs torch's, the experts' update inside their backward (GPU 0)
 #   build        causal-conv1d (sm_90) + mamba-ssm (Python/Triton) wheels, in the background (bench/device/build_mamba.sh);
@@ -64,7 +65,9 @@ ADAMW_BENCH=""
 if has adamw-kernel; then
   step "AdamW kernel: torch fused vs Triton, one decoder layer (GPU 1, background)"
   (CUDA_VISIBLE_DEVICES=1 timeout 120 python3 bench/adamw_kernel.py --out "$R/adamw_kernel.json" \
-    > "$SCRATCH/adamw_kernel.log" 2>&1) &
+    > "$SCRATCH/adamw_kernel.log" 2>&1;
+   CUDA_VISIBLE_DEVICES=1 timeout 120 python3 bench/expert_update.py --out "$R/expert_update.json" \
+    >> "$SCRATCH/adamw_kernel.log" 2>&1) &
   ADAMW_BENCH=$!
 fi
 
@@ -79,7 +82,7 @@ fi
 if [ -n "$ADAMW_BENCH" ]; then
   wait "$ADAMW_BENCH"
   step "AdamW kernel (result)"
-  tail -8 "$SCRATCH/adamw_kernel.log"
+  tail -14 "$SCRATCH/adamw_kernel.log"
 fi
 
 if has b1; then

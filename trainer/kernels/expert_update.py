@@ -49,7 +49,8 @@ def _kernel():
     @triton.jit
     def grad_adamw_kernel(a_ptr, b_ptr, offsets_ptr, w_ptr, m_ptr, v_ptr, step_ptr, P, Q, stride_a, stride_b,
                           lr, beta1, beta2, eps, weight_decay, log2_beta1, log2_beta2,
-                          BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr):
+                          BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr,
+                          INPUT_PRECISION: tl.constexpr):
         pid_p = tl.program_id(0)
         pid_q = tl.program_id(1)
         expert = tl.program_id(2)
@@ -67,7 +68,7 @@ def _kernel():
                         other=0.0)
             b = tl.load(b_ptr + rows_s[:, None] * stride_b + rows_q[None, :], mask=in_s[:, None] & in_q[None, :],
                         other=0.0)
-            acc = tl.dot(tl.trans(a), b, acc)
+            acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
         offsets = expert.to(tl.int64) * P * Q + rows_p[:, None].to(tl.int64) * Q + rows_q[None, :]
         mask = in_p[:, None] & in_q[None, :]
         # the gradient as the unfused path stores it (the parameter's dtype), then AdamW as torch._fused_adamw_
@@ -126,4 +127,6 @@ def weight_grad_adamw_(a_SP: torch.Tensor, b_SQ: torch.Tensor, offsets_E: torch.
     _kernel()[grid](a_SP, b_SQ, offsets_E, param_EPQ, exp_avg, exp_avg_sq, update.step, P, Q, a_SP.stride(0),
                     b_SQ.stride(0), float(update.lr), float(update.beta1), float(update.beta2), float(update.eps),
                     float(update.weight_decay), _log2(update.beta1), _log2(update.beta2),
-                    BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_S=block_s, num_warps=8, num_stages=3)
+                    BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_S=block_s, num_warps=8, num_stages=3,
+                    # fp32 inputs multiply in full precision, as torch's fp32 matmuls do by default (not TF32)
+                    INPUT_PRECISION="ieee" if a_SP.dtype == torch.float32 else "tf32")
