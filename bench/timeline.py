@@ -44,16 +44,18 @@ def _host_ops_at(cpu_ops: list[dict], t: float, depth: int = 3) -> str:
 
 
 def compact_trace(trace: dict) -> dict:
-    """The trace's GPU work, host operators and runtime calls only, each with its stream (small enough to keep)."""
+    """The trace's GPU work, host operators and runtime calls only, each with its stream and correlation ids (small
+    enough to keep)."""
     events = trace.get("traceEvents", trace if isinstance(trace, list) else [])
     kept = []
     for e in events:
         if e.get("ph") != "X" or e.get("cat") not in GPU_CATEGORIES + ("cpu_op", "cuda_runtime", "python_function"):
             continue
         item = {k: e[k] for k in ("ph", "name", "cat", "ts", "dur", "tid", "pid") if k in e}
-        stream = e.get("args", {}).get("stream")
-        if stream is not None:
-            item["args"] = {"stream": stream}
+        # the stream, and the ids that tie a kernel to its launch and the launch to its host operator
+        args = {k: v for k, v in e.get("args", {}).items() if k in ("stream", "correlation", "External id")}
+        if args:
+            item["args"] = args
         kept.append(item)
     return {"traceEvents": kept}
 

@@ -39,12 +39,12 @@ def test_summary_without_kernels_says_so():
 
 def test_compact_trace_keeps_gpu_work_and_host_operators_with_their_streams():
     trace = {"traceEvents": [
-        _op("aten::mm", 0, 10), _kernel(2, 5, 7),
+        _op("aten::mm", 0, 10), {**_kernel(2, 5, 7), "args": {"stream": 7, "correlation": 3, "grid": [1, 1, 1]}},
         {"ph": "X", "cat": "python_function", "name": "f", "ts": 0, "dur": 3, "args": {"Python id": 1}},
         {"ph": "i", "cat": "instant", "name": "marker", "ts": 1},
         {"ph": "X", "cat": "user_annotation", "name": "ProfilerStep", "ts": 0, "dur": 20},
     ]}
     kept = compact_trace(trace)["traceEvents"]
     assert [e["name"] for e in kept] == ["aten::mm", "k", "f"]
-    assert kept[1]["args"] == {"stream": 7} and "args" not in kept[2]
+    assert kept[1]["args"] == {"stream": 7, "correlation": 3} and "args" not in kept[2]
     assert stream_summary(compact_trace(trace)) == stream_summary(trace)
