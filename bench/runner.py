@@ -300,17 +300,24 @@ def _stream_timeline(prof, spec: RunSpec) -> str:
 
 
 LAYOUTS = {"ep": "expert parallel over all GPUs + FSDP2", "fsdp": "FSDP2 only (every GPU runs all experts)",
-            "zero2": "FSDP2 only, parameters kept gathered from forward to backward (reshard_after_forward=False)"}
+            "zero2": "FSDP2 only, parameters kept gathered from forward to backward (reshard_after_forward=False)",
+            "replicate": "every GPU holds the whole model; gradients averaged layer by layer inside the backward"}
 
 
 def _parallelize(model, job, layout: str) -> None:
     """Multi-GPU jobs through trainer.parallel (bf16 weights, bf16 gradient reduction as the native baseline):
     layout "ep" = EP over all GPUs + FSDP2, "fsdp" = FSDP2 only, "zero2" = FSDP2 only without resharding between
-    forward and backward (one all-gather per step instead of two, the gathered weights held meanwhile)."""
+    forward and backward (one all-gather per step instead of two, the gathered weights held meanwhile),
+    "replicate" = the whole model on every GPU, gradients averaged by the in-backward optimizer
+    (trainer.parallel.replicate; the variant needs opt-in-bwd / opt-overlap)."""
     from trainer.parallel import ParallelConfig, parallelize
+    from trainer.parallel.replicate import replicate
 
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: choose one of {sorted(LAYOUTS)}")
+    if layout == "replicate":
+        replicate(model)
+        return
     dispatcher = os.environ.get("MOE_BENCH_DISPATCHER", "auto")
     ep_size = job.gpus if layout == "ep" else 1
     parallelize(model, ParallelConfig(ep_size=ep_size, dispatcher=dispatcher, param_dtype=None, reduce_dtype=None,

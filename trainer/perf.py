@@ -41,6 +41,7 @@ import torch
 
 from trainer.kernels import adamw as adamw_kernel
 from trainer.kernels.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy_sum, shift_labels
+from trainer.parallel.replicate import replica_group
 from trainer.models.aux_loss import use_sync_free_aux_loss
 from trainer.models.output_capture import compile_friendly_output_capture
 from trainer.moe.experts import IMPLEMENTATION_NAME as EXPERTS_IMPLEMENTATION
@@ -160,8 +161,10 @@ def _cuda_graphs_missing(model: torch.nn.Module) -> str | None:
     """What the model's step lacks for CUDA graphs, or None."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     devices = {p.device for p in model.parameters()}
-    if distributed or len(devices) != 1 or next(iter(devices)).type != "cuda":
+    if len(devices) != 1 or next(iter(devices)).type != "cuda":
         return "one CUDA device in one process"
+    if distributed and replica_group(model) is None:  # sharded layouts run collectives inside the layers
+        return "one CUDA device in one process (or a replicated model)"
     if any(p.dtype == torch.float32 for p in model.parameters()):
         # the grouped GEMM runs in bf16/fp16; fp32 experts loop on the host over the experts' row counts
         return "bf16/fp16 weights (fp32 experts read row counts on the host)"
@@ -410,6 +413,10 @@ class _PerParamAdamW:
     memory pool (compiled layers replayed as CUDA graphs), which reuses memory that no tensor references within the
     same step and knows nothing of the side stream.
 
+    `group`: a replicated model's process group (`trainer.parallel.replicate`). Each bucket's gradients are averaged
+    over it (all-reduce) right before their update, in the same stream, so the communication of one layer runs
+    under the backward of the next.
+
     All parameters step together, so they share one step counter per device (advanced by `step()` once every
     parameter has been updated). Sharded (DTensor) parameters are updated one by one through their local shards, in
     the stream where FSDP2 calls the hook. The update is `torch.optim.AdamW(fused=True)`'s: its kernel, or with
@@ -419,11 +426,12 @@ class _PerParamAdamW:
 
     def __init__(self, params, lr: float, betas, eps: float, weight_decay: float, master_fp32: bool, in_backward: bool,
                  overlap: bool = False, buckets: list[list[torch.nn.Parameter]] | None = None,
-                 hold_gradients: bool = False, triton_kernel: bool = False, expert_targets=()):
+                 hold_gradients: bool = False, triton_kernel: bool = False, expert_targets=(), group=None):
         self.master_fp32, self.in_backward, self.hold_gradients = master_fp32, in_backward, hold_gradients
         self.hyper = dict(lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
                           maximize=False)
         self.triton_kernel = triton_kernel
+        self._group = group  # replicas to average each gradient over before its update (trainer.parallel.replicate)
         self._kernel_hyper = dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
         self._entries = {}
         self._steps = {}  # device -> shared step counter (fp32 scalar, as the fused kernel reads it)
@@ -495,6 +503,10 @@ class _PerParamAdamW:
             self._update(params)
 
     def _update(self, params: list[torch.Tensor]) -> None:
+        if self._group is not None:
+            from trainer.parallel.replicate import average_gradients
+
+            average_gradients([p.grad for p in params], self._group)
         groups: dict[tuple, tuple[list, list, list, list]] = {}
         copied = set()  # parameters whose weight the Triton kernel already wrote
         for p in params:
@@ -586,7 +598,8 @@ def fsdp_fires_grad_hooks() -> bool:
     return "_post_accumulate_grad_hooks" in inspect.getsource(_fsdp_collectives)
 
 
-def _fused_update_targets(model: torch.nn.Module, options: PerfOptions, in_backward: bool) -> list:
+def _fused_update_targets(model: torch.nn.Module, options: PerfOptions, in_backward: bool,
+                          replicated: bool = False) -> list:
     """The experts modules whose backward updates their own weights (options.fused_update), or [] with a note."""
     if not options.fused_update:
         return []
@@ -599,6 +612,8 @@ def _fused_update_targets(model: torch.nn.Module, options: PerfOptions, in_backw
         reason = "weights that are the optimizer's own (not an fp32 master copy)"
     elif not options.fused_experts:
         reason = "fused_experts"
+    elif replicated:
+        reason = "one process (a replica's expert gradients must be averaged before their update)"
     targets = [] if reason else fused_update_targets(model)
     if not reason and not targets:
         reason = "fused local experts with plain (unsharded) weights"
@@ -629,13 +644,17 @@ def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e
         options.notes.append("optimizer in backward needs an FSDP2 that calls post-accumulate-grad hooks "
                              "(not this torch): fused AdamW")
         in_backward = False
+    group = replica_group(model)
+    if group is not None and not (in_backward or options.master == "fp32"):
+        raise ValueError("a replicated model needs the optimizer that averages its gradients: add opt-in-bwd or "
+                         "opt-overlap to the options")
     if in_backward or options.master == "fp32":
-        experts = _fused_update_targets(model, options, in_backward)
+        experts = _fused_update_targets(model, options, in_backward, replicated=group is not None)
         return _PerParamAdamW(params, lr, betas, eps, weight_decay, options.master == "fp32", in_backward,
                               overlap=options.optimizer == "overlap", buckets=layer_buckets(model),
                               # CUDA-graph memory is reused in stream order: only a side stream needs the hold
                               hold_gradients=options.compile == "layers-graphs" and options.optimizer == "overlap",
-                              triton_kernel=_triton_adamw(options, params), expert_targets=experts)
+                              triton_kernel=_triton_adamw(options, params), expert_targets=experts, group=group)
     if options.fused_update:
         options.notes.append("fused_update needs an in-backward optimizer (opt-in-bwd / opt-overlap): off")
     on_cuda = all(p.is_cuda for p in params)

@@ -1,0 +1,67 @@
+"""Rank functions for the replication tests (run by harness.run_ranks in gloo processes)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import tiny_configs
+from trainer.models import MoEAutoModelForCausalLM
+from trainer.parallel.replicate import replicate
+from trainer.perf import PerfOptions, apply_optimizations, build_optimizer, causal_lm_loss
+
+IDS = torch.randint(0, tiny_configs.VOCAB, (4, 24), generator=torch.Generator().manual_seed(5))
+
+
+def _model(seed: int):
+    torch.manual_seed(seed)
+    # no router aux loss: it is not linear in the batch, so replicas could not reproduce the full batch's value
+    model = MoEAutoModelForCausalLM.from_config(tiny_configs.qwen3_moe(router_aux_loss_coef=0.0))
+    for name, p in model.named_parameters():
+        if "norm" not in name:
+            torch.nn.init.normal_(p, std=0.2)
+    return model
+
+
+def _train(model, spec: str, ids: torch.Tensor, steps: int) -> list[str]:
+    options = PerfOptions.parse(spec)
+    apply_optimizations(model, options)
+    optimizer = build_optimizer(model, options, lr=1e-2)
+    for _ in range(steps):
+        causal_lm_loss(model, ids, ids, options).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return options.notes
+
+
+def replicas_train_like_one_process(spec: str, steps: int = 3) -> dict:
+    """Each rank starts from its own seed and trains on its half of the batch; rank 0 also trains one model alone on
+    the whole batch. Returns the worst relative difference to that model and a checksum of the parameters."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = _model(seed=rank)  # replicate() makes every rank start from rank 0's parameters
+    replicate(model)
+    rows = IDS.shape[0] // world
+    notes = _train(model, spec, IDS[rank * rows:(rank + 1) * rows], steps)
+    result = {"notes": notes, "checksum": [float(p.double().sum()) for p in model.parameters()],
+              "grads_left": sum(p.grad is not None for p in model.parameters())}
+    if rank == 0:
+        alone = _model(seed=0)
+        _train(alone, spec, IDS, steps)
+        worst, moved = 0.0, 0.0
+        for (name, a), (_, b) in zip(alone.named_parameters(), model.named_parameters()):
+            worst = max(worst, ((b - a).norm() / a.norm().clamp_min(1e-30)).item())
+        start = _model(seed=0)
+        for a, b in zip(start.parameters(), model.parameters()):
+            moved = max(moved, (b - a).abs().max().item())
+        result.update(worst_rel=worst, moved=moved)
+    return result
+
+
+def replicated_model_refuses_an_optimizer_that_does_not_average() -> str:
+    model = _model(seed=0)
+    replicate(model)
+    try:
+        build_optimizer(model, PerfOptions.parse("fused-adamw"))
+    except ValueError as err:
+        return str(err)
+    return ""

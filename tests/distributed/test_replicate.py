@@ -1,0 +1,31 @@
+"""Replication (`trainer.parallel.replicate`): two gloo processes, each on half of the batch, with gradients averaged
+inside the backward by the in-backward optimizer, train exactly like one process on the whole batch.
+
+Tolerance: 1e-5 relative per parameter after 3 steps in float32 (the average of two half-batch gradients vs the
+whole-batch gradient: summation order only). Both replicas end bit-identical.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import replicate_workers
+from harness import run_ranks
+
+pytestmark = [pytest.mark.distributed]
+
+
+@pytest.mark.parametrize("spec", ["opt-in-bwd", "opt-overlap", "fused-experts+opt-in-bwd+fused-update"])
+def test_two_replicas_train_like_one_process_on_the_whole_batch(spec):
+    results = run_ranks(replicate_workers.replicas_train_like_one_process, 2, spec, timeout=120)
+    assert results[0]["checksum"] == results[1]["checksum"], "the replicas drifted apart"
+    assert results[0]["grads_left"] == 0
+    assert results[0]["moved"] > 1e-3, "the parameters should have been trained"
+    assert results[0]["worst_rel"] <= 1e-5, f"parameters differ by {results[0]['worst_rel']:.2e}"
+    if "fused-update" in spec:  # a replica's expert gradients must be averaged first: the hooks update them
+        assert any("fused_update needs one process" in note for note in results[0]["notes"])
+
+
+def test_a_replicated_model_refuses_an_optimizer_that_does_not_average_gradients():
+    messages = run_ranks(replicate_workers.replicated_model_refuses_an_optimizer_that_does_not_average, 2, timeout=60)
+    assert all("needs the optimizer that averages its gradients" in m for m in messages)
