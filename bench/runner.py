@@ -301,7 +301,8 @@ def _stream_timeline(prof, spec: RunSpec) -> str:
 
 LAYOUTS = {"ep": "expert parallel over all GPUs + FSDP2", "fsdp": "FSDP2 only (every GPU runs all experts)",
             "zero2": "FSDP2 only, parameters kept gathered from forward to backward (reshard_after_forward=False)",
-            "replicate": "every GPU holds the whole model; gradients averaged layer by layer inside the backward"}
+            "replicate": "every GPU holds the whole model; gradients averaged layer by layer inside the backward",
+            "replicate-sharded": "as replicate, each GPU updating (and keeping AdamW state for) half of each weight"}
 
 
 def _parallelize(model, job, layout: str) -> None:
@@ -309,14 +310,15 @@ def _parallelize(model, job, layout: str) -> None:
     layout "ep" = EP over all GPUs + FSDP2, "fsdp" = FSDP2 only, "zero2" = FSDP2 only without resharding between
     forward and backward (one all-gather per step instead of two, the gathered weights held meanwhile),
     "replicate" = the whole model on every GPU, gradients averaged by the in-backward optimizer
-    (trainer.parallel.replicate; the variant needs opt-in-bwd / opt-overlap)."""
+    (trainer.parallel.replicate; the variant needs opt-in-bwd / opt-overlap), "replicate-sharded" = the same with
+    the optimizer's state and update split across the GPUs."""
     from trainer.parallel import ParallelConfig, parallelize
     from trainer.parallel.replicate import replicate
 
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: choose one of {sorted(LAYOUTS)}")
-    if layout == "replicate":
-        replicate(model)
+    if layout in ("replicate", "replicate-sharded"):
+        replicate(model, shard_optimizer=layout == "replicate-sharded")
         return
     dispatcher = os.environ.get("MOE_BENCH_DISPATCHER", "auto")
     ep_size = job.gpus if layout == "ep" else 1

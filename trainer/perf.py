@@ -413,9 +413,10 @@ class _PerParamAdamW:
     memory pool (compiled layers replayed as CUDA graphs), which reuses memory that no tensor references within the
     same step and knows nothing of the side stream.
 
-    `group`: a replicated model's process group (`trainer.parallel.replicate`). Each bucket's gradients are averaged
-    over it (all-reduce) right before their update, in the same stream, so the communication of one layer runs
-    under the backward of the next.
+    `replicas`: a replicated model's gradient sharing (`trainer.parallel.replicate.ReplicaGradients`). Each bucket's
+    gradients are averaged across the replicas right before their update, in the same stream, so the communication
+    of one layer runs under the backward of the next; with a sharded optimizer each rank updates its slice of each
+    parameter, then the slices are all-gathered.
 
     All parameters step together, so they share one step counter per device (advanced by `step()` once every
     parameter has been updated). Sharded (DTensor) parameters are updated one by one through their local shards, in
@@ -426,12 +427,12 @@ class _PerParamAdamW:
 
     def __init__(self, params, lr: float, betas, eps: float, weight_decay: float, master_fp32: bool, in_backward: bool,
                  overlap: bool = False, buckets: list[list[torch.nn.Parameter]] | None = None,
-                 hold_gradients: bool = False, triton_kernel: bool = False, expert_targets=(), group=None):
+                 hold_gradients: bool = False, triton_kernel: bool = False, expert_targets=(), replicas=None):
         self.master_fp32, self.in_backward, self.hold_gradients = master_fp32, in_backward, hold_gradients
         self.hyper = dict(lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
                           maximize=False)
         self.triton_kernel = triton_kernel
-        self._group = group  # replicas to average each gradient over before its update (trainer.parallel.replicate)
+        self._replicas = replicas  # a replica's gradient sharing (trainer.parallel.replicate.ReplicaGradients) or None
         self._kernel_hyper = dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
         self._entries = {}
         self._steps = {}  # device -> shared step counter (fp32 scalar, as the fused kernel reads it)
@@ -441,12 +442,12 @@ class _PerParamAdamW:
         # expert weights updated by their own backward (fused_update): states here, no hooks, no buckets
         self._in_experts = {p for _, up, down in expert_targets for p in (up, down)}
         for p in params:
-            local = _local(p).detach()
+            local = self._replicas.view_of(p) if self._replicas else _local(p).detach()  # the part updated here
             own_copy = master_fp32 and p.dtype != torch.float32
             target = local.float().clone() if own_copy else local
             if local.device not in self._steps:
                 self._steps[local.device] = torch.ones((), dtype=torch.float32, device=local.device)
-            self._entries[p] = (target, torch.zeros_like(target), torch.zeros_like(target), own_copy)
+            self._entries[p] = (target, torch.zeros_like(target), torch.zeros_like(target), own_copy, local)
             if in_backward and p not in self._in_experts:
                 p.register_post_accumulate_grad_hook(self._on_gradient)
             if overlap and in_backward and p.is_cuda and self._side_stream is None:
@@ -463,7 +464,7 @@ class _PerParamAdamW:
 
         states = {}
         for name, p in (("up", up), ("down", down)):
-            _, exp_avg, exp_avg_sq, _ = self._entries[p]
+            _, exp_avg, exp_avg_sq, _, _ = self._entries[p]
             for state in (exp_avg, exp_avg_sq):
                 torch._dynamo.mark_static_address(state)  # fixed addresses inside replayed CUDA graphs
             states[name] = (exp_avg, exp_avg_sq)
@@ -503,18 +504,15 @@ class _PerParamAdamW:
             self._update(params)
 
     def _update(self, params: list[torch.Tensor]) -> None:
-        if self._group is not None:
-            from trainer.parallel.replicate import average_gradients
-
-            average_gradients([p.grad for p in params], self._group)
+        # a replica's gradients are averaged first (for a sharded optimizer: only this rank's slices)
+        grads = self._replicas.gradients(params) if self._replicas else [_local(p.grad) for p in params]
         groups: dict[tuple, tuple[list, list, list, list]] = {}
         copied = set()  # parameters whose weight the Triton kernel already wrote
-        for p in params:
-            target, exp_avg, exp_avg_sq, own_copy = self._entries[p]
-            grad = _local(p.grad)
-            if self.triton_kernel and adamw_kernel.usable(target, grad, exp_avg, exp_avg_sq, _local(p)):
+        for p, grad in zip(params, grads):
+            target, exp_avg, exp_avg_sq, own_copy, weight = self._entries[p]
+            if self.triton_kernel and adamw_kernel.usable(target, grad, exp_avg, exp_avg_sq, weight):
                 adamw_kernel.adamw_(target, grad, exp_avg, exp_avg_sq, self._steps[target.device],
-                                    shadow=_local(p) if own_copy else None, **self._kernel_hyper)
+                                    shadow=weight if own_copy else None, **self._kernel_hyper)
                 copied.add(p)
                 continue
             if grad.dtype != target.dtype:
@@ -526,12 +524,14 @@ class _PerParamAdamW:
             torch._fused_adamw_(targets, grads, exp_avgs, exp_avg_sqs, [], [self._steps[device]] * len(targets),
                                 **self.hyper)
         for p in params:
-            target, _, _, own_copy = self._entries[p]
+            target, _, _, own_copy, weight = self._entries[p]
             if own_copy and p not in copied:
-                _local(p).copy_(target)
+                weight.copy_(target)
             if self.hold_gradients:
                 self._held.append(p.grad)
             p.grad = None
+        if self._replicas:
+            self._replicas.gather(params)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -556,7 +556,7 @@ class _PerParamAdamW:
 
     def state_bytes(self) -> int:
         total = 0
-        for target, exp_avg, exp_avg_sq, own_copy in self._entries.values():
+        for target, exp_avg, exp_avg_sq, own_copy, _ in self._entries.values():
             total += (target.numel() * target.element_size()) if own_copy else 0
             total += exp_avg.numel() * exp_avg.element_size() + exp_avg_sq.numel() * exp_avg_sq.element_size()
         return total
@@ -644,17 +644,17 @@ def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e
         options.notes.append("optimizer in backward needs an FSDP2 that calls post-accumulate-grad hooks "
                              "(not this torch): fused AdamW")
         in_backward = False
-    group = replica_group(model)
-    if group is not None and not (in_backward or options.master == "fp32"):
+    replicas = replica_group(model)
+    if replicas is not None and not (in_backward or options.master == "fp32"):
         raise ValueError("a replicated model needs the optimizer that averages its gradients: add opt-in-bwd or "
                          "opt-overlap to the options")
     if in_backward or options.master == "fp32":
-        experts = _fused_update_targets(model, options, in_backward, replicated=group is not None)
+        experts = _fused_update_targets(model, options, in_backward, replicated=replicas is not None)
         return _PerParamAdamW(params, lr, betas, eps, weight_decay, options.master == "fp32", in_backward,
                               overlap=options.optimizer == "overlap", buckets=layer_buckets(model),
                               # CUDA-graph memory is reused in stream order: only a side stream needs the hold
                               hold_gradients=options.compile == "layers-graphs" and options.optimizer == "overlap",
-                              triton_kernel=_triton_adamw(options, params), expert_targets=experts, group=group)
+                              triton_kernel=_triton_adamw(options, params), expert_targets=experts, replicas=replicas)
     if options.fused_update:
         options.notes.append("fused_update needs an in-backward optimizer (opt-in-bwd / opt-overlap): off")
     on_cuda = all(p.is_cuda for p in params)

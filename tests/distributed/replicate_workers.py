@@ -23,7 +23,7 @@ def _model(seed: int):
     return model
 
 
-def _train(model, spec: str, ids: torch.Tensor, steps: int) -> list[str]:
+def _train(model, spec: str, ids: torch.Tensor, steps: int):
     options = PerfOptions.parse(spec)
     apply_optimizations(model, options)
     optimizer = build_optimizer(model, options, lr=1e-2)
@@ -31,19 +31,21 @@ def _train(model, spec: str, ids: torch.Tensor, steps: int) -> list[str]:
         causal_lm_loss(model, ids, ids, options).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return options.notes
+    return options.notes, optimizer
 
 
-def replicas_train_like_one_process(spec: str, steps: int = 3) -> dict:
+def replicas_train_like_one_process(spec: str, steps: int = 3, shard_optimizer: bool = False) -> dict:
     """Each rank starts from its own seed and trains on its half of the batch; rank 0 also trains one model alone on
     the whole batch. Returns the worst relative difference to that model and a checksum of the parameters."""
     rank, world = dist.get_rank(), dist.get_world_size()
     model = _model(seed=rank)  # replicate() makes every rank start from rank 0's parameters
-    replicate(model)
+    replicate(model, shard_optimizer=shard_optimizer)
     rows = IDS.shape[0] // world
-    notes = _train(model, spec, IDS[rank * rows:(rank + 1) * rows], steps)
+    notes, optimizer = _train(model, spec, IDS[rank * rows:(rank + 1) * rows], steps)
     result = {"notes": notes, "checksum": [float(p.double().sum()) for p in model.parameters()],
-              "grads_left": sum(p.grad is not None for p in model.parameters())}
+              "grads_left": sum(p.grad is not None for p in model.parameters()),
+              "state_elements": sum(entry[1].numel() for entry in optimizer._entries.values()),
+              "param_elements": sum(p.numel() for p in model.parameters())}
     if rank == 0:
         alone = _model(seed=0)
         _train(alone, spec, IDS, steps)

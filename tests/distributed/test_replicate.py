@@ -1,5 +1,6 @@
 """Replication (`trainer.parallel.replicate`): two gloo processes, each on half of the batch, with gradients averaged
-inside the backward by the in-backward optimizer, train exactly like one process on the whole batch.
+inside the backward by the in-backward optimizer, train exactly like one process on the whole batch; also with the
+optimizer sharded (each rank updates half of each parameter, then the halves are all-gathered).
 
 Tolerance: 1e-5 relative per parameter after 3 steps in float32 (the average of two half-batch gradients vs the
 whole-batch gradient: summation order only). Both replicas end bit-identical.
@@ -24,6 +25,17 @@ def test_two_replicas_train_like_one_process_on_the_whole_batch(spec):
     assert results[0]["worst_rel"] <= 1e-5, f"parameters differ by {results[0]['worst_rel']:.2e}"
     if "fused-update" in spec:  # a replica's expert gradients must be averaged first: the hooks update them
         assert any("fused_update needs one process" in note for note in results[0]["notes"])
+
+
+@pytest.mark.parametrize("spec", ["opt-in-bwd", "opt-overlap+master-fp32"])
+def test_replicas_with_a_sharded_optimizer_train_like_one_process_and_keep_half_the_state(spec):
+    results = run_ranks(replicate_workers.replicas_train_like_one_process, 2, spec, 3, True, timeout=120)
+    assert results[0]["checksum"] == results[1]["checksum"], "the replicas drifted apart"
+    assert results[0]["grads_left"] == 0
+    assert results[0]["moved"] > 1e-3, "the parameters should have been trained"
+    assert results[0]["worst_rel"] <= 1e-5, f"parameters differ by {results[0]['worst_rel']:.2e}"
+    # every parameter of the tiny model divides by 2 except a few vectors: the state is about half
+    assert results[0]["state_elements"] <= 0.55 * results[0]["param_elements"]
 
 
 def test_a_replicated_model_refuses_an_optimizer_that_does_not_average_gradients():

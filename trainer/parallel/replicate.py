@@ -7,7 +7,8 @@ averaged across processes inside the backward, layer by layer, by the in-backwar
 For a model that fits one GPU with room to spare (B1's 8.1B parameters on an H200) this keeps everything a one-GPU
 step has, CUDA graphs included (FSDP2's hooks and resharding rule them out), and adds one all-reduce per gradient.
 The optimizer issues each decoder layer's all-reduces as soon as the layer's gradients are complete, on its side
-stream, so they run under the rest of the backward.
+stream, so they run under the rest of the backward. With `shard_optimizer=True` each rank keeps and updates only
+its slice of each parameter (reduce-scatter, update, all-gather: `ReplicaGradients`).
 
 Requirements: plain (unsharded) parameters, every process producing gradients for the same parameters in the same
 order (one model, one code path), one device per process. The parameters are broadcast from rank 0 once, so all
@@ -22,9 +23,10 @@ import torch.distributed as dist
 REPLICA_GROUP = "moe_replica_group"
 
 
-def replicate(model: torch.nn.Module, group: dist.ProcessGroup | None = None) -> int:
+def replicate(model: torch.nn.Module, group: dist.ProcessGroup | None = None, shard_optimizer: bool = False) -> int:
     """Make `model` a replica over `group` (default: the world): equal parameters and buffers on every rank, and
-    the mark that tells `trainer.perf.build_optimizer` to average gradients. Returns the group's size."""
+    the mark that tells `trainer.perf.build_optimizer` to average gradients (`shard_optimizer`: each rank updates
+    and keeps AdamW state for only its slice of each parameter; see ReplicaGradients). Returns the group's size."""
     if not dist.is_initialized():
         raise RuntimeError("replicate() needs torch.distributed initialised (torchrun, or init_process_group)")
     sharded = [name for name, p in model.named_parameters() if type(p).__name__ == "DTensor"]
@@ -36,23 +38,61 @@ def replicate(model: torch.nn.Module, group: dist.ProcessGroup | None = None) ->
     with torch.no_grad():
         for tensor in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(tensor.data, src=source, group=group)
-    model.__dict__[REPLICA_GROUP] = group
+    model.__dict__[REPLICA_GROUP] = ReplicaGradients(group, shard_optimizer)
     return dist.get_world_size(group)
 
 
-def replica_group(model: torch.nn.Module) -> dist.ProcessGroup | None:
-    """The group `model` is replicated over, or None."""
+def replica_group(model: torch.nn.Module) -> ReplicaGradients | None:
+    """How `model`'s gradients are shared across its replicas, or None if it is not replicated."""
     return model.__dict__.get(REPLICA_GROUP)
 
 
-def average_gradients(grads: list[torch.Tensor], group: dist.ProcessGroup) -> None:
-    """Average each gradient in place across `group` (on the current stream): NCCL averages in the all-reduce
-    itself; other backends (gloo) sum, after a division."""
-    if dist.get_backend(group) == "nccl":
-        for grad in grads:
-            dist.all_reduce(grad, op=dist.ReduceOp.AVG, group=group)
-        return
-    world = dist.get_world_size(group)
-    for grad in grads:
-        grad.div_(world)
-        dist.all_reduce(grad, group=group)
+class ReplicaGradients:
+    """How a replica's gradients reach its optimizer.
+
+    Unsharded: each gradient is averaged in full (all-reduce) and every rank updates every parameter. Sharded (the
+    optimizer state split across the replicas, as ZeRO-1): for each parameter whose size divides by the group size,
+    only this rank's contiguous slice of the averaged gradient is formed (reduce-scatter), only that slice is updated
+    (its AdamW states are the slice's size), and the slices are all-gathered back into the full parameter afterwards.
+    Same communication volume as the all-reduce, half (1/world) of the optimizer's memory traffic and state.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, shard: bool):
+        self.group, self.shard = group, shard
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+
+    def _sharded(self, p: torch.Tensor) -> bool:
+        return self.shard and p.numel() % self.world == 0 and p.is_contiguous()
+
+    def view_of(self, p: torch.Tensor) -> torch.Tensor:
+        """The part of `p` this rank updates: its slice (sharded), else the whole parameter."""
+        if not self._sharded(p):
+            return p.detach()
+        size = p.numel() // self.world
+        return p.detach().view(-1).narrow(0, self.rank * size, size)
+
+    def gradients(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each parameter's averaged gradient for `view_of(p)` (on the current stream)."""
+        nccl = dist.get_backend(self.group) == "nccl"
+        result = []
+        for p in params:
+            grad = p.grad
+            if not nccl:
+                grad.div_(self.world)
+            op = dist.ReduceOp.AVG if nccl else dist.ReduceOp.SUM
+            if self._sharded(p):
+                part = grad.new_empty(grad.numel() // self.world)
+                dist.reduce_scatter_tensor(part, grad.view(-1), op=op, group=self.group)
+                result.append(part)
+            else:
+                dist.all_reduce(grad, op=op, group=self.group)
+                result.append(grad)
+        return result
+
+    def gather(self, params: list[torch.Tensor]) -> None:
+        """After the update: every rank's slices back into the full sharded parameters."""
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        for p in params:
+            if self._sharded(p):
+                full = p.detach().view(-1)
+                gather(full, self.view_of(p), group=self.group)
