@@ -66,7 +66,7 @@ if has adamw-kernel; then
   step "AdamW kernel: torch fused vs Triton, one decoder layer (GPU 1, background)"
   (CUDA_VISIBLE_DEVICES=1 timeout 120 python3 bench/adamw_kernel.py --out "$R/adamw_kernel.json" \
     > "$SCRATCH/adamw_kernel.log" 2>&1;
-   CUDA_VISIBLE_DEVICES=1 timeout 120 python3 bench/expert_update.py --out "$R/expert_update.json" \
+   CUDA_VISIBLE_DEVICES=1 timeout 180 python3 bench/expert_update.py --sweep --out "$R/expert_update.json" \
     >> "$SCRATCH/adamw_kernel.log" 2>&1) &
   ADAMW_BENCH=$!
 fi
@@ -82,7 +82,7 @@ fi
 if [ -n "$ADAMW_BENCH" ]; then
   wait "$ADAMW_BENCH"
   step "AdamW kernel (result)"
-  tail -14 "$SCRATCH/adamw_kernel.log"
+  tail -20 "$SCRATCH/adamw_kernel.log"
 fi
 
 if has b1; then

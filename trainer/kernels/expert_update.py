@@ -107,8 +107,13 @@ def _log2(beta: float) -> float:
     return math.log2(beta) if beta > 0 else -math.inf
 
 
+# tile sizes and launch shape of the fused kernel (bench/expert_update.py --sweep times alternatives)
+DEFAULT_CONFIG = dict(BLOCK_P=128, BLOCK_Q=128, BLOCK_S=64, num_warps=8, num_stages=3)
+
+
 def weight_grad_adamw_(a_SP: torch.Tensor, b_SQ: torch.Tensor, offsets_E: torch.Tensor, param_EPQ: torch.Tensor,
-                       exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, update: ExpertUpdate) -> None:
+                       exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, update: ExpertUpdate,
+                       config: dict | None = None) -> None:
     """param[e] (and its states) updated in place by AdamW with the gradient a[rows_e]^T @ b[rows_e] ([E, P, Q]).
 
     Rows are grouped by expert as in `grouped_mm` (offsets_E: cumulative row ends, int32). Experts without rows get a
@@ -122,11 +127,10 @@ def weight_grad_adamw_(a_SP: torch.Tensor, b_SQ: torch.Tensor, offsets_E: torch.
         torch._fused_adamw_([param_EPQ], [grad], [exp_avg], [exp_avg_sq], [], [update.step], amsgrad=False,
                             maximize=False, **update.hyper())
         return
-    block_p, block_q, block_s = 128, 128, 64
-    grid = (-(-P // block_p), -(-Q // block_q), num_experts)
+    config = config or DEFAULT_CONFIG
+    grid = (-(-P // config["BLOCK_P"]), -(-Q // config["BLOCK_Q"]), num_experts)
     _kernel()[grid](a_SP, b_SQ, offsets_E, param_EPQ, exp_avg, exp_avg_sq, update.step, P, Q, a_SP.stride(0),
                     b_SQ.stride(0), float(update.lr), float(update.beta1), float(update.beta2), float(update.eps),
-                    float(update.weight_decay), _log2(update.beta1), _log2(update.beta2),
-                    BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_S=block_s, num_warps=8, num_stages=3,
+                    float(update.weight_decay), _log2(update.beta1), _log2(update.beta2), **config,
                     # fp32 inputs multiply in full precision, as torch's fp32 matmuls do by default (not TF32)
                     INPUT_PRECISION="ieee" if a_SP.dtype == torch.float32 else "tf32")
