@@ -161,7 +161,8 @@ def run(spec: RunSpec) -> dict:
 
 
 def _measure(spec: RunSpec, job, device, world: int, result: dict) -> None:
-    from trainer.perf import PerfOptions, apply_optimizations, build_optimizer, disable_compile
+    from trainer.perf import PerfOptions, apply_optimizations, disable_compile
+    from trainer.step_optimizer import build_optimizer
 
     config = build_config(job)
     started = time.perf_counter()

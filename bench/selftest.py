@@ -123,7 +123,8 @@ def linear_ce():
 
 @check("optimizer in backward == fused AdamW after backward")
 def in_backward():
-    from trainer.perf import PerfOptions, build_optimizer
+    from trainer.perf import PerfOptions
+    from trainer.step_optimizer import build_optimizer
 
     device = _device()
     torch.manual_seed(0)

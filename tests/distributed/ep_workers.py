@@ -163,7 +163,8 @@ def optimizer_in_backward_matches(parallel: dict, steps: int = 3, spec: str = "o
     """Sharded model: AdamW stepped from FSDP2's post-reduce-scatter hooks (`opt-in-bwd`), or the per-parameter
     optimizer's own `step()` after backward (`master-fp32`), vs torch's AdamW after backward. Returns the worst
     relative parameter difference after `steps` steps and how many gradients the backward left."""
-    from trainer.perf import PerfOptions, build_optimizer
+    from trainer.perf import PerfOptions
+    from trainer.step_optimizer import build_optimizer
 
     world = dist.get_world_size()
     base = random_model(tiny_configs.qwen3_moe())

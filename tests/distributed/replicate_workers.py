@@ -8,7 +8,8 @@ import torch.distributed as dist
 import tiny_configs
 from trainer.models import MoEAutoModelForCausalLM
 from trainer.parallel.replicate import replicate
-from trainer.perf import PerfOptions, apply_optimizations, build_optimizer, causal_lm_loss
+from trainer.perf import PerfOptions, apply_optimizations, causal_lm_loss
+from trainer.step_optimizer import build_optimizer
 
 IDS = torch.randint(0, tiny_configs.VOCAB, (4, 24), generator=torch.Generator().manual_seed(5))
 

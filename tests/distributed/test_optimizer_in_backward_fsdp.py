@@ -10,7 +10,7 @@ import pytest
 
 import ep_workers
 from harness import run_ranks
-from trainer.perf import fsdp_fires_grad_hooks
+from trainer.step_optimizer import fsdp_fires_grad_hooks
 
 pytestmark = [pytest.mark.distributed,
               pytest.mark.skipif(not fsdp_fires_grad_hooks(), reason="this torch's FSDP2 calls no grad hooks")]

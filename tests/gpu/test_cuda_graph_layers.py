@@ -15,7 +15,8 @@ import torch
 
 import tiny_configs
 from trainer.models import MoEAutoModelForCausalLM
-from trainer.perf import PerfOptions, apply_optimizations, build_optimizer, causal_lm_loss
+from trainer.perf import PerfOptions, apply_optimizations, causal_lm_loss
+from trainer.step_optimizer import build_optimizer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -17,7 +17,8 @@ import tiny_configs
 from trainer.kernels import expert_update
 from trainer.moe.grouped_gemm import grouped_mm_weight_grad
 from trainer.models import MoEAutoModelForCausalLM
-from trainer.perf import PerfOptions, apply_optimizations, build_optimizer, causal_lm_loss
+from trainer.perf import PerfOptions, apply_optimizations, causal_lm_loss
+from trainer.step_optimizer import build_optimizer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

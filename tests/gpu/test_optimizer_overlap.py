@@ -11,7 +11,8 @@ import torch
 
 import tiny_configs
 from trainer.models import MoEAutoModelForCausalLM
-from trainer.perf import PerfOptions, build_optimizer, causal_lm_loss
+from trainer.perf import PerfOptions, causal_lm_loss
+from trainer.step_optimizer import build_optimizer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

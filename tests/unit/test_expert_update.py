@@ -14,7 +14,8 @@ import torch
 import tiny_configs
 from trainer.kernels.expert_update import ExpertUpdate, weight_grad_adamw_
 from trainer.models import MoEAutoModelForCausalLM
-from trainer.perf import PerfOptions, apply_optimizations, build_optimizer, causal_lm_loss
+from trainer.perf import PerfOptions, apply_optimizations, causal_lm_loss
+from trainer.step_optimizer import build_optimizer
 
 IDS = torch.randint(0, tiny_configs.VOCAB, (2, 24), generator=torch.Generator().manual_seed(5))
 

@@ -12,7 +12,8 @@ import torch
 
 import tiny_configs
 from trainer.models import MoEAutoModelForCausalLM
-from trainer.perf import PerfOptions, _PerParamAdamW, apply_optimizations, build_optimizer, causal_lm_loss, disable_compile
+from trainer.perf import PerfOptions, apply_optimizations, causal_lm_loss, disable_compile
+from trainer.step_optimizer import _PerParamAdamW, build_optimizer
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:

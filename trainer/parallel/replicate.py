@@ -2,7 +2,7 @@
 averaged across processes inside the backward, layer by layer, by the in-backward optimizer.
 
     replicate(model)                       # after init_process_group; before apply_optimizations / build_optimizer
-    optimizer = trainer.perf.build_optimizer(model, PerfOptions.parse("best"))   # needs opt-in-bwd / opt-overlap
+    optimizer = trainer.step_optimizer.build_optimizer(model, PerfOptions.parse("best"))   # needs opt-in-bwd / opt-overlap
 
 For a model that fits one GPU with room to spare (B1's 8.1B parameters on an H200) this keeps everything a one-GPU
 step has, CUDA graphs included (FSDP2's hooks and resharding rule them out), and adds one all-reduce per gradient.
@@ -25,7 +25,7 @@ REPLICA_GROUP = "moe_replica_group"
 
 def replicate(model: torch.nn.Module, group: dist.ProcessGroup | None = None, shard_optimizer: bool = False) -> int:
     """Make `model` a replica over `group` (default: the world): equal parameters and buffers on every rank, and
-    the mark that tells `trainer.perf.build_optimizer` to average gradients (`shard_optimizer`: each rank updates
+    the mark that tells `trainer.step_optimizer.build_optimizer` to average gradients (`shard_optimizer`: each rank updates
     and keeps AdamW state for only its slice of each parameter; see ReplicaGradients). Returns the group's size."""
     if not dist.is_initialized():
         raise RuntimeError("replicate() needs torch.distributed initialised (torchrun, or init_process_group)")

@@ -1,0 +1,287 @@
+"""AdamW for the benchmark's training step, as `PerfOptions.optimizer` / `.adamw` / `.master` / `.fused_update` say.
+
+    optimizer = build_optimizer(model, options, lr=1e-4)   # .step() / .zero_grad() (no-ops when stepping in backward)
+
+"foreach" / "fused": `torch.optim.AdamW`. "in-backward" / "overlap" (and any fp32-master run): `_PerParamAdamW`,
+which updates each decoder layer's parameters as soon as their gradients are complete (on a side stream with
+"overlap"), can hand the experts their own AdamW state so that their backward updates them (`fused_update`), and
+averages a replicated model's gradients across its replicas (`trainer.parallel.replicate`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.kernels import adamw as adamw_kernel
+from trainer.parallel.replicate import replica_group
+from trainer.perf import PerfOptions, decoder_layers
+
+
+class _PerParamAdamW:
+    """AdamW on each parameter's own state tensors (the fused AdamW kernel, called directly), optionally on an fp32
+    master copy (bf16 params, fp32 weights + states).
+
+    `in_backward=True` steps parameters from post-accumulate-grad hooks and frees their gradients at once, so only a
+    few gradients exist at any time. Parameters are updated in buckets, one per decoder layer (and one for each
+    parameter outside the layers): the bucket's update is one multi-tensor kernel launch once the last of its
+    gradients is complete, instead of one launch per parameter. A bucket whose gradients did not all arrive (a
+    parameter unused this step) is updated by `step()`. Otherwise `step()` walks the buckets in order (the fp32 copy
+    of a gradient is made per bucket, never for all at once).
+
+    `overlap=True` (CUDA, with in_backward) launches each update on one side stream that first waits for the
+    gradients; the backward goes on meanwhile. This is safe because autograd fires the hook only after the
+    parameter's last use in the backward (its gradient is complete), the gradients' memory is kept until the side
+    stream is done with it (`record_stream`, or a reference held until `step()` with `hold_gradients`), and `step()`
+    makes the compute stream wait for every update before the next forward reads the parameters.
+
+    `hold_gradients=True` keeps every gradient referenced until `step()`: needed when gradients live in a CUDA-graph
+    memory pool (compiled layers replayed as CUDA graphs), which reuses memory that no tensor references within the
+    same step and knows nothing of the side stream.
+
+    `replicas`: a replicated model's gradient sharing (`trainer.parallel.replicate.ReplicaGradients`). Each bucket's
+    gradients are averaged across the replicas right before their update, in the same stream, so the communication
+    of one layer runs under the backward of the next; with a sharded optimizer each rank updates its slice of each
+    parameter, then the slices are all-gathered.
+
+    All parameters step together, so they share one step counter per device (advanced by `step()` once every
+    parameter has been updated). Sharded (DTensor) parameters are updated one by one through their local shards, in
+    the stream where FSDP2 calls the hook. The update is `torch.optim.AdamW(fused=True)`'s: its kernel, or with
+    `triton_kernel=True` the same update as one Triton kernel per CUDA tensor (`trainer.kernels.adamw`, which streams
+    large tensors at about twice the speed and writes an fp32 master copy's bf16 weight in the same pass).
+    """
+
+    def __init__(self, params, lr: float, betas, eps: float, weight_decay: float, master_fp32: bool, in_backward: bool,
+                 overlap: bool = False, buckets: list[list[torch.nn.Parameter]] | None = None,
+                 hold_gradients: bool = False, triton_kernel: bool = False, expert_targets=(), replicas=None):
+        self.master_fp32, self.in_backward, self.hold_gradients = master_fp32, in_backward, hold_gradients
+        self.hyper = dict(lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
+                          maximize=False)
+        self.triton_kernel = triton_kernel
+        self._replicas = replicas  # a replica's gradient sharing (trainer.parallel.replicate.ReplicaGradients) or None
+        self._kernel_hyper = dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
+        self._entries = {}
+        self._steps = {}  # device -> shared step counter (fp32 scalar, as the fused kernel reads it)
+        self._side_stream = None
+        self._held: list[torch.Tensor] = []
+        params = list(params)
+        # expert weights updated by their own backward (fused_update): states here, no hooks, no buckets
+        self._in_experts = {p for _, up, down in expert_targets for p in (up, down)}
+        for p in params:
+            local = self._replicas.view_of(p) if self._replicas else _local(p).detach()  # the part updated here
+            own_copy = master_fp32 and p.dtype != torch.float32
+            target = local.float().clone() if own_copy else local
+            if local.device not in self._steps:
+                self._steps[local.device] = torch.ones((), dtype=torch.float32, device=local.device)
+            self._entries[p] = (target, torch.zeros_like(target), torch.zeros_like(target), own_copy, local)
+            if in_backward and p not in self._in_experts:
+                p.register_post_accumulate_grad_hook(self._on_gradient)
+            if overlap and in_backward and p.is_cuda and self._side_stream is None:
+                self._side_stream = torch.cuda.Stream(device=p.device)
+        self._buckets = _complete_buckets([p for p in params if p not in self._in_experts], buckets)
+        for module, up, down in expert_targets:
+            self._hand_over(module, up, down)
+        self._bucket_of = {p: i for i, bucket in enumerate(self._buckets) for p in bucket}
+        self._ready: list[list[torch.Tensor]] = [[] for _ in self._buckets]
+
+    def _hand_over(self, module: torch.nn.Module, up: torch.Tensor, down: torch.Tensor) -> None:
+        """Give an experts module its weights' AdamW states: its backward updates them (trainer.kernels.expert_update)."""
+        from trainer.kernels.expert_update import ExpertUpdate
+
+        states = {}
+        for name, p in (("up", up), ("down", down)):
+            _, exp_avg, exp_avg_sq, _, _ = self._entries[p]
+            for state in (exp_avg, exp_avg_sq):
+                torch._dynamo.mark_static_address(state)  # fixed addresses inside replayed CUDA graphs
+            states[name] = (exp_avg, exp_avg_sq)
+        torch._dynamo.mark_static_address(self._steps[up.device])
+        hyper = self.hyper
+        module.__dict__["moe_expert_update"] = ExpertUpdate(
+            states, self._steps[up.device], hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"],
+            hyper["weight_decay"])
+
+    @torch.no_grad()
+    def _on_gradient(self, p: torch.Tensor) -> None:
+        if p.grad is None:
+            return
+        if type(p).__name__ == "DTensor":
+            # FSDP2 calls this hook on its reduce-scatter stream, after the gradient's reduce-scatter: the update
+            # already runs beside the backward, in the stream that owns the gradient's memory; the end of the
+            # backward waits for that stream before the next forward
+            self._update([p])
+            return
+        index = self._bucket_of[p]
+        ready = self._ready[index]
+        ready.append(p)
+        if len(ready) == len(self._buckets[index]):
+            self._launch(ready)
+            self._ready[index] = []
+
+    def _launch(self, params: list[torch.Tensor]) -> None:
+        side = self._side_stream
+        if side is None:
+            self._update(params)
+            return
+        side.wait_stream(torch.cuda.current_stream(side.device))
+        if not self.hold_gradients:
+            for p in params:
+                p.grad.record_stream(side)  # its memory must outlive the update, not just this hook
+        with torch.cuda.stream(side):
+            self._update(params)
+
+    def _update(self, params: list[torch.Tensor]) -> None:
+        # a replica's gradients are averaged first (for a sharded optimizer: only this rank's slices)
+        grads = self._replicas.gradients(params) if self._replicas else [_local(p.grad) for p in params]
+        groups: dict[tuple, tuple[list, list, list, list]] = {}
+        copied = set()  # parameters whose weight the Triton kernel already wrote
+        for p, grad in zip(params, grads):
+            target, exp_avg, exp_avg_sq, own_copy, weight = self._entries[p]
+            if self.triton_kernel and adamw_kernel.usable(target, grad, exp_avg, exp_avg_sq, weight):
+                adamw_kernel.adamw_(target, grad, exp_avg, exp_avg_sq, self._steps[target.device],
+                                    shadow=weight if own_copy else None, **self._kernel_hyper)
+                copied.add(p)
+                continue
+            if grad.dtype != target.dtype:
+                grad = grad.to(target.dtype)
+            lists = groups.setdefault((target.device, target.dtype), ([], [], [], []))
+            for values, tensor in zip(lists, (target, grad, exp_avg, exp_avg_sq)):
+                values.append(tensor)
+        for (device, _), (targets, grads, exp_avgs, exp_avg_sqs) in groups.items():
+            torch._fused_adamw_(targets, grads, exp_avgs, exp_avg_sqs, [], [self._steps[device]] * len(targets),
+                                **self.hyper)
+        for p in params:
+            target, _, _, own_copy, weight = self._entries[p]
+            if own_copy and p not in copied:
+                weight.copy_(target)
+            if self.hold_gradients:
+                self._held.append(p.grad)
+            p.grad = None
+        if self._replicas:
+            self._replicas.gather(params)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if not self.in_backward:
+            for bucket in self._buckets:
+                with_grad = [p for p in bucket if p.grad is not None]
+                if with_grad:
+                    self._update(with_grad)
+        for index, ready in enumerate(self._ready):  # buckets with a parameter that got no gradient this step
+            if ready:
+                self._launch(ready)
+                self._ready[index] = []
+        if self._side_stream is not None:
+            torch.cuda.current_stream(self._side_stream.device).wait_stream(self._side_stream)
+        self._held.clear()
+        for counter in self._steps.values():
+            counter.add_(1)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self._entries:
+            p.grad = None
+
+    def state_bytes(self) -> int:
+        total = 0
+        for target, exp_avg, exp_avg_sq, own_copy, _ in self._entries.values():
+            total += (target.numel() * target.element_size()) if own_copy else 0
+            total += exp_avg.numel() * exp_avg.element_size() + exp_avg_sq.numel() * exp_avg_sq.element_size()
+        return total
+
+
+def _complete_buckets(params: list[torch.Tensor], buckets: list[list[torch.Tensor]] | None) -> list[list[torch.Tensor]]:
+    """The given buckets restricted to `params`' plain tensors, plus one bucket for each remaining parameter (sharded
+    DTensor parameters always alone: FSDP2 hands over their gradients one by one)."""
+    groupable = {p for p in params if type(p).__name__ != "DTensor"}
+    result, placed = [], set()
+    for bucket in buckets or []:
+        members = [p for p in bucket if p in groupable and p not in placed]
+        placed.update(members)
+        if members:
+            result.append(members)
+    result += [[p] for p in params if p not in placed]
+    return result
+
+
+def layer_buckets(model: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
+    """The trainable parameters of each decoder layer, one list per layer (the optimizer's update buckets)."""
+    return [[p for p in layer.parameters() if p.requires_grad] for layer in decoder_layers(model)]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a plain tensor as is)."""
+    return t._local_tensor if type(t).__name__ == "DTensor" else t
+
+
+def fsdp_fires_grad_hooks() -> bool:
+    """Whether this torch's FSDP2 calls post-accumulate-grad hooks on sharded parameters after their reduce-scatter
+    (newer releases do); if not, an optimizer in backward cannot see FSDP2 gradients."""
+    import inspect
+
+    try:
+        from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+    except ImportError:
+        return False
+    return "_post_accumulate_grad_hooks" in inspect.getsource(_fsdp_collectives)
+
+
+def _fused_update_targets(model: torch.nn.Module, options: PerfOptions, in_backward: bool,
+                          replicated: bool = False) -> list:
+    """The experts modules whose backward updates their own weights (options.fused_update), or [] with a note."""
+    if not options.fused_update:
+        return []
+    from trainer.moe.experts import fused_update_targets
+
+    reason = None
+    if not in_backward:
+        reason = "an in-backward optimizer (opt-in-bwd / opt-overlap)"
+    elif options.master == "fp32":
+        reason = "weights that are the optimizer's own (not an fp32 master copy)"
+    elif not options.fused_experts:
+        reason = "fused_experts"
+    elif replicated:
+        reason = "one process (a replica's expert gradients must be averaged before their update)"
+    targets = [] if reason else fused_update_targets(model)
+    if not reason and not targets:
+        reason = "fused local experts with plain (unsharded) weights"
+    if reason:
+        options.notes.append(f"fused_update needs {reason}: experts updated by the optimizer's hooks")
+        return []
+    options.notes.append(f"experts' weights updated inside their backward on {len(targets)} MoE layers")
+    return targets
+
+
+def _triton_adamw(options: PerfOptions, params: list[torch.Tensor]) -> bool:
+    """Whether the per-parameter AdamW uses the Triton kernel (options.adamw == "triton" and it can run here)."""
+    if options.adamw != "triton":
+        return False
+    if not any(_local(p).is_cuda for p in params) or not adamw_kernel.available():
+        options.notes.append("Triton AdamW needs triton and CUDA parameters: torch's fused AdamW kernel")
+        return False
+    return True
+
+
+def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e-4, betas=(0.9, 0.95),
+                    eps: float = 1e-8, weight_decay: float = 0.0):
+    """AdamW as `options.optimizer` / `options.master` say. Has .step() and .zero_grad(set_to_none=True)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    in_backward = options.optimizer in ("in-backward", "overlap")
+    if in_backward and any(type(p).__name__ == "DTensor" for p in params) and not fsdp_fires_grad_hooks():
+        # older FSDP2 writes sharded gradients itself after its reduce-scatter and calls no per-parameter hook
+        options.notes.append("optimizer in backward needs an FSDP2 that calls post-accumulate-grad hooks "
+                             "(not this torch): fused AdamW")
+        in_backward = False
+    replicas = replica_group(model)
+    if replicas is not None and not (in_backward or options.master == "fp32"):
+        raise ValueError("a replicated model needs the optimizer that averages its gradients: add opt-in-bwd or "
+                         "opt-overlap to the options")
+    if in_backward or options.master == "fp32":
+        experts = _fused_update_targets(model, options, in_backward, replicated=replicas is not None)
+        return _PerParamAdamW(params, lr, betas, eps, weight_decay, options.master == "fp32", in_backward,
+                              overlap=options.optimizer == "overlap", buckets=layer_buckets(model),
+                              # CUDA-graph memory is reused in stream order: only a side stream needs the hold
+                              hold_gradients=options.compile == "layers-graphs" and options.optimizer == "overlap",
+                              triton_kernel=_triton_adamw(options, params), expert_targets=experts, replicas=replicas)
+    if options.fused_update:
+        options.notes.append("fused_update needs an in-backward optimizer (opt-in-bwd / opt-overlap): off")
+    on_cuda = all(p.is_cuda for p in params)
+    kind = {"fused": True} if options.optimizer in ("fused", "in-backward") and on_cuda else {"foreach": True}
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kind)
