@@ -8,7 +8,7 @@
 #   adamw-kernel AdamW of one decoder layer: torch's fused kernel vs the Triton kernel (bench/adamw_kernel.py), and
 #                the experts' weight gradient + AdamW, separate vs fused (bench/expert_update.py; GPU 1)
 #   graphs-test  GPU tests: CUDA-graph layers vs kernel by kernel, overlapped optimizer, sync-free aux loss, Triton
-#                AdamW vs torch's, the experts' update inside their backward (GPU 0)
+#                AdamW vs torch's, the experts' update inside their backward, Triton relu^2 (GPU 0)
 #   build        causal-conv1d (sm_90) + mamba-ssm (Python/Triton) wheels, in the background (bench/device/build_mamba.sh);
 #                skipped when .whl/ already holds both wheels (a previous build's wheels, copied back from $OUT)
 #   b1           B1-bs4 on GPU 0 and B1-bs1 on GPU 1 at the same time (bench/device/run_all.sh; B1_BS4_VARIANTS,
@@ -72,10 +72,11 @@ if has adamw-kernel; then
 fi
 
 if has graphs-test; then
-  step "GPU parity tests: CUDA-graph layers, overlapped optimizer, Triton AdamW (GPU 0)"
+  step "GPU parity tests: CUDA-graph layers, overlapped optimizer, aux loss, Triton AdamW, expert update, relu2 (GPU 0)"
   CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short \
     tests/gpu/test_cuda_graph_layers.py tests/gpu/test_optimizer_overlap.py tests/gpu/test_aux_loss_gpu.py \
-    tests/gpu/test_adamw_triton.py tests/gpu/test_expert_update_gpu.py > "$SCRATCH/graphs_test.log" 2>&1
+    tests/gpu/test_adamw_triton.py tests/gpu/test_expert_update_gpu.py tests/gpu/test_relu2_gpu.py \
+    > "$SCRATCH/graphs_test.log" 2>&1
   grep -E "^E |Error|passed|failed" "$SCRATCH/graphs_test.log" | tail -25
 fi
 

@@ -31,6 +31,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from trainer.kernels import relu2 as relu2_kernel
 from trainer.kernels.expert_update import ExpertUpdate, weight_grad_adamw_
 from trainer.moe.grouped_gemm import grouped_mm, grouped_mm_weight_grad
 from trainer.moe.permute import RoutingPlan, permute_tokens, token_of_row, unpermute_and_combine
@@ -74,7 +75,8 @@ class Activation:
     """How the expert MLP's activation runs: forward(pre) -> h and backward(pre, grad_h) -> grad_pre.
 
     kind: "swiglu" (silu(gate) * up on [gate | up]), "relu2", or "module" (any `_apply_gate` / `act_fn`,
-    backward by autograd on a recomputed forward). backend: "torch" or "liger" (Triton, SwiGLU on CUDA only).
+    backward by autograd on a recomputed forward). backend: "torch" (the formulas below) or "liger" (Triton kernels
+    on CUDA: Liger's SwiGLU, `trainer.kernels.relu2` for relu^2; bit-identical to the formulas for relu^2).
     """
 
     def __init__(self, kind: str, module: torch.nn.Module | None = None, backend: str = "torch"):
@@ -83,11 +85,16 @@ class Activation:
     def _use_liger(self, pre: torch.Tensor) -> bool:
         return self.backend == "liger" and self.kind == "swiglu" and pre.is_cuda and _liger_swiglu() is not None
 
+    def _use_triton_relu2(self, *tensors: torch.Tensor) -> bool:
+        return self.backend == "liger" and self.kind == "relu2" and relu2_kernel.usable(*tensors)
+
     def forward(self, pre: torch.Tensor) -> torch.Tensor:
         if self._use_liger(pre):
             return _liger_swiglu()[0](pre)[1]
         if self.kind == "swiglu":
             return _swiglu_forward(pre)
+        if self._use_triton_relu2(pre):
+            return relu2_kernel.relu2_forward(pre)
         if self.kind == "relu2":
             return _relu2_forward(pre)
         return self._module_forward(pre)
@@ -98,6 +105,8 @@ class Activation:
             return _liger_swiglu()[1](pre, grad_h.contiguous(), in_place)
         if self.kind == "swiglu":
             return _swiglu_backward(pre, grad_h)
+        if self._use_triton_relu2(pre, grad_h):
+            return relu2_kernel.relu2_backward(pre, grad_h)
         if self.kind == "relu2":
             return _relu2_backward(pre, grad_h)
         with torch.enable_grad():
