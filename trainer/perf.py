@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trainer.kernels.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy_sum, shift_labels
-from trainer.parallel.replicate import replica_group
+from trainer.parallel.replicate import replica_gradients
 from trainer.models.aux_loss import use_sync_free_aux_loss
 from trainer.models.output_capture import compile_friendly_output_capture
 from trainer.moe.experts import IMPLEMENTATION_NAME as EXPERTS_IMPLEMENTATION
@@ -162,7 +162,7 @@ def _cuda_graphs_missing(model: torch.nn.Module) -> str | None:
     devices = {p.device for p in model.parameters()}
     if len(devices) != 1 or next(iter(devices)).type != "cuda":
         return "one CUDA device in one process"
-    if distributed and replica_group(model) is None:  # sharded layouts run collectives inside the layers
+    if distributed and replica_gradients(model) is None:  # sharded layouts run collectives inside the layers
         return "one CUDA device in one process (or a replicated model)"
     if any(p.dtype == torch.float32 for p in model.parameters()):
         # the grouped GEMM runs in bf16/fp16; fp32 experts loop on the host over the experts' row counts

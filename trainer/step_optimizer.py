@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from trainer.kernels import adamw as adamw_kernel
-from trainer.parallel.replicate import replica_group
+from trainer.parallel.replicate import replica_gradients
 from trainer.perf import PerfOptions, decoder_layers
 
 
@@ -269,7 +269,7 @@ def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e
         options.notes.append("optimizer in backward needs an FSDP2 that calls post-accumulate-grad hooks "
                              "(not this torch): fused AdamW")
         in_backward = False
-    replicas = replica_group(model)
+    replicas = replica_gradients(model)
     if replicas is not None and not (in_backward or options.master == "fp32"):
         raise ValueError("a replicated model needs the optimizer that averages its gradients: add opt-in-bwd or "
                          "opt-overlap to the options")

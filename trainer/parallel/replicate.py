@@ -1,8 +1,8 @@
 """Data parallelism by replication: every process holds the whole model and its optimizer state; gradients are
 averaged across processes inside the backward, layer by layer, by the in-backward optimizer.
 
-    replicate(model)                       # after init_process_group; before apply_optimizations / build_optimizer
-    optimizer = trainer.step_optimizer.build_optimizer(model, PerfOptions.parse("best"))   # needs opt-in-bwd / opt-overlap
+    replicate(model)            # after init_process_group; before apply_optimizations / build_optimizer
+    optimizer = build_optimizer(model, PerfOptions.parse("best"))   # trainer.step_optimizer; opt-in-bwd / opt-overlap
 
 For a model that fits one GPU with room to spare (B1's 8.1B parameters on an H200) this keeps everything a one-GPU
 step has, CUDA graphs included (FSDP2's hooks and resharding rule them out), and adds one all-reduce per gradient.
@@ -20,13 +20,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-REPLICA_GROUP = "moe_replica_group"
+REPLICA_GRADIENTS = "moe_replica_gradients"
 
 
 def replicate(model: torch.nn.Module, group: dist.ProcessGroup | None = None, shard_optimizer: bool = False) -> int:
     """Make `model` a replica over `group` (default: the world): equal parameters and buffers on every rank, and
-    the mark that tells `trainer.step_optimizer.build_optimizer` to average gradients (`shard_optimizer`: each rank updates
-    and keeps AdamW state for only its slice of each parameter; see ReplicaGradients). Returns the group's size."""
+    the mark that tells `trainer.step_optimizer.build_optimizer` to average gradients (`shard_optimizer`: each rank
+    updates and keeps AdamW state for only its slice of each parameter; see ReplicaGradients). Returns the group's
+    size."""
     if not dist.is_initialized():
         raise RuntimeError("replicate() needs torch.distributed initialised (torchrun, or init_process_group)")
     sharded = [name for name, p in model.named_parameters() if type(p).__name__ == "DTensor"]
@@ -38,13 +39,13 @@ def replicate(model: torch.nn.Module, group: dist.ProcessGroup | None = None, sh
     with torch.no_grad():
         for tensor in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(tensor.data, src=source, group=group)
-    model.__dict__[REPLICA_GROUP] = ReplicaGradients(group, shard_optimizer)
+    model.__dict__[REPLICA_GRADIENTS] = ReplicaGradients(group, shard_optimizer)
     return dist.get_world_size(group)
 
 
-def replica_group(model: torch.nn.Module) -> ReplicaGradients | None:
+def replica_gradients(model: torch.nn.Module) -> ReplicaGradients | None:
     """How `model`'s gradients are shared across its replicas, or None if it is not replicated."""
-    return model.__dict__.get(REPLICA_GROUP)
+    return model.__dict__.get(REPLICA_GRADIENTS)
 
 
 class ReplicaGradients:
