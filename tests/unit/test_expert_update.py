@@ -46,18 +46,19 @@ def test_weight_gradient_update_is_adamw_on_each_experts_gradient():
     assert _relative(weight, reference.detach()) <= 1e-6
 
 
-def _model():
+def _model(family: str = "qwen3_moe"):
     torch.manual_seed(0)
-    model = MoEAutoModelForCausalLM.from_config(tiny_configs.qwen3_moe(output_router_logits=True,
-                                                                       router_aux_loss_coef=0.01))
+    config = (tiny_configs.nemotron_h() if family == "nemotron_h"
+              else tiny_configs.qwen3_moe(output_router_logits=True, router_aux_loss_coef=0.01))
+    model = MoEAutoModelForCausalLM.from_config(config)
     for name, p in model.named_parameters():
         if "norm" not in name:
             torch.nn.init.normal_(p, std=0.2)
     return model
 
 
-def _train(spec: str, steps: int = 3):
-    model = _model()
+def _train(spec: str, steps: int = 3, family: str = "qwen3_moe"):
+    model = _model(family)
     options = PerfOptions.parse(spec)
     apply_optimizations(model, options)
     optimizer = build_optimizer(model, options, lr=1e-2)
@@ -68,11 +69,12 @@ def _train(spec: str, steps: int = 3):
     return model, options
 
 
-@pytest.mark.parametrize("optimizer", ["opt-in-bwd", "opt-overlap"])
-def test_training_with_the_update_in_the_experts_backward_equals_the_hooks(optimizer):
-    reference, _ = _train(f"fused-experts+{optimizer}")
-    model, options = _train(f"fused-experts+{optimizer}+fused-update")
-    assert any("updated inside their backward on 2 MoE layers" in note for note in options.notes)
+@pytest.mark.parametrize("optimizer, family", [("opt-in-bwd", "qwen3_moe"), ("opt-overlap", "qwen3_moe"),
+                                               ("opt-in-bwd", "nemotron_h")])
+def test_training_with_the_update_in_the_experts_backward_equals_the_hooks(optimizer, family):
+    reference, _ = _train(f"fused-experts+{optimizer}", family=family)
+    model, options = _train(f"fused-experts+{optimizer}+fused-update", family=family)
+    assert any("updated inside their backward on 2 MoE layers" in note for note in options.notes), options.notes
     for (name, a), (_, b) in zip(reference.named_parameters(), model.named_parameters()):
         assert _relative(b.detach(), a.detach()) <= 1e-5, name
 
