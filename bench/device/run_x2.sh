@@ -64,7 +64,7 @@ fi
 ADAMW_BENCH=""
 if has adamw-kernel; then
   step "AdamW kernel: torch fused vs Triton, one decoder layer (GPU 1, background)"
-  (CUDA_VISIBLE_DEVICES=1 timeout 120 python3 bench/adamw_kernel.py --out "$R/adamw_kernel.json" \
+  (CUDA_VISIBLE_DEVICES=1 timeout 120 python3 bench/adamw_kernel.py --sweep --out "$R/adamw_kernel.json" \
     > "$SCRATCH/adamw_kernel.log" 2>&1;
    CUDA_VISIBLE_DEVICES=1 timeout 180 python3 bench/expert_update.py --sweep --out "$R/expert_update.json" \
     >> "$SCRATCH/adamw_kernel.log" 2>&1) &

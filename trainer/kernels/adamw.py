@@ -22,7 +22,7 @@ import math
 
 import torch
 
-BLOCK = 4096
+DEFAULT_CONFIG = dict(BLOCK=4096, num_warps=8)  # elements per program, warps (bench/adamw_kernel.py --sweep)
 
 
 @functools.cache
@@ -79,16 +79,17 @@ def usable(*tensors: torch.Tensor | None) -> bool:
 
 def adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
            step: torch.Tensor, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-           shadow: torch.Tensor | None = None) -> None:
+           shadow: torch.Tensor | None = None, config: dict | None = None) -> None:
     """Update `param`, `exp_avg`, `exp_avg_sq` (and write `shadow`) in place, on the current CUDA stream."""
     n = param.numel()
     if n == 0:
         return
-    grid = (triton_cdiv(n, BLOCK),)
+    config = config or DEFAULT_CONFIG
+    grid = (triton_cdiv(n, config["BLOCK"]),)
     _kernel()[grid](param, grad, exp_avg, exp_avg_sq, shadow if shadow is not None else param, step, n,
                     float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
                     math.log2(beta1) if beta1 > 0 else -math.inf, math.log2(beta2) if beta2 > 0 else -math.inf,
-                    HAS_SHADOW=shadow is not None, BLOCK=BLOCK, num_warps=8)
+                    HAS_SHADOW=shadow is not None, **config)
 
 
 def triton_cdiv(a: int, b: int) -> int:
