@@ -22,37 +22,14 @@ import math
 
 import torch
 
+from trainer.kernels.triton_support import triton_loads_on_cuda
+
 DEFAULT_CONFIG = dict(BLOCK=4096, num_warps=8)  # elements per program, warps (bench/adamw_kernel.py --sweep)
 
 
 @functools.cache
 def _kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, shadow_ptr, step_ptr, n, lr, beta1, beta2, eps, weight_decay,
-                     log2_beta1, log2_beta2, HAS_SHADOW: tl.constexpr, BLOCK: tl.constexpr):
-        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offsets < n
-        step = tl.load(step_ptr)
-        bias_correction1 = 1.0 - tl.exp2(step * log2_beta1)
-        bias_correction2_sqrt = tl.sqrt_rn(1.0 - tl.exp2(step * log2_beta2))
-        param = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
-        grad = tl.load(g_ptr + offsets, mask=mask).to(tl.float32)
-        exp_avg = tl.load(m_ptr + offsets, mask=mask).to(tl.float32)
-        exp_avg_sq = tl.load(v_ptr + offsets, mask=mask).to(tl.float32)
-        param = param - lr * weight_decay * param
-        exp_avg = beta1 * exp_avg + (1.0 - beta1) * grad
-        exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * grad * grad
-        # correctly rounded square root and division, as the CUDA kernel it matches (Triton's defaults approximate)
-        denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
-        param = param - tl.div_rn((lr / bias_correction1) * exp_avg, denom)
-        tl.store(p_ptr + offsets, param.to(p_ptr.dtype.element_ty), mask=mask)
-        tl.store(m_ptr + offsets, exp_avg.to(m_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_ptr + offsets, exp_avg_sq.to(v_ptr.dtype.element_ty), mask=mask)
-        if HAS_SHADOW:
-            tl.store(shadow_ptr + offsets, param.to(shadow_ptr.dtype.element_ty), mask=mask)
+    from trainer.kernels.triton_adamw import adamw_kernel
 
     return adamw_kernel
 
@@ -60,13 +37,12 @@ def _kernel():
 @functools.cache
 def available() -> bool:
     """Whether Triton is importable and a CUDA device is present."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        _kernel()
-    except Exception:  # no triton, or one that does not match this torch
-        return False
-    return True
+    return triton_loads_on_cuda(_kernel)
+
+
+def log2_beta(beta: float) -> float:
+    """log2 of an AdamW beta as the kernels take it (their bias corrections are exp2(step * log2 beta))."""
+    return math.log2(beta) if beta > 0 else -math.inf
 
 
 def usable(*tensors: torch.Tensor | None) -> bool:
@@ -88,7 +64,7 @@ def adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_a
     grid = (triton_cdiv(n, config["BLOCK"]),)
     _kernel()[grid](param, grad, exp_avg, exp_avg_sq, shadow if shadow is not None else param, step, n,
                     float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-                    math.log2(beta1) if beta1 > 0 else -math.inf, math.log2(beta2) if beta2 > 0 else -math.inf,
+                    log2_beta(beta1), log2_beta(beta2),
                     HAS_SHADOW=shadow is not None, **config)
 
 

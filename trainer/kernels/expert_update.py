@@ -17,11 +17,12 @@ grouped weight-gradient GEMM followed by `torch._fused_adamw_` (the reference th
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
 
+from trainer.kernels.adamw import log2_beta
+from trainer.kernels.triton_support import triton_loads_on_cuda
 from trainer.moe.grouped_gemm import grouped_mm_weight_grad
 
 
@@ -43,50 +44,7 @@ class ExpertUpdate:
 
 @functools.cache
 def _kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def grad_adamw_kernel(a_ptr, b_ptr, offsets_ptr, w_ptr, m_ptr, v_ptr, step_ptr, P, Q, stride_a, stride_b,
-                          lr, beta1, beta2, eps, weight_decay, log2_beta1, log2_beta2,
-                          BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr,
-                          INPUT_PRECISION: tl.constexpr):
-        pid_p = tl.program_id(0)
-        pid_q = tl.program_id(1)
-        expert = tl.program_id(2)
-        start = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0).to(tl.int64)
-        end = tl.load(offsets_ptr + expert).to(tl.int64)
-        rows_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        rows_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        in_p = rows_p < P
-        in_q = rows_q < Q
-        acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-        for s0 in range(start, end, BLOCK_S):
-            rows_s = s0 + tl.arange(0, BLOCK_S)
-            in_s = rows_s < end
-            a = tl.load(a_ptr + rows_s[:, None] * stride_a + rows_p[None, :], mask=in_s[:, None] & in_p[None, :],
-                        other=0.0)
-            b = tl.load(b_ptr + rows_s[:, None] * stride_b + rows_q[None, :], mask=in_s[:, None] & in_q[None, :],
-                        other=0.0)
-            acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
-        offsets = expert.to(tl.int64) * P * Q + rows_p[:, None].to(tl.int64) * Q + rows_q[None, :]
-        mask = in_p[:, None] & in_q[None, :]
-        # the gradient as the unfused path stores it (the parameter's dtype), then AdamW as torch._fused_adamw_
-        grad = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
-        step = tl.load(step_ptr)
-        bias_correction1 = 1.0 - tl.exp2(step * log2_beta1)
-        bias_correction2_sqrt = tl.sqrt_rn(1.0 - tl.exp2(step * log2_beta2))
-        param = tl.load(w_ptr + offsets, mask=mask).to(tl.float32)
-        exp_avg = tl.load(m_ptr + offsets, mask=mask).to(tl.float32)
-        exp_avg_sq = tl.load(v_ptr + offsets, mask=mask).to(tl.float32)
-        param = param - lr * weight_decay * param
-        exp_avg = beta1 * exp_avg + (1.0 - beta1) * grad
-        exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * grad * grad
-        denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
-        param = param - tl.div_rn((lr / bias_correction1) * exp_avg, denom)
-        tl.store(w_ptr + offsets, param.to(w_ptr.dtype.element_ty), mask=mask)
-        tl.store(m_ptr + offsets, exp_avg.to(m_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_ptr + offsets, exp_avg_sq.to(v_ptr.dtype.element_ty), mask=mask)
+    from trainer.kernels.triton_adamw import grad_adamw_kernel
 
     return grad_adamw_kernel
 
@@ -94,17 +52,7 @@ def _kernel():
 @functools.cache
 def triton_available() -> bool:
     """Whether the fused kernel can run here (Triton importable, a CUDA device)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        _kernel()
-    except Exception:  # no triton, or one that does not match this torch
-        return False
-    return True
-
-
-def _log2(beta: float) -> float:
-    return math.log2(beta) if beta > 0 else -math.inf
+    return triton_loads_on_cuda(_kernel)
 
 
 # tile sizes and launch shape of the fused kernel (bench/expert_update.py --sweep times alternatives)
@@ -131,6 +79,6 @@ def weight_grad_adamw_(a_SP: torch.Tensor, b_SQ: torch.Tensor, offsets_E: torch.
     grid = (-(-P // config["BLOCK_P"]), -(-Q // config["BLOCK_Q"]), num_experts)
     _kernel()[grid](a_SP, b_SQ, offsets_E, param_EPQ, exp_avg, exp_avg_sq, update.step, P, Q, a_SP.stride(0),
                     b_SQ.stride(0), float(update.lr), float(update.beta1), float(update.beta2), float(update.eps),
-                    float(update.weight_decay), _log2(update.beta1), _log2(update.beta2), **config,
+                    float(update.weight_decay), log2_beta(update.beta1), log2_beta(update.beta2), **config,
                     # fp32 inputs multiply in full precision, as torch's fp32 matmuls do by default (not TF32)
                     INPUT_PRECISION="ieee" if a_SP.dtype == torch.float32 else "tf32")

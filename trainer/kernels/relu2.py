@@ -14,6 +14,8 @@ import functools
 
 import torch
 
+from trainer.kernels.triton_support import triton_loads_on_cuda
+
 BLOCK = 2048
 
 
@@ -45,13 +47,7 @@ def _kernels():
 @functools.cache
 def available() -> bool:
     """Whether Triton is importable and a CUDA device is present."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        _kernels()
-    except Exception:  # no triton, or one that does not match this torch
-        return False
-    return True
+    return triton_loads_on_cuda(_kernels)
 
 
 def usable(*tensors: torch.Tensor) -> bool:
