@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.cuda_timing import median_ms  # noqa: E402
 from trainer.kernels import adamw as adamw_kernel  # noqa: E402
 
 HYPER = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
@@ -34,20 +34,6 @@ def _tensors(numels, dtype, grad_dtype):
     params = [torch.randn(n, device="cuda", dtype=dtype) for n in numels]
     grads = [torch.randn(n, device="cuda", dtype=grad_dtype) for n in numels]
     return params, grads, [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
-
-
-def _time(fn, iters: int) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def measure(layers: int, iters: int, master: bool, sweep: bool = False) -> dict:
@@ -74,11 +60,12 @@ def measure(layers: int, iters: int, master: bool, sweep: bool = False) -> dict:
     moved = count * (size * 6 + 2 + (2 if master else 0))
     row = {"params": count, "master_fp32": master, "bytes": moved}
     for name, fn in (("torch", torch_kernel), ("triton", triton_kernel)):
-        ms = _time(fn, iters)
+        ms = median_ms(fn, iters, warmup=5)
         row[f"{name}_ms"] = ms
         row[f"{name}_tb_s"] = moved / ms / 1e9
     if sweep:
-        row["sweep"] = [{**config, "ms": _time(lambda: triton_kernel(config), iters)} for config in SWEEP]
+        row["sweep"] = [{**config, "ms": median_ms(lambda: triton_kernel(config), iters, warmup=5)}
+                        for config in SWEEP]
     return row
 
 

@@ -6,7 +6,7 @@ Per token count (top-8 of 128 experts, random balanced-ish routing; hidden 2048,
 states): the backward's two weight-gradient GEMMs (gate_up [128, 1536, 2048], down [128, 2048, 768]) followed by
 AdamW, three ways: the grouped GEMM + `torch._fused_adamw_`, the grouped GEMM + the Triton AdamW
 (trainer.kernels.adamw), and the GEMM with the update in its epilogue (trainer.kernels.expert_update). Timed with
-CUDA events, median of --iters after 3 warm-up rounds. --sweep also times the fused kernel with other tile sizes
+CUDA events (bench/cuda_timing.py), median of --iters after 3 warm-up rounds. --sweep also times the fused kernel with other tile sizes
 and launch shapes (SWEEP) and names the fastest per token count.
 """
 
@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.cuda_timing import median_ms  # noqa: E402
 from trainer.kernels import adamw as adamw_kernel  # noqa: E402
 from trainer.kernels.expert_update import (  # noqa: E402
     DEFAULT_CONFIG, ExpertUpdate, triton_available, weight_grad_adamw_)
@@ -31,20 +31,6 @@ EXPERTS, HIDDEN, WIDTH, TOP_K = 128, 2048, 768, 8
 SWEEP = [dict(BLOCK_P=p, BLOCK_Q=q, BLOCK_S=s, num_warps=w, num_stages=n) for p, q, s, w, n in (
     (128, 128, 32, 8, 4), (128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4),
     (64, 256, 32, 4, 4), (128, 64, 64, 4, 4))]
-
-
-def _time(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def measure(tokens: int, iters: int, sweep: bool = False) -> dict:
@@ -78,11 +64,13 @@ def measure(tokens: int, iters: int, sweep: bool = False) -> dict:
         for _, a, b in pairs:
             grouped_mm_weight_grad(a, b, offsets, EXPERTS)
 
-    row = {"tokens": tokens, "gemm_only_ms": _time(gemm_only, iters),
-           "gemm_torch_adamw_ms": _time(lambda: separate(False), iters),
-           "gemm_triton_adamw_ms": _time(lambda: separate(True), iters), "fused_ms": _time(fused, iters)}
+    row = {"tokens": tokens, "gemm_only_ms": median_ms(gemm_only, iters),
+           "gemm_torch_adamw_ms": median_ms(lambda: separate(False), iters),
+           "gemm_triton_adamw_ms": median_ms(lambda: separate(True), iters),
+           "fused_ms": median_ms(fused, iters)}
     if sweep:
-        row["sweep"] = [{**config, "ms": _time(lambda: fused(config), iters)} for config in [DEFAULT_CONFIG] + SWEEP]
+        row["sweep"] = [{**config, "ms": median_ms(lambda: fused(config), iters)}
+                        for config in [DEFAULT_CONFIG] + SWEEP]
     return row
 
 
