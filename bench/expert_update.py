@@ -6,8 +6,8 @@ Per token count (top-8 of 128 experts, random balanced-ish routing; hidden 2048,
 states): the backward's two weight-gradient GEMMs (gate_up [128, 1536, 2048], down [128, 2048, 768]) followed by
 AdamW, three ways: the grouped GEMM + `torch._fused_adamw_`, the grouped GEMM + the Triton AdamW
 (trainer.kernels.adamw), and the GEMM with the update in its epilogue (trainer.kernels.expert_update). Timed with
-CUDA events (bench/cuda_timing.py), median of --iters after 3 warm-up rounds. --sweep also times the fused kernel with other tile sizes
-and launch shapes (SWEEP) and names the fastest per token count.
+CUDA events (bench/cuda_timing.py), median of --iters after 3 warm-up rounds. --sweep also times the fused kernel
+with other tile sizes and launch shapes (SWEEP) and names the fastest per token count.
 """
 
 from __future__ import annotations
