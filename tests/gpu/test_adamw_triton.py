@@ -13,11 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tiny_configs
+from gpu_training import train_tiny_moe
 from trainer.kernels import adamw as adamw_kernel
-from trainer.models import MoEAutoModelForCausalLM
-from trainer.perf import PerfOptions, causal_lm_loss
-from trainer.step_optimizer import build_optimizer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -69,31 +66,10 @@ def test_master_copy_gets_bf16_gradients_and_writes_the_bf16_weight():
     assert torch.equal(weight, master.to(torch.bfloat16))
 
 
-def _train(spec: str, steps: int = 3):
-    torch.manual_seed(0)
-    config = tiny_configs.qwen3_moe(output_router_logits=True, router_aux_loss_coef=0.01, hidden_size=256,
-                                    intermediate_size=512, moe_intermediate_size=256, vocab_size=4096,
-                                    max_position_embeddings=512)
-    with torch.device("cuda"):
-        model = MoEAutoModelForCausalLM.from_config(config).to(torch.bfloat16)
-    ids = torch.randint(0, config.vocab_size, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    options = PerfOptions.parse(spec)
-    optimizer = build_optimizer(model, options, lr=1e-3)
-    losses = []
-    for _ in range(steps):
-        loss = causal_lm_loss(model, ids, ids, options).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    torch.cuda.synchronize()
-    return model, losses, optimizer
-
-
 @pytest.mark.parametrize("spec", ["opt-overlap", "opt-in-bwd+master-fp32"])
 def test_training_with_the_triton_kernel_follows_torchs_kernel(spec):
-    reference, reference_losses, _ = _train(spec)
-    model, losses, optimizer = _train(spec + "+triton-adamw")
+    reference, reference_losses, _, _ = train_tiny_moe(spec, steps=3, apply=False)
+    model, losses, optimizer, _ = train_tiny_moe(spec + "+triton-adamw", steps=3, apply=False)
     assert optimizer.triton_kernel
     assert losses == pytest.approx(reference_losses, rel=1e-3)
     for (name, a), (_, b) in zip(reference.named_parameters(), model.named_parameters()):

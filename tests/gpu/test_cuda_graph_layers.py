@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import tiny_configs
+from gpu_training import train_tiny_moe
 from trainer.models import MoEAutoModelForCausalLM
-from trainer.perf import PerfOptions, apply_optimizations, causal_lm_loss
-from trainer.step_optimizer import build_optimizer
+from trainer.perf import PerfOptions, apply_optimizations
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -25,24 +25,8 @@ BASE = "loss=chunked+fused-experts+opt-overlap"
 
 def _train(spec: str, steps: int = 5):
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    config = tiny_configs.qwen3_moe(output_router_logits=True, router_aux_loss_coef=0.01, hidden_size=256,
-                                    intermediate_size=512, moe_intermediate_size=256, vocab_size=4096,
-                                    max_position_embeddings=512, num_hidden_layers=3)
-    with torch.device("cuda"):
-        model = MoEAutoModelForCausalLM.from_config(config).to(torch.bfloat16)
-    ids = torch.randint(0, config.vocab_size, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    options = PerfOptions.parse(spec)
-    notes = apply_optimizations(model, options)
-    optimizer = build_optimizer(model, options, lr=1e-3)
-    losses = []
-    for _ in range(steps):
-        step = causal_lm_loss(model, ids, ids, options)
-        step.loss.backward()
-        optimizer.step()
-        losses.append(step.loss.item())
-    torch.cuda.synchronize()
-    return model, losses, notes
+    model, losses, _, options = train_tiny_moe(spec, steps=steps, num_hidden_layers=3)
+    return model, losses, options.notes
 
 
 def test_cuda_graph_layers_train_like_kernel_by_kernel_layers():

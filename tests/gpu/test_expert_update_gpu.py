@@ -13,12 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tiny_configs
+from gpu_training import train_tiny_moe
 from trainer.kernels import expert_update
 from trainer.moe.grouped_gemm import grouped_mm_weight_grad
-from trainer.models import MoEAutoModelForCausalLM
-from trainer.perf import PerfOptions, apply_optimizations, causal_lm_loss
-from trainer.step_optimizer import build_optimizer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -54,35 +51,13 @@ def test_fused_kernel_equals_weight_gradient_then_adamw(dtype):
         assert _relative(x, y) <= bound, name
 
 
-def _train(spec: str, steps: int = 3):
-    torch.manual_seed(0)
-    config = tiny_configs.qwen3_moe(output_router_logits=True, router_aux_loss_coef=0.01, hidden_size=256,
-                                    intermediate_size=512, moe_intermediate_size=256, vocab_size=4096,
-                                    max_position_embeddings=512)
-    with torch.device("cuda"):
-        model = MoEAutoModelForCausalLM.from_config(config).to(torch.bfloat16)
-    ids = torch.randint(0, config.vocab_size, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    options = PerfOptions.parse(spec)
-    apply_optimizations(model, options)
-    optimizer = build_optimizer(model, options, lr=1e-3)
-    losses = []
-    for _ in range(steps):
-        loss = causal_lm_loss(model, ids, ids, options).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    torch.cuda.synchronize()
-    return model, losses, options
-
-
 @pytest.mark.parametrize("spec", ["fused-experts+opt-in-bwd", "fused-experts+opt-overlap+compile-all",
                                   "fused-experts+opt-overlap+cuda-graphs"])
 def test_training_with_the_update_in_the_experts_backward_follows_the_hooks(spec):
     torch._dynamo.reset()
-    reference, reference_losses, _ = _train(spec)
+    reference, reference_losses, _, _ = train_tiny_moe(spec, steps=3)
     torch._dynamo.reset()
-    model, losses, options = _train(spec + "+fused-update")
+    model, losses, _, options = train_tiny_moe(spec + "+fused-update", steps=3)
     assert any("updated inside their backward" in note for note in options.notes), options.notes
     assert losses == pytest.approx(reference_losses, rel=1e-2)
     for (name, a), (_, b) in zip(reference.named_parameters(), model.named_parameters()):

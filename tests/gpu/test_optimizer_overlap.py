@@ -9,39 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tiny_configs
-from trainer.models import MoEAutoModelForCausalLM
-from trainer.perf import PerfOptions, causal_lm_loss
-from trainer.step_optimizer import build_optimizer
+from gpu_training import train_tiny_moe
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def _train(spec: str, dtype: torch.dtype, steps: int = 4):
-    torch.manual_seed(0)
-    config = tiny_configs.qwen3_moe(output_router_logits=True, router_aux_loss_coef=0.01, hidden_size=256,
-                                    intermediate_size=512, moe_intermediate_size=256, vocab_size=4096,
-                                    max_position_embeddings=512)
-    with torch.device("cuda"):
-        model = MoEAutoModelForCausalLM.from_config(config).to(dtype)
-    ids = torch.randint(0, config.vocab_size, (4, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    options = PerfOptions.parse(spec)
-    optimizer = build_optimizer(model, options, lr=1e-3)
-    losses = []
-    for _ in range(steps):
-        loss = causal_lm_loss(model, ids, ids, options).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    torch.cuda.synchronize()
-    return model, losses, optimizer
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_side_stream_updates_equal_in_stream_updates(dtype):
-    reference, reference_losses, _ = _train("opt-in-bwd", dtype)
-    overlapped, losses, optimizer = _train("opt-overlap", dtype)
+    reference, reference_losses, _, _ = train_tiny_moe("opt-in-bwd", steps=4, batch=4, dtype=dtype, apply=False)
+    overlapped, losses, optimizer, _ = train_tiny_moe("opt-overlap", steps=4, batch=4, dtype=dtype, apply=False)
     assert optimizer._side_stream is not None
     assert losses == reference_losses
     for (name, a), (_, b) in zip(reference.named_parameters(), overlapped.named_parameters()):

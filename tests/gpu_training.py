@@ -1,0 +1,37 @@
+"""A few training steps of a small Qwen3-MoE on one GPU with `trainer.perf` options (the GPU tests' shared loop)."""
+
+from __future__ import annotations
+
+import torch
+
+import tiny_configs
+from trainer.models import MoEAutoModelForCausalLM
+from trainer.perf import PerfOptions, apply_optimizations, causal_lm_loss
+from trainer.step_optimizer import build_optimizer
+
+
+def train_tiny_moe(spec: str, steps: int, batch: int = 2, dtype: torch.dtype = torch.bfloat16, apply: bool = True,
+                   **config_overrides):
+    """Seeded model and token ids, `steps` optimizer steps (lr 1e-3) with options `spec` (patched into the model when
+    `apply`). Returns (model, losses, optimizer, options)."""
+    torch.manual_seed(0)
+    config = tiny_configs.qwen3_moe(**{**dict(output_router_logits=True, router_aux_loss_coef=0.01, hidden_size=256,
+                                              intermediate_size=512, moe_intermediate_size=256, vocab_size=4096,
+                                              max_position_embeddings=512), **config_overrides})
+    with torch.device("cuda"):
+        model = MoEAutoModelForCausalLM.from_config(config).to(dtype)
+    ids = torch.randint(0, config.vocab_size, (batch, 256), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(1))
+    options = PerfOptions.parse(spec)
+    if apply:
+        apply_optimizations(model, options)
+    optimizer = build_optimizer(model, options, lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        loss = causal_lm_loss(model, ids, ids, options).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    torch.cuda.synchronize()
+    return model, losses, optimizer, options
