@@ -58,7 +58,7 @@ class _PerParamAdamW:
                           maximize=False)
         self.triton_kernel = triton_kernel
         self._replicas = replicas  # a replica's gradient sharing (trainer.parallel.replicate.ReplicaGradients) or None
-        self._kernel_hyper = dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay)
+        self._kernel_hyper = {k: self.hyper[k] for k in ("lr", "beta1", "beta2", "eps", "weight_decay")}
         self._entries = {}
         self._steps = {}  # device -> shared step counter (fp32 scalar, as the fused kernel reads it)
         self._side_stream = None
@@ -94,10 +94,7 @@ class _PerParamAdamW:
                 torch._dynamo.mark_static_address(state)  # fixed addresses inside replayed CUDA graphs
             states[name] = (exp_avg, exp_avg_sq)
         torch._dynamo.mark_static_address(self._steps[up.device])
-        hyper = self.hyper
-        module.__dict__["moe_expert_update"] = ExpertUpdate(
-            states, self._steps[up.device], hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"],
-            hyper["weight_decay"])
+        module.__dict__["moe_expert_update"] = ExpertUpdate(states, self._steps[up.device], **self._kernel_hyper)
 
     @torch.no_grad()
     def _on_gradient(self, p: torch.Tensor) -> None:
@@ -243,7 +240,7 @@ def _fused_update_targets(model: torch.nn.Module, options: PerfOptions, in_backw
     if not reason and not targets:
         reason = "fused local experts with plain (unsharded) weights"
     if reason:
-        options.notes.append(f"fused_update needs {reason}: experts updated by the optimizer's hooks")
+        options.notes.append(f"fused_update needs {reason}: off, the optimizer updates the experts")
         return []
     options.notes.append(f"experts' weights updated inside their backward on {len(targets)} MoE layers")
     return targets
@@ -273,15 +270,13 @@ def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e
     if replicas is not None and not (in_backward or options.master == "fp32"):
         raise ValueError("a replicated model needs the optimizer that averages its gradients: add opt-in-bwd or "
                          "opt-overlap to the options")
+    experts = _fused_update_targets(model, options, in_backward, replicated=replicas is not None)
     if in_backward or options.master == "fp32":
-        experts = _fused_update_targets(model, options, in_backward, replicated=replicas is not None)
         return _PerParamAdamW(params, lr, betas, eps, weight_decay, options.master == "fp32", in_backward,
                               overlap=options.optimizer == "overlap", buckets=layer_buckets(model),
                               # CUDA-graph memory is reused in stream order: only a side stream needs the hold
                               hold_gradients=options.compile == "layers-graphs" and options.optimizer == "overlap",
                               triton_kernel=_triton_adamw(options, params), expert_targets=experts, replicas=replicas)
-    if options.fused_update:
-        options.notes.append("fused_update needs an in-backward optimizer (opt-in-bwd / opt-overlap): off")
     on_cuda = all(p.is_cuda for p in params)
     kind = {"fused": True} if options.optimizer in ("fused", "in-backward") and on_cuda else {"foreach": True}
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kind)
