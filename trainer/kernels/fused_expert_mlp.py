@@ -218,11 +218,16 @@ def _rows_op(x_SD: torch.Tensor, x_TD: torch.Tensor, up_w: torch.Tensor, down_w:
     return _forward(x_SD, up_w, down_w, offsets_E, Activation(activation, None, backend), is_transposed, compute_dtype)
 
 
-@_rows_op.register_fake
-def _(x_SD, x_TD, up_w, down_w, perm_S, offsets_E, top_k, activation, backend, is_transposed, compute_dtype):
+def _rows_outputs_like(x_SD, up_w, is_transposed: bool, compute_dtype):
+    """Empty (y_SD, pre_SF) of the forward ops' shapes (their fake implementations)."""
     rows, hidden = x_SD.shape
     pre_width = up_w.shape[-1] if is_transposed else up_w.shape[-2]
     return x_SD.new_empty(rows, hidden, dtype=compute_dtype), x_SD.new_empty(rows, pre_width, dtype=compute_dtype)
+
+
+@_rows_op.register_fake
+def _(x_SD, x_TD, up_w, down_w, perm_S, offsets_E, top_k, activation, backend, is_transposed, compute_dtype):
+    return _rows_outputs_like(x_SD, up_w, is_transposed, compute_dtype)
 
 
 @torch.library.custom_op("moe_stack::expert_mlp_rows_backward", mutates_args=())
@@ -274,9 +279,7 @@ def _rows_update_op(x_SD: torch.Tensor, x_TD: torch.Tensor, up_w: torch.Tensor, 
 @_rows_update_op.register_fake
 def _(x_SD, x_TD, up_w, down_w, perm_S, offsets_E, up_m, up_v, down_m, down_v, step, top_k, activation, backend,
       is_transposed, compute_dtype, hyper):
-    rows, hidden = x_SD.shape
-    pre_width = up_w.shape[-1] if is_transposed else up_w.shape[-2]
-    return x_SD.new_empty(rows, hidden, dtype=compute_dtype), x_SD.new_empty(rows, pre_width, dtype=compute_dtype)
+    return _rows_outputs_like(x_SD, up_w, is_transposed, compute_dtype)
 
 
 @torch.library.custom_op("moe_stack::expert_mlp_rows_backward_update", mutates_args=())
