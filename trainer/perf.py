@@ -23,11 +23,10 @@ Options (the benchmark keeps each only where it pays, docs/BENCHMARKS.md):
 - optimizer: "foreach" (torch AdamW default), "fused" (one kernel), "in-backward" (fused AdamW per parameter as soon as
   its gradient is complete, so the full set of gradients never exists; no clipping, no accumulation), "overlap"
   (in-backward, with the updates on a side CUDA stream so the memory-bound AdamW runs under the compute-bound
-  backward; `.step()` joins the streams).
+  backward; `.step()` joins the streams), "overlap-high" (the same with the side stream at CUDA's high priority: the
+  GPU starts pending AdamW blocks before the backward's, so fewer updates are left after the backward).
 - adamw: the in-backward / fp32-master optimizer's kernel: "torch" (`torch._fused_adamw_`) or "triton" (the same
   update, one Triton kernel per tensor at close to full memory bandwidth: `trainer.kernels.adamw`).
-- fused_update: with fused_experts and an in-backward optimizer, the experts' backward updates their weights from
-  the weight-gradient GEMM's output tiles (`trainer.kernels.expert_update`): the expert gradients never exist.
 - master: "none" (optimizer works on the parameters' dtype) or "fp32" (fp32 master weights and AdamW states kept by
   the optimizer, bf16 parameters for compute: the recommended recipe).
 """
@@ -50,12 +49,12 @@ CHOICES = {
     "kernels": ("eager", "liger"),
     "compile": ("none", "layers", "layers-all", "layers-graphs", "attn"),
     "ac": ("none", "full", "attn", "selective", "mlp"),
-    "optimizer": ("foreach", "fused", "in-backward", "overlap"),
+    "optimizer": ("foreach", "fused", "in-backward", "overlap", "overlap-high"),
     "adamw": ("torch", "triton"),
     "master": ("none", "fp32"),
 }
 
-BOOLEAN_OPTIONS = ("fused_experts", "fp8", "fused_update")
+BOOLEAN_OPTIONS = ("fused_experts", "fp8")
 
 # Short names for the benchmark's --variants: "base+fused-ce+ac=attn" applies each token in order.
 SHORTCUTS = {
@@ -70,8 +69,8 @@ SHORTCUTS = {
     "fused-adamw": {"optimizer": "fused"},
     "opt-in-bwd": {"optimizer": "in-backward"},
     "opt-overlap": {"optimizer": "overlap"},
+    "opt-overlap-high": {"optimizer": "overlap-high"},
     "triton-adamw": {"adamw": "triton"},
-    "fused-update": {"fused_update": True},
     "master-fp32": {"master": "fp32"},
     "fp8": {"fp8": True},
     "best": {"loss": "fused", "fused_experts": True, "kernels": "liger", "optimizer": "overlap",
@@ -88,7 +87,6 @@ class PerfOptions:
     ac: str = "none"
     optimizer: str = "foreach"
     adamw: str = "torch"  # the per-parameter AdamW's kernel (optimizer in-backward/overlap, master fp32)
-    fused_update: bool = False  # the experts' weight-gradient GEMM updates the weights (in-backward optimizers)
     master: str = "none"
     fp8: bool = False
     notes: list[str] = field(default_factory=list, compare=False)

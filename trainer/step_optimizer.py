@@ -1,11 +1,10 @@
-"""AdamW for the benchmark's training step, as `PerfOptions.optimizer` / `.adamw` / `.master` / `.fused_update` say.
+"""AdamW for the benchmark's training step, as `PerfOptions.optimizer` / `.adamw` / `.master` say.
 
     optimizer = build_optimizer(model, options, lr=1e-4)   # .step() / .zero_grad() (no-ops when stepping in backward)
 
-"foreach" / "fused": `torch.optim.AdamW`. "in-backward" / "overlap" (and any fp32-master run): `_PerParamAdamW`,
+"foreach" / "fused": `torch.optim.AdamW`. "in-backward" / "overlap[-high]" (and any fp32-master run): `_PerParamAdamW`,
 which updates each decoder layer's parameters as soon as their gradients are complete (on a side stream with
-"overlap"), can hand the experts their own AdamW state so that their backward updates them (`fused_update`), and
-averages a replicated model's gradients across its replicas (`trainer.parallel.replicate`).
+"overlap"), and averages a replicated model's gradients across its replicas (`trainer.parallel.replicate`).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ class _PerParamAdamW:
     of a gradient is made per bucket, never for all at once).
 
     `overlap=True` (CUDA, with in_backward) launches each update on one side stream that first waits for the
-    gradients; the backward goes on meanwhile. This is safe because autograd fires the hook only after the
+    gradients; the backward goes on meanwhile (`side_priority`: the side stream's CUDA priority, -1 = high). This is safe because autograd fires the hook only after the
     parameter's last use in the backward (its gradient is complete), the gradients' memory is kept until the side
     stream is done with it (`record_stream`, or a reference held until `step()` with `hold_gradients`), and `step()`
     makes the compute stream wait for every update before the next forward reads the parameters.
@@ -51,8 +50,8 @@ class _PerParamAdamW:
     """
 
     def __init__(self, params, lr: float, betas, eps: float, weight_decay: float, master_fp32: bool, in_backward: bool,
-                 overlap: bool = False, buckets: list[list[torch.nn.Parameter]] | None = None,
-                 hold_gradients: bool = False, triton_kernel: bool = False, expert_targets=(), replicas=None):
+                 overlap: bool = False, side_priority: int = 0, buckets: list[list[torch.nn.Parameter]] | None = None,
+                 hold_gradients: bool = False, triton_kernel: bool = False, replicas=None):
         self.master_fp32, self.in_backward, self.hold_gradients = master_fp32, in_backward, hold_gradients
         self.hyper = dict(lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
                           maximize=False)
@@ -64,8 +63,6 @@ class _PerParamAdamW:
         self._side_stream = None
         self._held: list[torch.Tensor] = []
         params = list(params)
-        # expert weights updated by their own backward (fused_update): states here, no hooks, no buckets
-        self._in_experts = {p for _, up, down in expert_targets for p in (up, down)}
         for p in params:
             local = self._replicas.view_of(p) if self._replicas else _local(p).detach()  # the part updated here
             own_copy = master_fp32 and p.dtype != torch.float32
@@ -73,28 +70,13 @@ class _PerParamAdamW:
             if local.device not in self._steps:
                 self._steps[local.device] = torch.ones((), dtype=torch.float32, device=local.device)
             self._entries[p] = (target, torch.zeros_like(target), torch.zeros_like(target), own_copy, local)
-            if in_backward and p not in self._in_experts:
+            if in_backward:
                 p.register_post_accumulate_grad_hook(self._on_gradient)
             if overlap and in_backward and p.is_cuda and self._side_stream is None:
-                self._side_stream = torch.cuda.Stream(device=p.device)
-        self._buckets = _complete_buckets([p for p in params if p not in self._in_experts], buckets)
-        for module, up, down in expert_targets:
-            self._hand_over(module, up, down)
+                self._side_stream = torch.cuda.Stream(device=p.device, priority=side_priority)
+        self._buckets = _complete_buckets(params, buckets)
         self._bucket_of = {p: i for i, bucket in enumerate(self._buckets) for p in bucket}
         self._ready: list[list[torch.Tensor]] = [[] for _ in self._buckets]
-
-    def _hand_over(self, module: torch.nn.Module, up: torch.Tensor, down: torch.Tensor) -> None:
-        """Give an experts module its weights' AdamW states: its backward updates them (trainer.kernels.expert_update)."""
-        from trainer.kernels.expert_update import ExpertUpdate
-
-        states = {}
-        for name, p in (("up", up), ("down", down)):
-            _, exp_avg, exp_avg_sq, _, _ = self._entries[p]
-            for state in (exp_avg, exp_avg_sq):
-                torch._dynamo.mark_static_address(state)  # fixed addresses inside replayed CUDA graphs
-            states[name] = (exp_avg, exp_avg_sq)
-        torch._dynamo.mark_static_address(self._steps[up.device])
-        module.__dict__["moe_expert_update"] = ExpertUpdate(states, self._steps[up.device], **self._kernel_hyper)
 
     @torch.no_grad()
     def _on_gradient(self, p: torch.Tensor) -> None:
@@ -220,32 +202,6 @@ def fsdp_fires_grad_hooks() -> bool:
     return "_post_accumulate_grad_hooks" in inspect.getsource(_fsdp_collectives)
 
 
-def _fused_update_targets(model: torch.nn.Module, options: PerfOptions, in_backward: bool,
-                          replicated: bool = False) -> list:
-    """The experts modules whose backward updates their own weights (options.fused_update), or [] with a note."""
-    if not options.fused_update:
-        return []
-    from trainer.moe.experts import fused_update_targets
-
-    reason = None
-    if not in_backward:
-        reason = "an in-backward optimizer (opt-in-bwd / opt-overlap)"
-    elif options.master == "fp32":
-        reason = "weights that are the optimizer's own (not an fp32 master copy)"
-    elif not options.fused_experts:
-        reason = "fused_experts"
-    elif replicated:
-        reason = "one process (a replica's expert gradients must be averaged before their update)"
-    targets = [] if reason else fused_update_targets(model)
-    if not reason and not targets:
-        reason = "fused local experts with plain (unsharded) weights"
-    if reason:
-        options.notes.append(f"fused_update needs {reason}: off, the optimizer updates the experts")
-        return []
-    options.notes.append(f"experts' weights updated inside their backward on {len(targets)} MoE layers")
-    return targets
-
-
 def _triton_adamw(options: PerfOptions, params: list[torch.Tensor]) -> bool:
     """Whether the per-parameter AdamW uses the Triton kernel (options.adamw == "triton" and it can run here)."""
     if options.adamw != "triton":
@@ -260,7 +216,8 @@ def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e
                     eps: float = 1e-8, weight_decay: float = 0.0):
     """AdamW as `options.optimizer` / `options.master` say. Has .step() and .zero_grad(set_to_none=True)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    in_backward = options.optimizer in ("in-backward", "overlap")
+    in_backward = options.optimizer in ("in-backward", "overlap", "overlap-high")
+    overlap = options.optimizer in ("overlap", "overlap-high")
     if in_backward and any(type(p).__name__ == "DTensor" for p in params) and not fsdp_fires_grad_hooks():
         # older FSDP2 writes sharded gradients itself after its reduce-scatter and calls no per-parameter hook
         options.notes.append("optimizer in backward needs an FSDP2 that calls post-accumulate-grad hooks "
@@ -270,13 +227,13 @@ def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e
     if replicas is not None and not (in_backward or options.master == "fp32"):
         raise ValueError("a replicated model needs the optimizer that averages its gradients: add opt-in-bwd or "
                          "opt-overlap to the options")
-    experts = _fused_update_targets(model, options, in_backward, replicated=replicas is not None)
     if in_backward or options.master == "fp32":
         return _PerParamAdamW(params, lr, betas, eps, weight_decay, options.master == "fp32", in_backward,
-                              overlap=options.optimizer == "overlap", buckets=layer_buckets(model),
+                              overlap=overlap, side_priority=-1 if options.optimizer == "overlap-high" else 0,
+                              buckets=layer_buckets(model),
                               # CUDA-graph memory is reused in stream order: only a side stream needs the hold
-                              hold_gradients=options.compile == "layers-graphs" and options.optimizer == "overlap",
-                              triton_kernel=_triton_adamw(options, params), expert_targets=experts, replicas=replicas)
+                              hold_gradients=options.compile == "layers-graphs" and overlap,
+                              triton_kernel=_triton_adamw(options, params), replicas=replicas)
     on_cuda = all(p.is_cuda for p in params)
     kind = {"fused": True} if options.optimizer in ("fused", "in-backward") and on_cuda else {"foreach": True}
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kind)

@@ -1,10 +1,11 @@
 """On a GPU: the Triton AdamW kernel (`trainer.kernels.adamw`) makes the same update as `torch._fused_adamw_`.
 
-Run: `pytest -m gpu tests/gpu/test_adamw_triton.py`. The formula is the same; the bias corrections come from exp2
-instead of pow and the compilers order the fp32 arithmetic differently, so about 0.1% of the elements differ by one
-rounding step (measured on an H200: fp32 up to 5.4e-8 absolute, bf16 up to 2**-9 at values near 0.5). Tolerances:
-at least 99% of the elements bit-identical, and the rest within 1e-6 absolute + 1e-5 relative (fp32) or 2**-8
-absolute + 2**-7 relative (bf16, one rounding step). Training 3 steps with either kernel: losses within 1e-3
+Run: `pytest -m gpu tests/gpu/test_adamw_triton.py`. The formula is the same, but the bias corrections come from
+fp32 exp2 instead of torch's pow, and the compilers order the fp32 arithmetic differently. One step's bias
+correction one ulp apart moves every element's update by a hair, so at some steps about half of the elements round
+to the neighbouring value (measured on an H200: 47% of the elements after 3 steps; fp32 up to 5.4e-8 absolute,
+bf16 up to 2**-9 at values near 0.5). Tolerances: every element within 1e-6 absolute + 1e-5 relative (fp32) or
+2**-8 absolute + 2**-7 relative (bf16, one rounding step). Training 3 steps with either kernel: losses within 1e-3
 relative, each parameter within 1e-2 relative norm.
 """
 
@@ -30,7 +31,6 @@ def _state(numel: int, dtype: torch.dtype, seed: int):
 def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
     rtol, atol = (2.0 ** -7, 2.0 ** -8) if dtype == torch.bfloat16 else (1e-5, 1e-6)
     torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol)
-    assert (a == b).float().mean().item() >= 0.99
 
 
 @pytest.mark.parametrize("numel", [1, 4095, 3 * 4096 + 7, 1 << 20])

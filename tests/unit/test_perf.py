@@ -88,7 +88,8 @@ def _train(spec: str, steps=3, dtype=torch.float32):
     return model
 
 
-@pytest.mark.parametrize("spec", ["fused-adamw", "opt-in-bwd", "opt-overlap", "master-fp32", "opt-in-bwd+triton-adamw"])
+@pytest.mark.parametrize("spec", ["fused-adamw", "opt-in-bwd", "opt-overlap", "opt-overlap-high", "master-fp32",
+                                  "opt-in-bwd+triton-adamw"])
 def test_optimizer_variants_reach_the_same_parameters_as_torch_adamw(spec):
     reference, other = _train("base"), _train(spec)
     for (name, a), (_, b) in zip(reference.named_parameters(), other.named_parameters()):

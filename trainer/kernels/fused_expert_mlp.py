@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 
 from trainer.kernels import relu2 as relu2_kernel
-from trainer.kernels.expert_update import ExpertUpdate, weight_grad_adamw_
 from trainer.moe.grouped_gemm import grouped_mm, grouped_mm_weight_grad
 from trainer.moe.permute import RoutingPlan, permute_tokens, token_of_row, unpermute_and_combine
 
@@ -151,37 +150,27 @@ def _forward(x_SD, up_w, down_w, offsets_E, activation: Activation, is_transpose
 
 
 def _backward(grad_y_SD, x_TD, up_w, down_w, perm_S, offsets_E, pre_SF, top_k: int, activation: Activation,
-              is_transposed: bool, dtype, in_place: bool, update: ExpertUpdate | None = None):
+              is_transposed: bool, dtype, in_place: bool):
     """-> (grad_x_SD, grad_up, grad_down). The input rows are gathered again from the tokens x_TD (not saved).
-    With `in_place`, pre_SF may be overwritten. With `update`, each weight gradient goes straight into the weight's
-    AdamW update (`trainer.kernels.expert_update`) and comes back as None."""
+    With `in_place`, pre_SF may be overwritten."""
     grad_y_SD = grad_y_SD.to(dtype)
     up_EHF = (up_w if is_transposed else up_w.transpose(-2, -1)).to(dtype)
     down_EIH = (down_w if is_transposed else down_w.transpose(-2, -1)).to(dtype)
 
     # down projection: y = h @ Wd[e]
     h_SI = activation.forward(pre_SF)
-    if update is None:
-        grad_down = _weight_grad(h_SI, grad_y_SD, offsets_E, is_transposed, down_w)
-        del h_SI
-        grad_h_SI = grouped_mm(grad_y_SD, down_EIH.transpose(-2, -1), offsets_E)
-    else:  # the input gradient first: it needs the weight before its update
-        grad_h_SI = grouped_mm(grad_y_SD, down_EIH.transpose(-2, -1), offsets_E)
-        grad_down = _weight_grad(h_SI, grad_y_SD, offsets_E, is_transposed, down_w, update, "down")
-        del h_SI
+    grad_down = _weight_grad(h_SI, grad_y_SD, offsets_E, is_transposed, down_w)
+    del h_SI
+    grad_h_SI = grouped_mm(grad_y_SD, down_EIH.transpose(-2, -1), offsets_E)
     del grad_y_SD
 
     # activation, then up projection: pre = x @ Wu[e]
     grad_pre_SF = activation.backward(pre_SF, grad_h_SI, in_place=in_place)
     del grad_h_SI, pre_SF
     x_SD = x_TD.to(dtype).index_select(0, token_of_row(perm_S, top_k))
-    if update is None:
-        grad_up = _weight_grad(x_SD, grad_pre_SF, offsets_E, is_transposed, up_w)
-        del x_SD
-        grad_x_SD = grouped_mm(grad_pre_SF, up_EHF.transpose(-2, -1), offsets_E)
-    else:
-        grad_x_SD = grouped_mm(grad_pre_SF, up_EHF.transpose(-2, -1), offsets_E)
-        grad_up = _weight_grad(x_SD, grad_pre_SF, offsets_E, is_transposed, up_w, update, "up")
+    grad_up = _weight_grad(x_SD, grad_pre_SF, offsets_E, is_transposed, up_w)
+    del x_SD
+    grad_x_SD = grouped_mm(grad_pre_SF, up_EHF.transpose(-2, -1), offsets_E)
     return grad_x_SD, grad_up, grad_down
 
 
@@ -190,20 +179,18 @@ def _backward(grad_y_SD, x_TD, up_w, down_w, perm_S, offsets_E, pre_SF, top_k: i
 class _ExpertMLPRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_SD, x_TD, up_w, down_w, perm_S, offsets_E, top_k: int, activation: Activation,
-                is_transposed: bool, compute_dtype, update: ExpertUpdate | None):
+                is_transposed: bool, compute_dtype):
         y_SD, pre_SF = _forward(x_SD, up_w, down_w, offsets_E, activation, is_transposed, compute_dtype)
         ctx.save_for_backward(x_TD, up_w, down_w, perm_S, offsets_E, pre_SF)
         ctx.top_k, ctx.activation, ctx.is_transposed, ctx.compute_dtype = top_k, activation, is_transposed, compute_dtype
-        ctx.update = update
         return y_SD
 
     @staticmethod
     def backward(ctx, grad_y_SD):
         x_TD, up_w, down_w, perm_S, offsets_E, pre_SF = ctx.saved_tensors
         grad_x_SD, grad_up, grad_down = _backward(grad_y_SD, x_TD, up_w, down_w, perm_S, offsets_E, pre_SF, ctx.top_k,
-                                                  ctx.activation, ctx.is_transposed, ctx.compute_dtype, in_place=True,
-                                                  update=ctx.update)
-        return grad_x_SD, None, grad_up, grad_down, None, None, None, None, None, None, None
+                                                  ctx.activation, ctx.is_transposed, ctx.compute_dtype, in_place=True)
+        return grad_x_SD, None, grad_up, grad_down, None, None, None, None, None, None
 
 
 # ---- as a custom op pair (SwiGLU / relu^2): opaque to torch.compile, so a compiled layer needs no graph break -----
@@ -218,16 +205,11 @@ def _rows_op(x_SD: torch.Tensor, x_TD: torch.Tensor, up_w: torch.Tensor, down_w:
     return _forward(x_SD, up_w, down_w, offsets_E, Activation(activation, None, backend), is_transposed, compute_dtype)
 
 
-def _rows_outputs_like(x_SD, up_w, is_transposed: bool, compute_dtype):
-    """Empty (y_SD, pre_SF) of the forward ops' shapes (their fake implementations)."""
+@_rows_op.register_fake
+def _(x_SD, x_TD, up_w, down_w, perm_S, offsets_E, top_k, activation, backend, is_transposed, compute_dtype):
     rows, hidden = x_SD.shape
     pre_width = up_w.shape[-1] if is_transposed else up_w.shape[-2]
     return x_SD.new_empty(rows, hidden, dtype=compute_dtype), x_SD.new_empty(rows, pre_width, dtype=compute_dtype)
-
-
-@_rows_op.register_fake
-def _(x_SD, x_TD, up_w, down_w, perm_S, offsets_E, top_k, activation, backend, is_transposed, compute_dtype):
-    return _rows_outputs_like(x_SD, up_w, is_transposed, compute_dtype)
 
 
 @torch.library.custom_op("moe_stack::expert_mlp_rows_backward", mutates_args=())
@@ -261,68 +243,8 @@ def _op_backward(ctx, grad_y_SD, _grad_pre):
 _rows_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
-# The same pair with the experts' AdamW update inside the backward. The backward op writes the weights and their
-# states in place but is declared free of mutations on purpose: nothing in a layer's backward reads the expert
-# weights after this op, and a declared mutation of a parameter inside a backward graph is something torch.compile
-# would functionalise into full copies of the weights (or refuse). The weights' storage stays put, so a replayed
-# CUDA graph updates the same memory.
-
-@torch.library.custom_op("moe_stack::expert_mlp_rows_update", mutates_args=())
-def _rows_update_op(x_SD: torch.Tensor, x_TD: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor,
-                    perm_S: torch.Tensor, offsets_E: torch.Tensor, up_m: torch.Tensor, up_v: torch.Tensor,
-                    down_m: torch.Tensor, down_v: torch.Tensor, step: torch.Tensor, top_k: int, activation: str,
-                    backend: str, is_transposed: bool, compute_dtype: torch.dtype, hyper: list[float]
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(x_SD, up_w, down_w, offsets_E, Activation(activation, None, backend), is_transposed, compute_dtype)
-
-
-@_rows_update_op.register_fake
-def _(x_SD, x_TD, up_w, down_w, perm_S, offsets_E, up_m, up_v, down_m, down_v, step, top_k, activation, backend,
-      is_transposed, compute_dtype, hyper):
-    return _rows_outputs_like(x_SD, up_w, is_transposed, compute_dtype)
-
-
-@torch.library.custom_op("moe_stack::expert_mlp_rows_backward_update", mutates_args=())
-def _rows_update_op_backward(grad_y_SD: torch.Tensor, x_TD: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor,
-                             perm_S: torch.Tensor, offsets_E: torch.Tensor, pre_SF: torch.Tensor, up_m: torch.Tensor,
-                             up_v: torch.Tensor, down_m: torch.Tensor, down_v: torch.Tensor, step: torch.Tensor,
-                             top_k: int, activation: str, backend: str, is_transposed: bool,
-                             compute_dtype: torch.dtype, hyper: list[float]) -> torch.Tensor:
-    lr, beta1, beta2, eps, weight_decay = hyper
-    update = ExpertUpdate({"up": (up_m, up_v), "down": (down_m, down_v)}, step, lr, beta1, beta2, eps, weight_decay)
-    return _backward(grad_y_SD, x_TD, up_w, down_w, perm_S, offsets_E, pre_SF, top_k,
-                     Activation(activation, None, backend), is_transposed, compute_dtype, in_place=False,
-                     update=update)[0]
-
-
-@_rows_update_op_backward.register_fake
-def _(grad_y_SD, *args):
-    return torch.empty_like(grad_y_SD)
-
-
-def _update_op_setup_context(ctx, inputs, output):
-    x_SD, x_TD, up_w, down_w, perm_S, offsets_E, up_m, up_v, down_m, down_v, step, *options = inputs
-    _, pre_SF = output
-    ctx.save_for_backward(x_TD, up_w, down_w, perm_S, offsets_E, pre_SF, up_m, up_v, down_m, down_v, step)
-    ctx.options = options  # top_k, activation, backend, is_transposed, compute_dtype, hyper
-
-
-def _update_op_backward(ctx, grad_y_SD, _grad_pre):
-    grad_x_SD = _rows_update_op_backward(grad_y_SD, *ctx.saved_tensors, *ctx.options)
-    return (grad_x_SD,) + (None,) * 16
-
-
-_rows_update_op.register_autograd(_update_op_backward, setup_context=_update_op_setup_context)
-
-
-def _weight_grad(in_SK, grad_SN, offsets_E, is_transposed: bool, param: torch.Tensor,
-                 update: ExpertUpdate | None = None, name: str = "") -> torch.Tensor | None:
-    """Per-expert in^T @ grad, in the parameter's own layout ([E, out, in] for HF, [E, in, out] if transposed).
-    With `update`: the parameter is updated with it in place (AdamW, states `update.states[name]`); returns None."""
-    if update is not None:
-        a, b = (in_SK, grad_SN) if is_transposed else (grad_SN, in_SK)
-        weight_grad_adamw_(a, b, offsets_E, param, *update.states[name], update)
-        return None
+def _weight_grad(in_SK, grad_SN, offsets_E, is_transposed: bool, param: torch.Tensor) -> torch.Tensor:
+    """Per-expert in^T @ grad, in the parameter's own layout ([E, out, in] for HF, [E, in, out] if transposed)."""
     num_experts = param.shape[0]
     if is_transposed:
         grad_w = grouped_mm_weight_grad(in_SK, grad_SN, offsets_E, num_experts)  # [E, in, out]
@@ -339,15 +261,12 @@ def fused_expert_mlp(
     plan: RoutingPlan,
     activation: Activation,
     is_transposed: bool = False,
-    update: ExpertUpdate | None = None,
 ) -> torch.Tensor:
     """Routed expert MLP with weighted combine. Returns [T, H] in the compute dtype.
 
     x_TD [T, H]; weights_TK [T, K]; up_w [E, F, H] (F = 2I gated, I otherwise) and down_w [E, H, I] in HF layout
     (or [E, H, F] / [E, I, H] when is_transposed); plan: the routing plan (`trainer.moe.permute.make_plan`). Under
     autocast the GEMMs run in the autocast dtype and weight gradients come back in the parameters' dtype.
-    With `update` (AdamW state of both weights, "up" and "down"), the backward updates the weights in place from
-    their gradients, which never exist as tensors: up_w and down_w get no .grad.
     """
     compute_dtype = up_w.dtype
     if torch.is_autocast_enabled(x_TD.device.type):
@@ -355,15 +274,10 @@ def fused_expert_mlp(
     with torch.autocast(x_TD.device.type, enabled=False):
         x_SD = permute_tokens(x_TD.to(compute_dtype), plan)
         x_saved = x_TD.detach()  # the backward gathers the rows again from the tokens instead of keeping x_SD
-        if activation.kind in OP_ACTIVATIONS and update is not None:
-            y_SD = _rows_update_op(x_SD, x_saved, up_w, down_w, plan.perm_S, plan.offsets_E, *update.states["up"],
-                                   *update.states["down"], update.step, plan.top_k, activation.kind,
-                                   activation.backend, is_transposed, compute_dtype,
-                                   [update.lr, update.beta1, update.beta2, update.eps, update.weight_decay])[0]
-        elif activation.kind in OP_ACTIVATIONS:
+        if activation.kind in OP_ACTIVATIONS:
             y_SD = _rows_op(x_SD, x_saved, up_w, down_w, plan.perm_S, plan.offsets_E, plan.top_k, activation.kind,
                             activation.backend, is_transposed, compute_dtype)[0]
         else:
             y_SD = _ExpertMLPRows.apply(x_SD, x_saved, up_w, down_w, plan.perm_S, plan.offsets_E, plan.top_k,
-                                        activation, is_transposed, compute_dtype, update)
+                                        activation, is_transposed, compute_dtype)
         return unpermute_and_combine(y_SD, weights_TK, plan)

@@ -97,21 +97,6 @@ def set_fused_experts(model: torch.nn.Module, enabled: bool = True, activation_b
     return count
 
 
-def fused_update_targets(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.nn.Parameter, torch.nn.Parameter]]:
-    """(experts module, up weight, down weight) for every experts module whose backward can update its own weights:
-    the fused local path (no expert-parallel dispatcher), plain (unsharded) trainable weights."""
-    targets = []
-    for module in model.modules():
-        if not getattr(module, "moe_fused_experts", False) or getattr(module, "moe_dispatcher", None) is not None:
-            continue
-        up = module.gate_up_proj if getattr(module, "has_gate", True) else module.up_proj
-        down = module.down_proj
-        if all(isinstance(p, torch.nn.Parameter) and p.requires_grad and type(p) is torch.nn.Parameter
-               for p in (up, down)):
-            targets.append((module, up, down))
-    return targets
-
-
 def _activation(module):
     """The module's expert activation (trainer.kernels.fused_expert_mlp.Activation), chosen once and cached."""
     activation = module.__dict__.get("_moe_activation")
@@ -130,7 +115,6 @@ def _fused_local_forward(module, hidden_states, top_k_index, top_k_weights) -> t
         hidden_states, top_k_weights, _local(module.gate_up_proj if has_gate else module.up_proj),
         _local(module.down_proj), plan, activation,
         is_transposed=getattr(module, "is_transposed", False),
-        update=module.__dict__.get("moe_expert_update"),  # set by the optimizer that updates experts in backward
     )
     return out_TD.to(hidden_states.dtype)
 
