@@ -23,8 +23,7 @@ Options (the benchmark keeps each only where it pays, docs/BENCHMARKS.md):
 - optimizer: "foreach" (torch AdamW default), "fused" (one kernel), "in-backward" (fused AdamW per parameter as soon as
   its gradient is complete, so the full set of gradients never exists; no clipping, no accumulation), "overlap"
   (in-backward, with the updates on a side CUDA stream so the memory-bound AdamW runs under the compute-bound
-  backward; `.step()` joins the streams), "overlap-high" (the same with the side stream at CUDA's high priority: the
-  GPU starts pending AdamW blocks before the backward's, so fewer updates are left after the backward).
+  backward; `.step()` joins the streams).
 - adamw: the in-backward / fp32-master optimizer's kernel: "torch" (`torch._fused_adamw_`) or "triton" (the same
   update, one Triton kernel per tensor at close to full memory bandwidth: `trainer.kernels.adamw`).
 - master: "none" (optimizer works on the parameters' dtype) or "fp32" (fp32 master weights and AdamW states kept by
@@ -49,7 +48,7 @@ CHOICES = {
     "kernels": ("eager", "liger"),
     "compile": ("none", "layers", "layers-all", "layers-graphs", "attn"),
     "ac": ("none", "full", "attn", "selective", "mlp"),
-    "optimizer": ("foreach", "fused", "in-backward", "overlap", "overlap-high"),
+    "optimizer": ("foreach", "fused", "in-backward", "overlap"),
     "adamw": ("torch", "triton"),
     "master": ("none", "fp32"),
 }
@@ -69,12 +68,11 @@ SHORTCUTS = {
     "fused-adamw": {"optimizer": "fused"},
     "opt-in-bwd": {"optimizer": "in-backward"},
     "opt-overlap": {"optimizer": "overlap"},
-    "opt-overlap-high": {"optimizer": "overlap-high"},
     "triton-adamw": {"adamw": "triton"},
     "master-fp32": {"master": "fp32"},
     "fp8": {"fp8": True},
     "best": {"loss": "fused", "fused_experts": True, "kernels": "liger", "optimizer": "overlap",
-             "compile": "layers-graphs"},
+             "compile": "layers-graphs", "adamw": "triton"},
 }
 
 

@@ -2,7 +2,7 @@
 
     optimizer = build_optimizer(model, options, lr=1e-4)   # .step() / .zero_grad() (no-ops when stepping in backward)
 
-"foreach" / "fused": `torch.optim.AdamW`. "in-backward" / "overlap[-high]" (and any fp32-master run): `_PerParamAdamW`,
+"foreach" / "fused": `torch.optim.AdamW`. "in-backward" / "overlap" (and any fp32-master run): `_PerParamAdamW`,
 which updates each decoder layer's parameters as soon as their gradients are complete (on a side stream with
 "overlap"), and averages a replicated model's gradients across its replicas (`trainer.parallel.replicate`).
 """
@@ -28,7 +28,7 @@ class _PerParamAdamW:
     of a gradient is made per bucket, never for all at once).
 
     `overlap=True` (CUDA, with in_backward) launches each update on one side stream that first waits for the
-    gradients; the backward goes on meanwhile (`side_priority`: the side stream's CUDA priority, -1 = high). This is safe because autograd fires the hook only after the
+    gradients; the backward goes on meanwhile. This is safe because autograd fires the hook only after the
     parameter's last use in the backward (its gradient is complete), the gradients' memory is kept until the side
     stream is done with it (`record_stream`, or a reference held until `step()` with `hold_gradients`), and `step()`
     makes the compute stream wait for every update before the next forward reads the parameters.
@@ -50,7 +50,7 @@ class _PerParamAdamW:
     """
 
     def __init__(self, params, lr: float, betas, eps: float, weight_decay: float, master_fp32: bool, in_backward: bool,
-                 overlap: bool = False, side_priority: int = 0, buckets: list[list[torch.nn.Parameter]] | None = None,
+                 overlap: bool = False, buckets: list[list[torch.nn.Parameter]] | None = None,
                  hold_gradients: bool = False, triton_kernel: bool = False, replicas=None):
         self.master_fp32, self.in_backward, self.hold_gradients = master_fp32, in_backward, hold_gradients
         self.hyper = dict(lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
@@ -73,7 +73,7 @@ class _PerParamAdamW:
             if in_backward:
                 p.register_post_accumulate_grad_hook(self._on_gradient)
             if overlap and in_backward and p.is_cuda and self._side_stream is None:
-                self._side_stream = torch.cuda.Stream(device=p.device, priority=side_priority)
+                self._side_stream = torch.cuda.Stream(device=p.device)
         self._buckets = _complete_buckets(params, buckets)
         self._bucket_of = {p: i for i, bucket in enumerate(self._buckets) for p in bucket}
         self._ready: list[list[torch.Tensor]] = [[] for _ in self._buckets]
@@ -216,8 +216,8 @@ def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e
                     eps: float = 1e-8, weight_decay: float = 0.0):
     """AdamW as `options.optimizer` / `options.master` say. Has .step() and .zero_grad(set_to_none=True)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    in_backward = options.optimizer in ("in-backward", "overlap", "overlap-high")
-    overlap = options.optimizer in ("overlap", "overlap-high")
+    in_backward = options.optimizer in ("in-backward", "overlap")
+    overlap = options.optimizer == "overlap"
     if in_backward and any(type(p).__name__ == "DTensor" for p in params) and not fsdp_fires_grad_hooks():
         # older FSDP2 writes sharded gradients itself after its reduce-scatter and calls no per-parameter hook
         options.notes.append("optimizer in backward needs an FSDP2 that calls post-accumulate-grad hooks "
@@ -229,8 +229,7 @@ def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e
                          "opt-overlap to the options")
     if in_backward or options.master == "fp32":
         return _PerParamAdamW(params, lr, betas, eps, weight_decay, options.master == "fp32", in_backward,
-                              overlap=overlap, side_priority=-1 if options.optimizer == "overlap-high" else 0,
-                              buckets=layer_buckets(model),
+                              overlap=overlap, buckets=layer_buckets(model),
                               # CUDA-graph memory is reused in stream order: only a side stream needs the hold
                               hold_gradients=options.compile == "layers-graphs" and overlap,
                               triton_kernel=_triton_adamw(options, params), replicas=replicas)
