@@ -25,7 +25,8 @@ Options (the benchmark keeps each only where it pays, docs/BENCHMARKS.md):
   (in-backward, with the updates on a side CUDA stream so the memory-bound AdamW runs under the compute-bound
   backward; `.step()` joins the streams).
 - adamw: the in-backward / fp32-master optimizer's kernel: "torch" (`torch._fused_adamw_`) or "triton" (the same
-  update, one Triton kernel per tensor at close to full memory bandwidth: `trainer.kernels.adamw`).
+  update, one Triton kernel per tensor at close to full memory bandwidth: `trainer.kernels.adamw`);
+  adamw_launch: that kernel's launch shape, "default" or "<elements per program>x<warps>" (`LAUNCH_SHAPES`).
 - master: "none" (optimizer works on the parameters' dtype) or "fp32" (fp32 master weights and AdamW states kept by
   the optimizer, bf16 parameters for compute: the recommended recipe).
 """
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from trainer.kernels.adamw import LAUNCH_SHAPES as ADAMW_LAUNCH_SHAPES
 from trainer.kernels.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy_sum, shift_labels
 from trainer.parallel.replicate import replica_gradients
 from trainer.models.aux_loss import use_sync_free_aux_loss
@@ -50,6 +52,7 @@ CHOICES = {
     "ac": ("none", "full", "attn", "selective", "mlp"),
     "optimizer": ("foreach", "fused", "in-backward", "overlap"),
     "adamw": ("torch", "triton"),
+    "adamw_launch": ADAMW_LAUNCH_SHAPES,
     "master": ("none", "fp32"),
 }
 
@@ -85,6 +88,7 @@ class PerfOptions:
     ac: str = "none"
     optimizer: str = "foreach"
     adamw: str = "torch"  # the per-parameter AdamW's kernel (optimizer in-backward/overlap, master fp32)
+    adamw_launch: str = "default"  # the Triton AdamW kernel's launch shape
     master: str = "none"
     fp8: bool = False
     notes: list[str] = field(default_factory=list, compare=False)

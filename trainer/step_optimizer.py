@@ -51,11 +51,12 @@ class _PerParamAdamW:
 
     def __init__(self, params, lr: float, betas, eps: float, weight_decay: float, master_fp32: bool, in_backward: bool,
                  overlap: bool = False, buckets: list[list[torch.nn.Parameter]] | None = None,
-                 hold_gradients: bool = False, triton_kernel: bool = False, replicas=None):
+                 hold_gradients: bool = False, triton_kernel: bool = False, triton_launch: dict | None = None,
+                 replicas=None):
         self.master_fp32, self.in_backward, self.hold_gradients = master_fp32, in_backward, hold_gradients
         self.hyper = dict(lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
                           maximize=False)
-        self.triton_kernel = triton_kernel
+        self.triton_kernel, self.triton_launch = triton_kernel, triton_launch
         self._replicas = replicas  # a replica's gradient sharing (trainer.parallel.replicate.ReplicaGradients) or None
         self._kernel_hyper = {k: self.hyper[k] for k in ("lr", "beta1", "beta2", "eps", "weight_decay")}
         self._entries = {}
@@ -116,7 +117,8 @@ class _PerParamAdamW:
             target, exp_avg, exp_avg_sq, own_copy, weight = self._entries[p]
             if self.triton_kernel and adamw_kernel.usable(target, grad, exp_avg, exp_avg_sq, weight):
                 adamw_kernel.adamw_(target, grad, exp_avg, exp_avg_sq, self._steps[target.device],
-                                    shadow=weight if own_copy else None, **self._kernel_hyper)
+                                    shadow=weight if own_copy else None, config=self.triton_launch,
+                                    **self._kernel_hyper)
                 copied.add(p)
                 continue
             if grad.dtype != target.dtype:
@@ -232,7 +234,8 @@ def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e
                               overlap=overlap, buckets=layer_buckets(model),
                               # CUDA-graph memory is reused in stream order: only a side stream needs the hold
                               hold_gradients=options.compile == "layers-graphs" and overlap,
-                              triton_kernel=_triton_adamw(options, params), replicas=replicas)
+                              triton_kernel=_triton_adamw(options, params),
+                              triton_launch=adamw_kernel.launch_config(options.adamw_launch), replicas=replicas)
     on_cuda = all(p.is_cuda for p in params)
     kind = {"fused": True} if options.optimizer in ("fused", "in-backward") and on_cuda else {"foreach": True}
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kind)

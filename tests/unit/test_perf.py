@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import tiny_configs
+from trainer.kernels import adamw as adamw_kernel
 from trainer.models import MoEAutoModelForCausalLM
 from trainer.perf import PerfOptions, apply_optimizations, causal_lm_loss, disable_compile
 from trainer.step_optimizer import _PerParamAdamW, build_optimizer
@@ -46,6 +47,7 @@ def test_option_strings_parse_shortcuts_and_key_values():
     assert (options.loss, options.fused_experts, options.kernels, options.optimizer, options.ac, options.compile) == (
         "fused", True, "liger", "overlap", "attn", "none")
     assert options.adamw == "triton"
+    assert PerfOptions.parse("best+adamw_launch=512x2").adamw_launch == "512x2"
     assert PerfOptions.parse("base") == PerfOptions()
     with pytest.raises(ValueError, match="unknown option 'nope'"):
         PerfOptions.parse("nope")
@@ -109,6 +111,13 @@ def test_fp32_master_weights_keep_updates_that_bf16_weights_would_round_away():
     assert master.dtype == torch.float32
     assert not torch.equal(master.bfloat16(), master)  # the fp32 copy holds more than bf16 can
     assert (master - before["lm_head.weight"].float()).abs().max() > 0
+
+
+def test_triton_adamw_launch_shape_reaches_the_optimizer():
+    optimizer = build_optimizer(_model(), PerfOptions.parse("opt-in-bwd+triton-adamw+adamw_launch=2048x8"), lr=1e-3)
+    assert optimizer.triton_launch == {"BLOCK": 2048, "num_warps": 8}
+    default = build_optimizer(_model(), PerfOptions.parse("opt-in-bwd+triton-adamw"), lr=1e-3)
+    assert default.triton_launch == adamw_kernel.DEFAULT_CONFIG
 
 
 def test_triton_adamw_off_cuda_says_so_and_uses_torchs_kernel():

@@ -26,6 +26,17 @@ from trainer.kernels.triton_support import triton_loads_on_cuda
 
 # elements per program, warps: the fastest of bench/adamw_kernel.py --sweep on an H200 (bf16 and fp32 master)
 DEFAULT_CONFIG = dict(BLOCK=1024, num_warps=4)
+# other launch shapes to try end to end (`PerfOptions.adamw_launch`, "<elements>x<warps>"): alone the kernel is
+# bandwidth-bound, but beside the backward's GEMMs the size of its programs decides how many SMs it takes from them
+LAUNCH_SHAPES = ("default", "512x2", "512x4", "1024x2", "1024x8", "2048x4", "2048x8", "4096x8")
+
+
+def launch_config(shape: str) -> dict:
+    """The kernel's launch configuration for a `LAUNCH_SHAPES` name ("default" = DEFAULT_CONFIG)."""
+    if shape == "default":
+        return dict(DEFAULT_CONFIG)
+    block, warps = shape.split("x")
+    return dict(BLOCK=int(block), num_warps=int(warps))
 
 
 @functools.cache
