@@ -33,5 +33,7 @@ def train_tiny_moe(spec: str, steps: int, batch: int = 2, dtype: torch.dtype = t
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+    if hasattr(optimizer, "flush"):
+        optimizer.flush()  # a held-back update (defer-head) lands before the parameters are compared
     torch.cuda.synchronize()
     return model, losses, optimizer, options

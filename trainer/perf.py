@@ -27,6 +27,9 @@ Options (the benchmark keeps each only where it pays, docs/BENCHMARKS.md):
 - adamw: the in-backward / fp32-master optimizer's kernel: "torch" (`torch._fused_adamw_`) or "triton" (the same
   update, one Triton kernel per tensor at close to full memory bandwidth: `trainer.kernels.adamw`);
   adamw_launch: that kernel's launch shape, "default" or "<elements per program>x<warps>" (`LAUNCH_SHAPES`).
+- defer_head: with an in-backward optimizer, the output head's update (its gradient comes first in the backward, its
+  weight is read last in the forward) runs at the start of the next forward instead of in the backward's side-stream
+  queue (`trainer.step_optimizer`).
 - master: "none" (optimizer works on the parameters' dtype) or "fp32" (fp32 master weights and AdamW states kept by
   the optimizer, bf16 parameters for compute: the recommended recipe).
 """
@@ -56,7 +59,7 @@ CHOICES = {
     "master": ("none", "fp32"),
 }
 
-BOOLEAN_OPTIONS = ("fused_experts", "fp8")
+BOOLEAN_OPTIONS = ("fused_experts", "fp8", "defer_head")
 
 # Short names for the benchmark's --variants: "base+fused-ce+ac=attn" applies each token in order.
 SHORTCUTS = {
@@ -72,6 +75,7 @@ SHORTCUTS = {
     "opt-in-bwd": {"optimizer": "in-backward"},
     "opt-overlap": {"optimizer": "overlap"},
     "triton-adamw": {"adamw": "triton"},
+    "defer-head": {"defer_head": True},
     "master-fp32": {"master": "fp32"},
     "fp8": {"fp8": True},
     "best": {"loss": "fused", "fused_experts": True, "kernels": "liger", "optimizer": "overlap",
@@ -89,6 +93,7 @@ class PerfOptions:
     optimizer: str = "foreach"
     adamw: str = "torch"  # the per-parameter AdamW's kernel (optimizer in-backward/overlap, master fp32)
     adamw_launch: str = "default"  # the Triton AdamW kernel's launch shape
+    defer_head: bool = False  # the output head's update runs under the next forward (in-backward optimizers)
     master: str = "none"
     fp8: bool = False
     notes: list[str] = field(default_factory=list, compare=False)

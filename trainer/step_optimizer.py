@@ -9,6 +9,8 @@ which updates each decoder layer's parameters as soon as their gradients are com
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from trainer.kernels import adamw as adamw_kernel
@@ -42,6 +44,12 @@ class _PerParamAdamW:
     of one layer runs under the backward of the next; with a sharded optimizer each rank updates its slice of each
     parameter, then the slices are all-gathered.
 
+    `defer=(start_module, use_module, params)` holds the update of `params` (the output head, whose gradient is the
+    first of the backward and whose weight the next forward reads last) back from the backward: `step()` queues it
+    with a copy of the step counter, the next forward launches it when `start_module` runs (the input embeddings;
+    on the side stream with `overlap`, under the decoder layers) and waits for it before `use_module` runs. The
+    update is the same, only later; `flush()` runs a held-back update at once (before reading the parameters).
+
     All parameters step together, so they share one step counter per device (advanced by `step()` once every
     parameter has been updated). Sharded (DTensor) parameters are updated one by one through their local shards, in
     the stream where FSDP2 calls the hook. The update is `torch.optim.AdamW(fused=True)`'s: its kernel, or with
@@ -52,7 +60,7 @@ class _PerParamAdamW:
     def __init__(self, params, lr: float, betas, eps: float, weight_decay: float, master_fp32: bool, in_backward: bool,
                  overlap: bool = False, buckets: list[list[torch.nn.Parameter]] | None = None,
                  hold_gradients: bool = False, triton_kernel: bool = False, triton_launch: dict | None = None,
-                 replicas=None):
+                 replicas=None, defer=None):
         self.master_fp32, self.in_backward, self.hold_gradients = master_fp32, in_backward, hold_gradients
         self.hyper = dict(lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
                           maximize=False)
@@ -63,6 +71,14 @@ class _PerParamAdamW:
         self._steps = {}  # device -> shared step counter (fp32 scalar, as the fused kernel reads it)
         self._side_stream = None
         self._held: list[torch.Tensor] = []
+        self._defer_params = set(defer[2]) if defer else set()
+        self._held_back: list[tuple[list, list]] = []  # (params, gradients) whose update waits for the next forward
+        self._queued = None  # (held-back work, step counter copies) for the next forward
+        self._queued_done = None  # CUDA event on the side stream: the queued updates are done
+        if defer:
+            start_module, use_module, _ = defer
+            start_module.register_forward_pre_hook(self._run_queued)
+            use_module.register_forward_pre_hook(self._wait_queued)
         params = list(params)
         for p in params:
             local = self._replicas.view_of(p) if self._replicas else _local(p).detach()  # the part updated here
@@ -93,8 +109,18 @@ class _PerParamAdamW:
         ready = self._ready[index]
         ready.append(p)
         if len(ready) == len(self._buckets[index]):
-            self._launch(ready)
+            self._complete(ready)
             self._ready[index] = []
+
+    def _complete(self, params: list[torch.Tensor]) -> None:
+        """A bucket's gradients are complete: update it now, or hold it back for the next forward."""
+        if params[0] not in self._defer_params:
+            self._launch(params)
+            return
+        # the gradients stay referenced here (a zero_grad() may drop .grad) until their update is queued
+        self._held_back.append((params, [p.grad for p in params]))
+        for p in params:
+            p.grad = None
 
     def _launch(self, params: list[torch.Tensor]) -> None:
         side = self._side_stream
@@ -108,15 +134,17 @@ class _PerParamAdamW:
         with torch.cuda.stream(side):
             self._update(params)
 
-    def _update(self, params: list[torch.Tensor]) -> None:
-        # a replica's gradients are averaged first (for a sharded optimizer: only this rank's slices)
-        grads = self._replicas.gradients(params) if self._replicas else [_local(p.grad) for p in params]
+    def _update(self, params: list[torch.Tensor], grads: list[torch.Tensor] | None = None, steps=None) -> None:
+        if grads is None:
+            # a replica's gradients are averaged first (for a sharded optimizer: only this rank's slices)
+            grads = self._replicas.gradients(params) if self._replicas else [_local(p.grad) for p in params]
+        steps = steps or self._steps
         groups: dict[tuple, tuple[list, list, list, list]] = {}
         copied = set()  # parameters whose weight the Triton kernel already wrote
         for p, grad in zip(params, grads):
             target, exp_avg, exp_avg_sq, own_copy, weight = self._entries[p]
             if self.triton_kernel and adamw_kernel.usable(target, grad, exp_avg, exp_avg_sq, weight):
-                adamw_kernel.adamw_(target, grad, exp_avg, exp_avg_sq, self._steps[target.device],
+                adamw_kernel.adamw_(target, grad, exp_avg, exp_avg_sq, steps[target.device],
                                     shadow=weight if own_copy else None, config=self.triton_launch,
                                     **self._kernel_hyper)
                 copied.add(p)
@@ -127,13 +155,13 @@ class _PerParamAdamW:
             for values, tensor in zip(lists, (target, grad, exp_avg, exp_avg_sq)):
                 values.append(tensor)
         for (device, _), (targets, grads, exp_avgs, exp_avg_sqs) in groups.items():
-            torch._fused_adamw_(targets, grads, exp_avgs, exp_avg_sqs, [], [self._steps[device]] * len(targets),
+            torch._fused_adamw_(targets, grads, exp_avgs, exp_avg_sqs, [], [steps[device]] * len(targets),
                                 **self.hyper)
         for p in params:
             target, _, _, own_copy, weight = self._entries[p]
             if own_copy and p not in copied:
                 weight.copy_(target)
-            if self.hold_gradients:
+            if self.hold_gradients and p.grad is not None:
                 self._held.append(p.grad)
             p.grad = None
         if self._replicas:
@@ -148,13 +176,48 @@ class _PerParamAdamW:
                     self._update(with_grad)
         for index, ready in enumerate(self._ready):  # buckets with a parameter that got no gradient this step
             if ready:
-                self._launch(ready)
+                self._complete(ready)
                 self._ready[index] = []
         if self._side_stream is not None:
             torch.cuda.current_stream(self._side_stream.device).wait_stream(self._side_stream)
         self._held.clear()
+        if self._held_back:
+            self._run_queued()  # a previous step's held-back update that no forward has run yet
+            self._queued = (self._held_back, {device: counter.clone() for device, counter in self._steps.items()})
+            self._held_back = []
         for counter in self._steps.values():
             counter.add_(1)
+
+    @torch.no_grad()
+    def _run_queued(self, *_) -> None:
+        """Launch the held-back updates (forward pre-hook of the start module), on the side stream if there is one."""
+        if self._queued is None:
+            return
+        work, steps = self._queued
+        self._queued = None
+        side = self._side_stream
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(side.device))  # the counter copies are made
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            for params, grads in work:
+                self._update(params, grads, steps)
+        if side is not None:
+            for _, grads in work:
+                for grad in grads:
+                    grad.record_stream(side)  # freed when `work` goes: its memory must outlive the update
+            self._queued_done = torch.cuda.Event()
+            self._queued_done.record(side)
+
+    def _wait_queued(self, *_) -> None:
+        """The held-back parameters are about to be read (forward pre-hook of the use module): their update first."""
+        self._run_queued()
+        if self._queued_done is not None:
+            torch.cuda.current_stream(self._side_stream.device).wait_event(self._queued_done)
+            self._queued_done = None
+
+    def flush(self) -> None:
+        """Apply a held-back update now (before the parameters are read outside a forward, e.g. saved)."""
+        self._wait_queued()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self._entries:
@@ -204,6 +267,30 @@ def fsdp_fires_grad_hooks() -> bool:
     return "_post_accumulate_grad_hooks" in inspect.getsource(_fsdp_collectives)
 
 
+def _deferred_head(model: torch.nn.Module, options: PerfOptions, in_backward: bool, replicated: bool):
+    """(input embeddings, output head, head parameters) for `_PerParamAdamW(defer=...)` (options.defer_head), or None
+    with a note saying what is missing."""
+    if not options.defer_head:
+        return None
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    reason = None
+    if not in_backward:
+        reason = "an in-backward optimizer (opt-in-bwd / opt-overlap)"
+    elif replicated:
+        reason = "one process (a replica averages the head's gradient inside the backward)"
+    elif head is None or embeddings is None:
+        reason = "a model with input embeddings and an output head"
+    elif {id(p) for p in head.parameters()} & {id(p) for p in embeddings.parameters()}:
+        reason = "an output head not tied to the input embeddings (the next forward reads those first)"
+    elif any(type(p).__name__ == "DTensor" for p in head.parameters()):
+        reason = "an unsharded output head"
+    if reason:
+        options.notes.append(f"defer_head needs {reason}: off")
+        return None
+    options.notes.append("output head's update held back to the next forward, under the decoder layers")
+    return embeddings, head, [p for p in head.parameters() if p.requires_grad]
+
+
 def _triton_adamw(options: PerfOptions, params: list[torch.Tensor]) -> bool:
     """Whether the per-parameter AdamW uses the Triton kernel (options.adamw == "triton" and it can run here)."""
     if options.adamw != "triton":
@@ -229,13 +316,15 @@ def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e
     if replicas is not None and not (in_backward or options.master == "fp32"):
         raise ValueError("a replicated model needs the optimizer that averages its gradients: add opt-in-bwd or "
                          "opt-overlap to the options")
+    defer = _deferred_head(model, options, in_backward, replicated=replicas is not None)
     if in_backward or options.master == "fp32":
         return _PerParamAdamW(params, lr, betas, eps, weight_decay, options.master == "fp32", in_backward,
                               overlap=overlap, buckets=layer_buckets(model),
                               # CUDA-graph memory is reused in stream order: only a side stream needs the hold
                               hold_gradients=options.compile == "layers-graphs" and overlap,
                               triton_kernel=_triton_adamw(options, params),
-                              triton_launch=adamw_kernel.launch_config(options.adamw_launch), replicas=replicas)
+                              triton_launch=adamw_kernel.launch_config(options.adamw_launch), replicas=replicas,
+                              defer=defer)
     on_cuda = all(p.is_cuda for p in params)
     kind = {"fused": True} if options.optimizer in ("fused", "in-backward") and on_cuda else {"foreach": True}
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kind)

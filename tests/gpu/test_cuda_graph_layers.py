@@ -45,6 +45,18 @@ def test_cuda_graph_layers_train_like_kernel_by_kernel_layers():
         assert b.grad is None, name
 
 
+def test_held_back_head_update_with_cuda_graph_layers_trains_like_without():
+    """`defer-head` under CUDA-graph layers and the Triton AdamW (the whole `best` optimizer path): same losses and
+    parameters as without it, within the tolerance above."""
+    reference, reference_losses, _ = _train(BASE + "+cuda-graphs+triton-adamw")
+    deferred, losses, notes = _train(BASE + "+cuda-graphs+triton-adamw+defer-head")
+    assert any("output head's update held back" in note for note in notes), notes
+    for got, want in zip(losses, reference_losses):
+        assert abs(got - want) <= 1e-3 * abs(want), (losses, reference_losses)
+    for (name, a), (_, b) in zip(reference.named_parameters(), deferred.named_parameters()):
+        assert ((b - a).norm() / a.norm().clamp_min(1e-30)).item() <= 1e-3, name
+
+
 def test_fp32_weights_fall_back_to_compiled_layers_with_a_note():
     with torch.device("cuda"):
         model = MoEAutoModelForCausalLM.from_config(tiny_configs.qwen3_moe())

@@ -88,10 +88,13 @@ def _train(spec: str, steps=3, dtype=torch.float32):
         causal_lm_loss(model, IDS, IDS, options).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    if hasattr(optimizer, "flush"):
+        optimizer.flush()
     return model
 
 
-@pytest.mark.parametrize("spec", ["fused-adamw", "opt-in-bwd", "opt-overlap", "master-fp32", "opt-in-bwd+triton-adamw"])
+@pytest.mark.parametrize("spec", ["fused-adamw", "opt-in-bwd", "opt-overlap", "master-fp32", "opt-in-bwd+triton-adamw",
+                                  "opt-in-bwd+defer-head", "opt-overlap+defer-head+master-fp32"])
 def test_optimizer_variants_reach_the_same_parameters_as_torch_adamw(spec):
     reference, other = _train("base"), _train(spec)
     for (name, a), (_, b) in zip(reference.named_parameters(), other.named_parameters()):
@@ -111,6 +114,37 @@ def test_fp32_master_weights_keep_updates_that_bf16_weights_would_round_away():
     assert master.dtype == torch.float32
     assert not torch.equal(master.bfloat16(), master)  # the fp32 copy holds more than bf16 can
     assert (master - before["lm_head.weight"].float()).abs().max() > 0
+
+
+def test_held_back_head_update_runs_when_the_next_forward_starts():
+    """defer-head: the step leaves the output head as it was; the next forward updates it before the loss reads it,
+    so every loss equals the one without holding back (exactly: the same update on the same values)."""
+    losses = {}
+    for spec in ("opt-in-bwd", "opt-in-bwd+defer-head"):
+        model = _model()
+        options = PerfOptions.parse(spec)
+        optimizer = build_optimizer(model, options, lr=1e-2)
+        losses[spec] = []
+        for _ in range(3):
+            loss = causal_lm_loss(model, IDS, IDS, options).loss  # (runs the previous step's held-back update)
+            head_before = model.lm_head.weight.detach().clone()
+            layer_before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+            losses[spec].append(loss.item())
+            loss.backward()
+            optimizer.step()
+            assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, layer_before)
+            assert torch.equal(model.lm_head.weight, head_before) == spec.endswith("defer-head")
+    assert losses["opt-in-bwd+defer-head"] == losses["opt-in-bwd"]
+    assert any("output head's update held back" in note for note in options.notes)
+
+
+def test_defer_head_with_tied_embeddings_is_off_and_says_why():
+    torch.manual_seed(0)
+    model = MoEAutoModelForCausalLM.from_config(tiny_configs.qwen3_moe(tie_word_embeddings=True))
+    options = PerfOptions.parse("opt-in-bwd+defer-head")
+    optimizer = build_optimizer(model, options, lr=1e-2)
+    assert not optimizer._defer_params
+    assert any("defer_head needs an output head not tied" in note for note in options.notes)
 
 
 def test_triton_adamw_launch_shape_reaches_the_optimizer():
