@@ -27,9 +27,11 @@ Options (the benchmark keeps each only where it pays, docs/BENCHMARKS.md):
 - adamw: the in-backward / fp32-master optimizer's kernel: "torch" (`torch._fused_adamw_`) or "triton" (the same
   update, one Triton kernel per tensor at close to full memory bandwidth: `trainer.kernels.adamw`);
   adamw_launch: that kernel's launch shape, "default" or "<elements per program>x<warps>" (`LAUNCH_SHAPES`).
-- defer_head: with an in-backward optimizer, the output head's update (its gradient comes first in the backward, its
-  weight is read last in the forward) runs at the start of the next forward instead of in the backward's side-stream
-  queue (`trainer.step_optimizer`).
+- defer: with an in-backward optimizer, which updates wait for the next forward instead of queueing in the backward:
+  "none", "head" (the output head: its gradient comes first in the backward, its weight is read last in the
+  forward), or "1".."4" (the head and that many last decoder layers, which then run compiled without CUDA graphs:
+  a graph's memory pool would hand their held gradients to the next step's replays). The next forward launches them
+  when it starts and waits for each just before its module runs (`trainer.step_optimizer`).
 - master: "none" (optimizer works on the parameters' dtype) or "fp32" (fp32 master weights and AdamW states kept by
   the optimizer, bf16 parameters for compute: the recommended recipe).
 """
@@ -57,9 +59,10 @@ CHOICES = {
     "adamw": ("torch", "triton"),
     "adamw_launch": ADAMW_LAUNCH_SHAPES,
     "master": ("none", "fp32"),
+    "defer": ("none", "head", "1", "2", "3", "4"),
 }
 
-BOOLEAN_OPTIONS = ("fused_experts", "fp8", "defer_head")
+BOOLEAN_OPTIONS = ("fused_experts", "fp8")
 
 # Short names for the benchmark's --variants: "base+fused-ce+ac=attn" applies each token in order.
 SHORTCUTS = {
@@ -75,7 +78,7 @@ SHORTCUTS = {
     "opt-in-bwd": {"optimizer": "in-backward"},
     "opt-overlap": {"optimizer": "overlap"},
     "triton-adamw": {"adamw": "triton"},
-    "defer-head": {"defer_head": True},
+    "defer-head": {"defer": "head"},
     "master-fp32": {"master": "fp32"},
     "fp8": {"fp8": True},
     "best": {"loss": "fused", "fused_experts": True, "kernels": "liger", "optimizer": "overlap",
@@ -93,7 +96,7 @@ class PerfOptions:
     optimizer: str = "foreach"
     adamw: str = "torch"  # the per-parameter AdamW's kernel (optimizer in-backward/overlap, master fp32)
     adamw_launch: str = "default"  # the Triton AdamW kernel's launch shape
-    defer_head: bool = False  # the output head's update runs under the next forward (in-backward optimizers)
+    defer: str = "none"  # updates run under the next forward: "head" or the head + the last N decoder layers
     master: str = "none"
     fp8: bool = False
     notes: list[str] = field(default_factory=list, compare=False)
@@ -157,7 +160,7 @@ def apply_optimizations(model: torch.nn.Module, options: PerfOptions) -> list[st
             options.compile = "layers"
             notes.append(f"CUDA graphs need {missing}: compile=layers")
     if options.compile != "none":
-        notes.append(_apply_compile(model, options.compile))
+        notes.append(_apply_compile(model, options.compile, ungraphed_last=deferred_layer_count(options)))
     return notes
 
 
@@ -255,7 +258,14 @@ def _apply_checkpointing(model: torch.nn.Module, mode: str) -> str:
     return f"activation checkpointing: {count} {which} sub-blocks"
 
 
-def _apply_compile(model: torch.nn.Module, mode: str) -> str:
+def deferred_layer_count(options: PerfOptions) -> int:
+    """How many last decoder layers' updates `options.defer` holds back to the next forward."""
+    return int(options.defer) if options.defer.isdigit() else 0
+
+
+def _apply_compile(model: torch.nn.Module, mode: str, ungraphed_last: int = 0) -> str:
+    """torch.compile per decoder layer (or attention/norm module); with "layers-graphs" the last `ungraphed_last`
+    layers are compiled without CUDA graphs (their gradients must outlive the step: `PerfOptions.defer`)."""
     if mode == "attn":
         targets = [sub for layer in decoder_layers(model) for sub in _sub_blocks(layer, "attn")]
         targets += [m for m in model.modules() if _is_plain_rmsnorm(m)]
@@ -271,12 +281,16 @@ def _apply_compile(model: torch.nn.Module, mode: str) -> str:
                 if mode == "layers" or not ours:
                     module.forward = torch.compiler.disable(module.forward)
     compile_friendly_output_capture()
-    kwargs = {"mode": "reduce-overhead"} if mode == "layers-graphs" else {}
+    graphed = targets[:len(targets) - ungraphed_last] if mode == "layers-graphs" else []
     for module in targets:
-        module.compile(dynamic=False, **kwargs)
+        module.compile(dynamic=False, **({"mode": "reduce-overhead"} if module in graphed else {}))
     _allow_one_graph_per_layer(len(targets))
     model._moe_compiled = targets  # noqa: SLF001 - read by disable_compile
-    return f"torch.compile ({mode}) on {len(targets)} modules"
+    model._moe_graphed = {id(m) for m in graphed}  # noqa: SLF001 - read by the optimizer (held-back gradients)
+    note = f"torch.compile ({mode}) on {len(targets)} modules"
+    if mode == "layers-graphs" and ungraphed_last:
+        note += f" (the last {ungraphed_last} without CUDA graphs: their updates are deferred)"
+    return note
 
 
 def _allow_one_graph_per_layer(num_modules: int) -> None:
@@ -303,6 +317,7 @@ def disable_compile(model: torch.nn.Module) -> bool:
     for module in targets:
         module._compiled_call_impl = None  # what nn.Module.compile sets
     model._moe_compiled = []
+    model._moe_graphed = set()
     return True
 
 

@@ -10,6 +10,7 @@ which updates each decoder layer's parameters as soon as their gradients are com
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -44,11 +45,12 @@ class _PerParamAdamW:
     of one layer runs under the backward of the next; with a sharded optimizer each rank updates its slice of each
     parameter, then the slices are all-gathered.
 
-    `defer=(start_module, use_module, params)` holds the update of `params` (the output head, whose gradient is the
-    first of the backward and whose weight the next forward reads last) back from the backward: `step()` queues it
-    with a copy of the step counter, the next forward launches it when `start_module` runs (the input embeddings;
-    on the side stream with `overlap`, under the decoder layers) and waits for it before `use_module` runs. The
-    update is the same, only later; `flush()` runs a held-back update at once (before reading the parameters).
+    `defer=(start_module, [(use_module, params), ...])` holds the updates of those parameters back from the backward
+    (the output head and the last decoder layers: their gradients come first in the backward and the next forward
+    reads them last). `step()` queues them with a copy of the step counter; the next forward launches them when
+    `start_module` runs (the input embeddings; on the side stream with `overlap`, under the first decoder layers) and
+    waits for each group's update just before its `use_module` runs. The updates are the same, only later; their
+    gradients live until then. `flush()` applies queued updates at once (before reading the parameters elsewhere).
 
     All parameters step together, so they share one step counter per device (advanced by `step()` once every
     parameter has been updated). Sharded (DTensor) parameters are updated one by one through their local shards, in
@@ -71,14 +73,17 @@ class _PerParamAdamW:
         self._steps = {}  # device -> shared step counter (fp32 scalar, as the fused kernel reads it)
         self._side_stream = None
         self._held: list[torch.Tensor] = []
-        self._defer_params = set(defer[2]) if defer else set()
-        self._held_back: list[tuple[list, list]] = []  # (params, gradients) whose update waits for the next forward
+        # deferred updates: parameter -> its group (forward order); per group the held-back (params, gradients)
+        self._defer_group = {p: g for g, (_, group) in enumerate(defer[1]) for p in group} if defer else {}
+        self._held_back: dict[int, list[tuple[list, list]]] = {}
         self._queued = None  # (held-back work, step counter copies) for the next forward
-        self._queued_done = None  # CUDA event on the side stream: the queued updates are done
+        self._queued_done: dict[int, object] = {}  # group -> CUDA event on the side stream: its update is done
         if defer:
-            start_module, use_module, _ = defer
-            start_module.register_forward_pre_hook(self._run_queued)
-            use_module.register_forward_pre_hook(self._wait_queued)
+            start_module, groups = defer
+            start_module.register_forward_pre_hook(torch.compiler.disable(self._run_queued))
+            for g, (use_module, _) in enumerate(groups):
+                # outside any compiled region (a graph break in a compiled module's call, before its forward)
+                use_module.register_forward_pre_hook(torch.compiler.disable(functools.partial(self._wait_queued, g)))
         params = list(params)
         for p in params:
             local = self._replicas.view_of(p) if self._replicas else _local(p).detach()  # the part updated here
@@ -114,11 +119,12 @@ class _PerParamAdamW:
 
     def _complete(self, params: list[torch.Tensor]) -> None:
         """A bucket's gradients are complete: update it now, or hold it back for the next forward."""
-        if params[0] not in self._defer_params:
+        group = self._defer_group.get(params[0])
+        if group is None:
             self._launch(params)
             return
         # the gradients stay referenced here (a zero_grad() may drop .grad) until their update is queued
-        self._held_back.append((params, [p.grad for p in params]))
+        self._held_back.setdefault(group, []).append((params, [p.grad for p in params]))
         for p in params:
             p.grad = None
 
@@ -184,13 +190,14 @@ class _PerParamAdamW:
         if self._held_back:
             self._run_queued()  # a previous step's held-back update that no forward has run yet
             self._queued = (self._held_back, {device: counter.clone() for device, counter in self._steps.items()})
-            self._held_back = []
+            self._held_back = {}
         for counter in self._steps.values():
             counter.add_(1)
 
     @torch.no_grad()
     def _run_queued(self, *_) -> None:
-        """Launch the held-back updates (forward pre-hook of the start module), on the side stream if there is one."""
+        """Launch the held-back updates in forward order (forward pre-hook of the start module), on the side stream
+        if there is one, with an event after each group."""
         if self._queued is None:
             return
         work, steps = self._queued
@@ -198,26 +205,29 @@ class _PerParamAdamW:
         side = self._side_stream
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(side.device))  # the counter copies are made
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            for params, grads in work:
-                self._update(params, grads, steps)
-        if side is not None:
-            for _, grads in work:
-                for grad in grads:
-                    grad.record_stream(side)  # freed when `work` goes: its memory must outlive the update
-            self._queued_done = torch.cuda.Event()
-            self._queued_done.record(side)
+        for group in sorted(work):
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                for params, grads in work[group]:
+                    self._update(params, grads, steps)
+            if side is not None:
+                for _, grads in work[group]:
+                    for grad in grads:
+                        grad.record_stream(side)  # freed when `work` goes: its memory must outlive the update
+                self._queued_done[group] = torch.cuda.Event()
+                self._queued_done[group].record(side)
 
-    def _wait_queued(self, *_) -> None:
-        """The held-back parameters are about to be read (forward pre-hook of the use module): their update first."""
+    def _wait_queued(self, group: int, *_) -> None:
+        """A held-back group's parameters are about to be read (forward pre-hook of its module): its update first."""
         self._run_queued()
-        if self._queued_done is not None:
-            torch.cuda.current_stream(self._side_stream.device).wait_event(self._queued_done)
-            self._queued_done = None
+        done = self._queued_done.pop(group, None)
+        if done is not None:
+            torch.cuda.current_stream(self._side_stream.device).wait_event(done)
 
     def flush(self) -> None:
-        """Apply a held-back update now (before the parameters are read outside a forward, e.g. saved)."""
-        self._wait_queued()
+        """Apply the held-back updates now (before the parameters are read outside a forward, e.g. saved)."""
+        self._run_queued()
+        for group in list(self._queued_done):
+            self._wait_queued(group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self._entries:
@@ -267,28 +277,40 @@ def fsdp_fires_grad_hooks() -> bool:
     return "_post_accumulate_grad_hooks" in inspect.getsource(_fsdp_collectives)
 
 
-def _deferred_head(model: torch.nn.Module, options: PerfOptions, in_backward: bool, replicated: bool):
-    """(input embeddings, output head, head parameters) for `_PerParamAdamW(defer=...)` (options.defer_head), or None
-    with a note saying what is missing."""
-    if not options.defer_head:
+def _deferred_updates(model: torch.nn.Module, options: PerfOptions, in_backward: bool, replicated: bool):
+    """`_PerParamAdamW(defer=...)` for options.defer: (input embeddings, [(module, its parameters), ...] for the last
+    decoder layers and the output head, in forward order), or None with a note saying what is missing."""
+    if options.defer == "none":
         return None
+    from trainer.perf import deferred_layer_count
+
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    layers = decoder_layers(model)
+    count = deferred_layer_count(options)
+    graphed = getattr(model, "_moe_graphed", set())
     reason = None
     if not in_backward:
         reason = "an in-backward optimizer (opt-in-bwd / opt-overlap)"
     elif replicated:
-        reason = "one process (a replica averages the head's gradient inside the backward)"
+        reason = "one process (a replica averages its gradients inside the backward)"
     elif head is None or embeddings is None:
         reason = "a model with input embeddings and an output head"
     elif {id(p) for p in head.parameters()} & {id(p) for p in embeddings.parameters()}:
         reason = "an output head not tied to the input embeddings (the next forward reads those first)"
-    elif any(type(p).__name__ == "DTensor" for p in head.parameters()):
-        reason = "an unsharded output head"
+    elif any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        reason = "unsharded parameters"
+    elif count >= len(layers):
+        reason = f"fewer deferred layers than the model's {len(layers)}"
+    elif any(id(layer) in graphed for layer in layers[len(layers) - count:]):
+        reason = "the deferred layers compiled without CUDA graphs (apply_optimizations with the same options)"
     if reason:
-        options.notes.append(f"defer_head needs {reason}: off")
+        options.notes.append(f"defer={options.defer} needs {reason}: off")
         return None
-    options.notes.append("output head's update held back to the next forward, under the decoder layers")
-    return embeddings, head, [p for p in head.parameters() if p.requires_grad]
+    modules = layers[len(layers) - count:] + [head]
+    groups = [(m, [p for p in m.parameters() if p.requires_grad]) for m in modules]
+    what = "the output head's update" if not count else f"the updates of the last {count} layers and the output head"
+    options.notes.append(f"{what} held back to the next forward")
+    return embeddings, groups
 
 
 def _triton_adamw(options: PerfOptions, params: list[torch.Tensor]) -> bool:
@@ -316,7 +338,7 @@ def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e
     if replicas is not None and not (in_backward or options.master == "fp32"):
         raise ValueError("a replicated model needs the optimizer that averages its gradients: add opt-in-bwd or "
                          "opt-overlap to the options")
-    defer = _deferred_head(model, options, in_backward, replicated=replicas is not None)
+    defer = _deferred_updates(model, options, in_backward, replicated=replicas is not None)
     if in_backward or options.master == "fp32":
         return _PerParamAdamW(params, lr, betas, eps, weight_decay, options.master == "fp32", in_backward,
                               overlap=overlap, buckets=layer_buckets(model),
