@@ -16,7 +16,7 @@ import torch
 
 from trainer.kernels import adamw as adamw_kernel
 from trainer.parallel.replicate import replica_gradients
-from trainer.perf import PerfOptions, decoder_layers
+from trainer.perf import PerfOptions, decoder_layers, deferred_layer_count
 
 
 class _PerParamAdamW:
@@ -282,8 +282,6 @@ def _deferred_updates(model: torch.nn.Module, options: PerfOptions, in_backward:
     decoder layers and the output head, in forward order), or None with a note saying what is missing."""
     if options.defer == "none":
         return None
-    from trainer.perf import deferred_layer_count
-
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     layers = decoder_layers(model)
     count = deferred_layer_count(options)
