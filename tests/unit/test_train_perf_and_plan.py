@@ -106,7 +106,7 @@ def test_compiled_layers_train_like_eager_layers(tmp_path):
 
 
 def test_a_layer_that_fails_to_compile_falls_back_to_eager(tmp_path, monkeypatch, capsys):
-    def broken(model, mode):
+    def broken(model, mode, **_):
         for layer in model.model.layers:
             layer._compiled_call_impl = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("inductor says no"))
         model._moe_compiled = list(model.model.layers)
