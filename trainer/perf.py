@@ -281,7 +281,7 @@ def _apply_compile(model: torch.nn.Module, mode: str, ungraphed_last: int = 0) -
                 if mode == "layers" or not ours:
                     module.forward = torch.compiler.disable(module.forward)
     compile_friendly_output_capture()
-    graphed = targets[:len(targets) - ungraphed_last] if mode == "layers-graphs" else []
+    graphed = targets[:max(0, len(targets) - ungraphed_last)] if mode == "layers-graphs" else []
     for module in targets:
         module.compile(dynamic=False, **({"mode": "reduce-overhead"} if module in graphed else {}))
     _allow_one_graph_per_layer(len(targets))
