@@ -141,9 +141,10 @@ class _PerParamAdamW:
             self._update(params)
 
     def _update(self, params: list[torch.Tensor], grads: list[torch.Tensor] | None = None, steps=None) -> None:
-        if grads is None:
-            # a replica's gradients are averaged first (for a sharded optimizer: only this rank's slices)
-            grads = self._replicas.gradients(params) if self._replicas else [_local(p.grad) for p in params]
+        """Update `params` from `grads` (default: their .grad) with the step counters `steps` (default: the live
+        ones). A replica's gradients are averaged first (for a sharded optimizer: only this rank's slices)."""
+        grads = grads if grads is not None else [p.grad for p in params]
+        grads = self._replicas.gradients(params, grads) if self._replicas else [_local(g) for g in grads]
         steps = steps or self._steps
         groups: dict[tuple, tuple[list, list, list, list]] = {}
         copied = set()  # parameters whose weight the Triton kernel already wrote
@@ -277,7 +278,7 @@ def fsdp_fires_grad_hooks() -> bool:
     return "_post_accumulate_grad_hooks" in inspect.getsource(_fsdp_collectives)
 
 
-def _deferred_updates(model: torch.nn.Module, options: PerfOptions, in_backward: bool, replicated: bool):
+def _deferred_updates(model: torch.nn.Module, options: PerfOptions, in_backward: bool):
     """`_PerParamAdamW(defer=...)` for options.defer: (input embeddings, [(module, its parameters), ...] for the last
     decoder layers and the output head, in forward order), or None with a note saying what is missing."""
     if options.defer == "none":
@@ -289,8 +290,6 @@ def _deferred_updates(model: torch.nn.Module, options: PerfOptions, in_backward:
     reason = None
     if not in_backward:
         reason = "an in-backward optimizer (opt-in-bwd / opt-overlap)"
-    elif replicated:
-        reason = "one process (a replica averages its gradients inside the backward)"
     elif head is None or embeddings is None:
         reason = "a model with input embeddings and an output head"
     elif {id(p) for p in head.parameters()} & {id(p) for p in embeddings.parameters()}:
@@ -336,7 +335,7 @@ def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e
     if replicas is not None and not (in_backward or options.master == "fp32"):
         raise ValueError("a replicated model needs the optimizer that averages its gradients: add opt-in-bwd or "
                          "opt-overlap to the options")
-    defer = _deferred_updates(model, options, in_backward, replicated=replicas is not None)
+    defer = _deferred_updates(model, options, in_backward)
     if in_backward or options.master == "fp32":
         return _PerParamAdamW(params, lr, betas, eps, weight_decay, options.master == "fp32", in_backward,
                               overlap=overlap, buckets=layer_buckets(model),

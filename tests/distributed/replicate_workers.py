@@ -32,6 +32,8 @@ def _train(model, spec: str, ids: torch.Tensor, steps: int):
         causal_lm_loss(model, ids, ids, options).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    if hasattr(optimizer, "flush"):
+        optimizer.flush()  # held-back updates (defer=...) land before the parameters are compared
     return options.notes, optimizer
 
 

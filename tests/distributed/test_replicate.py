@@ -16,7 +16,7 @@ from harness import run_ranks
 pytestmark = [pytest.mark.distributed]
 
 
-@pytest.mark.parametrize("spec", ["opt-in-bwd", "opt-overlap", "fused-experts+opt-in-bwd"])
+@pytest.mark.parametrize("spec", ["opt-in-bwd", "opt-overlap", "fused-experts+opt-in-bwd", "opt-in-bwd+defer=1"])
 def test_two_replicas_train_like_one_process_on_the_whole_batch(spec):
     results = run_ranks(replicate_workers.replicas_train_like_one_process, 2, spec, timeout=120)
     assert results[0]["checksum"] == results[1]["checksum"], "the replicas drifted apart"
@@ -25,7 +25,7 @@ def test_two_replicas_train_like_one_process_on_the_whole_batch(spec):
     assert results[0]["worst_rel"] <= 1e-5, f"parameters differ by {results[0]['worst_rel']:.2e}"
 
 
-@pytest.mark.parametrize("spec", ["opt-in-bwd", "opt-overlap+master-fp32"])
+@pytest.mark.parametrize("spec", ["opt-in-bwd", "opt-overlap+master-fp32", "opt-in-bwd+defer=1"])
 def test_replicas_with_a_sharded_optimizer_train_like_one_process_and_keep_half_the_state(spec):
     results = run_ranks(replicate_workers.replicas_train_like_one_process, 2, spec, 3, True, timeout=120)
     assert results[0]["checksum"] == results[1]["checksum"], "the replicas drifted apart"

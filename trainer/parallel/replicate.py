@@ -72,12 +72,12 @@ class ReplicaGradients:
         size = p.numel() // self.world
         return p.detach().view(-1).narrow(0, self.rank * size, size)
 
-    def gradients(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each parameter's averaged gradient for `view_of(p)` (on the current stream)."""
+    def gradients(self, params: list[torch.Tensor], grads: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Each parameter's averaged gradient for `view_of(p)` (on the current stream), from `grads` (default: the
+        parameters' .grad; averaged in place)."""
         nccl = dist.get_backend(self.group) == "nccl"
         result = []
-        for p in params:
-            grad = p.grad
+        for p, grad in zip(params, grads if grads is not None else [p.grad for p in params]):
             if not nccl:
                 grad.div_(self.world)
             op = dist.ReduceOp.AVG if nccl else dist.ReduceOp.SUM
