@@ -15,6 +15,7 @@ not timed): `--saved` lists the largest tensors autograd saves in the forward (g
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -126,8 +127,8 @@ def run(config, dispatcher: str, args, device, world: int) -> dict:
         "loss": loss.item(),
         "allocated_before_gib": allocated_before,
     }
-    for flag, key, diagnose in (("saved", "saved_tensors", lambda: saved_tensor_summary(model, ids)),
-                                ("profile", "profile", lambda: profile_step(model, optimizer, ids))):
+    for flag, key, diagnose in (("saved", "saved_tensors", functools.partial(saved_tensor_summary, model, ids)),
+                                ("profile", "profile", functools.partial(profile_step, model, optimizer, ids))):
         if getattr(args, flag):  # every rank runs it (collectives inside); a failure costs the diagnostic only
             try:
                 result[key] = diagnose()

@@ -82,8 +82,7 @@ def fused_experts():
         set_fused_experts(experts, fused, activation_backend=backend)
         experts.zero_grad(set_to_none=True)
         if fused and device.type == "cuda":  # poison the allocator: uninitialised memory now reads as NaN
-            junk = torch.full((64 << 20,), float("nan"), device=device)
-            del junk
+            torch.full((64 << 20,), float("nan"), device=device)  # allocated and freed at once
         xi = x.clone().requires_grad_(True)
         wi = weights.clone().requires_grad_(True)
         out = fast_experts_forward(experts, xi, index, wi)
