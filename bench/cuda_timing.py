@@ -7,16 +7,19 @@ import statistics
 import torch
 
 
-def median_ms(fn, iters: int, warmup: int = 3) -> float:
-    """Median over `iters` calls of `fn()`, each timed with CUDA events on the current stream, after `warmup` calls."""
+def median_ms(fn, iters: int, warmup: int = 3, before=None) -> float:
+    """Median over `iters` calls of `fn()`, each timed with CUDA events on the current stream, after `warmup` calls.
+    `before()` runs ahead of each timed call, untimed (e.g. a barrier, so that ranks start together)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if before is not None:
+            before()
         start.record()
         fn()
         end.record()
-        end.synchronize()
+        torch.cuda.synchronize()  # also work the call left on other streams
         times.append(start.elapsed_time(end))
     return statistics.median(times)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -22,6 +21,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.cuda_timing import median_ms  # noqa: E402
 from trainer.parallel.alltoall import AllToAllDispatcher  # noqa: E402
 
 
@@ -42,21 +42,6 @@ def run_once(dispatcher, x_TD, index_TK, weights_TK, num_experts, scale_E, grad_
     out_TD = dispatcher.combine(y_SD, w, plan)
     out_TD.backward(grad_TD)
     return rows_SD.detach(), plan.offsets_E.detach(), out_TD.detach(), x.grad, w.grad
-
-
-def time_ms(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        dist.barrier()
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -124,9 +109,9 @@ def main() -> int:
 
         dispatch()
         report["timings_ms"][name] = {
-            "dispatch": time_ms(dispatch, args.warmup, args.iters),
-            "combine": time_ms(combine, args.warmup, args.iters),
-            "forward_backward": time_ms(forward_backward, args.warmup, args.iters),
+            "dispatch": median_ms(dispatch, args.iters, args.warmup, before=dist.barrier),
+            "combine": median_ms(combine, args.iters, args.warmup, before=dist.barrier),
+            "forward_backward": median_ms(forward_backward, args.iters, args.warmup, before=dist.barrier),
         }
         rows = state["rows"].shape[0]
         report["timings_ms"][name]["rows_received"] = rows
