@@ -6,8 +6,8 @@ import torch
 
 import tiny_configs
 from trainer.models import MoEAutoModelForCausalLM
-from trainer.perf import PerfOptions, apply_optimizations, causal_lm_loss
-from trainer.step_optimizer import build_optimizer
+from trainer.perf import PerfOptions, apply_optimizations
+from training_loop import train_steps
 
 
 def train_tiny_moe(spec: str, steps: int, batch: int = 2, dtype: torch.dtype = torch.bfloat16, apply: bool = True,
@@ -25,15 +25,6 @@ def train_tiny_moe(spec: str, steps: int, batch: int = 2, dtype: torch.dtype = t
     options = PerfOptions.parse(spec)
     if apply:
         apply_optimizations(model, options)
-    optimizer = build_optimizer(model, options, lr=1e-3)
-    losses = []
-    for _ in range(steps):
-        loss = causal_lm_loss(model, ids, ids, options).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    if hasattr(optimizer, "flush"):
-        optimizer.flush()  # a held-back update (defer-head) lands before the parameters are compared
+    optimizer, losses = train_steps(model, options, ids, steps, lr=1e-3)
     torch.cuda.synchronize()
     return model, losses, optimizer, options

@@ -8,8 +8,9 @@ import torch.distributed as dist
 import tiny_configs
 from trainer.models import MoEAutoModelForCausalLM
 from trainer.parallel.replicate import replicate
-from trainer.perf import PerfOptions, apply_optimizations, causal_lm_loss
+from trainer.perf import PerfOptions, apply_optimizations
 from trainer.step_optimizer import build_optimizer
+from training_loop import train_steps
 
 IDS = torch.randint(0, tiny_configs.VOCAB, (4, 24), generator=torch.Generator().manual_seed(5))
 
@@ -27,13 +28,7 @@ def _model(seed: int):
 def _train(model, spec: str, ids: torch.Tensor, steps: int):
     options = PerfOptions.parse(spec)
     apply_optimizations(model, options)
-    optimizer = build_optimizer(model, options, lr=1e-2)
-    for _ in range(steps):
-        causal_lm_loss(model, ids, ids, options).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    if hasattr(optimizer, "flush"):
-        optimizer.flush()  # held-back updates (defer=...) land before the parameters are compared
+    optimizer, _ = train_steps(model, options, ids, steps, lr=1e-2)
     return options.notes, optimizer
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import tiny_configs
+from training_loop import train_steps
 from trainer.kernels import adamw as adamw_kernel
 from trainer.models import MoEAutoModelForCausalLM
 from trainer.perf import PerfOptions, apply_optimizations, causal_lm_loss, disable_compile
@@ -82,14 +83,7 @@ def test_fused_loss_never_returns_full_logits():
 
 def _train(spec: str, steps=3, dtype=torch.float32):
     model = _model().to(dtype)
-    options = PerfOptions.parse(spec)
-    optimizer = build_optimizer(model, options, lr=1e-2)
-    for _ in range(steps):
-        causal_lm_loss(model, IDS, IDS, options).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    if hasattr(optimizer, "flush"):
-        optimizer.flush()
+    train_steps(model, PerfOptions.parse(spec), IDS, steps, lr=1e-2)
     return model
 
 
