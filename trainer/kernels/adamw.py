@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from trainer.kernels.triton_support import triton_loads_on_cuda
+from trainer.kernels.triton_support import blocks, triton_loads_on_cuda
 
 # elements per program, warps: the fastest of bench/adamw_kernel.py --sweep on an H200 (bf16 and fp32 master)
 DEFAULT_CONFIG = dict(BLOCK=1024, num_warps=4)
@@ -73,12 +73,8 @@ def adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_a
     if n == 0:
         return
     config = config or DEFAULT_CONFIG
-    grid = (triton_cdiv(n, config["BLOCK"]),)
+    grid = (blocks(n, config["BLOCK"]),)
     _kernel()[grid](param, grad, exp_avg, exp_avg_sq, shadow if shadow is not None else param, step, n,
                     float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
                     log2_beta(beta1), log2_beta(beta2),
                     HAS_SHADOW=shadow is not None, **config)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)

@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from trainer.kernels.triton_support import triton_loads_on_cuda
+from trainer.kernels.triton_support import blocks, triton_loads_on_cuda
 
 BLOCK = 2048
 
@@ -58,7 +58,7 @@ def relu2_forward(pre: torch.Tensor) -> torch.Tensor:
     h = torch.empty_like(pre)
     n = pre.numel()
     if n:
-        _kernels()[0][(-(-n // BLOCK),)](pre, h, n, BLOCK=BLOCK, num_warps=4)
+        _kernels()[0][(blocks(n, BLOCK),)](pre, h, n, BLOCK=BLOCK, num_warps=4)
     return h
 
 
@@ -66,5 +66,5 @@ def relu2_backward(pre: torch.Tensor, grad_h: torch.Tensor) -> torch.Tensor:
     grad_pre = torch.empty_like(pre)
     n = pre.numel()
     if n:
-        _kernels()[1][(-(-n // BLOCK),)](pre, grad_h, grad_pre, n, BLOCK=BLOCK, num_warps=4)
+        _kernels()[1][(blocks(n, BLOCK),)](pre, grad_h, grad_pre, n, BLOCK=BLOCK, num_warps=4)
     return grad_pre

@@ -1,4 +1,4 @@
-"""Whether a lazily loaded Triton kernel can run here."""
+"""Whether a lazily loaded Triton kernel can run here, and the launch-grid arithmetic the kernels share."""
 
 from __future__ import annotations
 
@@ -16,3 +16,8 @@ def triton_loads_on_cuda(load: Callable[[], object]) -> bool:
     except Exception:  # no triton, or one that does not match this torch
         return False
     return True
+
+
+def blocks(n: int, block: int) -> int:
+    """Programs needed to cover `n` elements at `block` per program (ceil division)."""
+    return -(-n // block)
