@@ -6,8 +6,8 @@ The tensors are those of one Qwen3-30B-A3B decoder layer (128 experts, hidden 20
 parameters), bf16 parameters, gradients and states as in the benchmark recipe, plus an fp32-master run (fp32
 weights and states, bf16 gradients, the bf16 weight written back). Timed with CUDA events, median of --iters after
 5 warm-up updates; bandwidth counts the bytes each update must move (read weight, gradient and both states; write
-weight and both states; + the bf16 weight for the master copy). --sweep also times the Triton kernel with other
-block sizes and warp counts (SWEEP) and names the fastest.
+weight and both states; + the bf16 weight for the master copy). --sweep also times the Triton kernel with the other
+launch shapes it offers (`trainer.kernels.adamw.LAUNCH_SHAPES`) and names the fastest.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from bench.cuda_timing import median_ms  # noqa: E402
 from trainer.kernels import adamw as adamw_kernel  # noqa: E402
 
 HYPER = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
-SWEEP = [dict(BLOCK=b, num_warps=w) for b, w in ((1024, 4), (2048, 4), (4096, 4), (8192, 8), (8192, 16), (16384, 16))]
+SWEEP = [adamw_kernel.launch_config(shape) for shape in adamw_kernel.LAUNCH_SHAPES if shape != "default"]
 QWEN3_LAYER = [128 * 2048 * 1536, 128 * 768 * 2048, 4096 * 2048, 512 * 2048, 512 * 2048, 2048 * 4096, 128 * 2048,
                128, 128, 2048, 2048]
 
