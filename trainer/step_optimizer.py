@@ -216,6 +216,9 @@ class _PerParamAdamW:
                         grad.record_stream(side)  # freed when `work` goes: its memory must outlive the update
                 self._queued_done[group] = torch.cuda.Event()
                 self._queued_done[group].record(side)
+        if side is not None:
+            for counter in steps.values():
+                counter.record_stream(side)  # the same for the step counters' copies (made on the main stream)
 
     def _wait_queued(self, group: int, *_) -> None:
         """A held-back group's parameters are about to be read (forward pre-hook of its module): its update first."""
@@ -308,6 +311,25 @@ def _deferred_updates(model: torch.nn.Module, options: PerfOptions, in_backward:
     what = "the output head's update" if not count else f"the updates of the last {count} layers and the output head"
     options.notes.append(f"{what} held back to the next forward")
     return embeddings, groups
+
+
+@contextlib.contextmanager
+def compute_stream(options: PerfOptions, device: torch.device):
+    """Run the training steps inside this: with `options.priority == "compute"` on CUDA they go to a stream of the
+    highest priority (joined with the caller's stream on entry and exit), so that the overlapped optimizer's side
+    stream, at the default priority, is scheduled only on the SMs the forward and backward leave free. Without it both
+    streams have the same priority and a large update grid holds back the backward's next kernel until it drains."""
+    if options.priority != "compute" or device.type != "cuda":
+        yield
+        return
+    caller = torch.cuda.current_stream(device)
+    high = torch.cuda.Stream(device=device, priority=-100)  # out of range: torch maps it to the highest
+    high.wait_stream(caller)
+    try:
+        with torch.cuda.stream(high):
+            yield
+    finally:
+        caller.wait_stream(high)
 
 
 def _triton_adamw(options: PerfOptions, params: list[torch.Tensor]) -> bool:
