@@ -26,9 +26,7 @@ Options (the benchmark keeps each only where it pays, docs/BENCHMARKS.md):
   backward; `.step()` joins the streams).
 - adamw: the in-backward / fp32-master optimizer's kernel: "torch" (`torch._fused_adamw_`) or "triton" (the same
   update, one Triton kernel per tensor at close to full memory bandwidth: `trainer.kernels.adamw`);
-  adamw_launch: that kernel's launch shape, "default" or "<elements per program>x<warps>" (`LAUNCH_SHAPES`);
-  adamw_grid: "full" (one program per block) or a fixed number of programs looping over the blocks (`GRID_SIZES`),
-  so that the update leaves the other SMs to the backward it runs beside.
+  adamw_launch: that kernel's launch shape, "default" or "<elements per program>x<warps>" (`LAUNCH_SHAPES`).
 - defer: with an in-backward optimizer, which updates wait for the next forward instead of queueing in the backward:
   "none", "head" (the output head: its gradient comes first in the backward, its weight is read last in the
   forward), or "1".."4" (the head and that many last decoder layers, which then run compiled without CUDA graphs:
@@ -48,7 +46,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainer.kernels.adamw import GRID_SIZES as ADAMW_GRID_SIZES, LAUNCH_SHAPES as ADAMW_LAUNCH_SHAPES
+from trainer.kernels.adamw import LAUNCH_SHAPES as ADAMW_LAUNCH_SHAPES
 from trainer.kernels.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy_sum, shift_labels
 from trainer.parallel.replicate import replica_gradients
 from trainer.models.aux_loss import use_sync_free_aux_loss
@@ -63,7 +61,6 @@ CHOICES = {
     "optimizer": ("foreach", "fused", "in-backward", "overlap"),
     "adamw": ("torch", "triton"),
     "adamw_launch": ADAMW_LAUNCH_SHAPES,
-    "adamw_grid": ADAMW_GRID_SIZES,
     "master": ("none", "fp32"),
     "defer": ("none", "head", "1", "2", "3", "4"),
     "priority": ("equal", "compute"),
@@ -104,7 +101,6 @@ class PerfOptions:
     optimizer: str = "foreach"
     adamw: str = "torch"  # the per-parameter AdamW's kernel (optimizer in-backward/overlap, master fp32)
     adamw_launch: str = "default"  # the Triton AdamW kernel's launch shape
-    adamw_grid: str = "full"  # its grid: one program per block, or that many programs looping over the blocks
     defer: str = "none"  # updates run under the next forward: "head" or the head + the last N decoder layers
     priority: str = "equal"  # "compute": the step on a high-priority stream, above the optimizer's side stream
     master: str = "none"

@@ -364,8 +364,8 @@ def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e
                               # CUDA-graph memory is reused in stream order: only a side stream needs the hold
                               hold_gradients=options.compile == "layers-graphs" and overlap,
                               triton_kernel=_triton_adamw(options, params),
-                              triton_launch=adamw_kernel.launch_config(options.adamw_launch, options.adamw_grid),
-                              replicas=replicas, defer=defer)
+                              triton_launch=adamw_kernel.launch_config(options.adamw_launch), replicas=replicas,
+                              defer=defer)
     on_cuda = all(p.is_cuda for p in params)
     kind = {"fused": True} if options.optimizer in ("fused", "in-backward") and on_cuda else {"foreach": True}
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kind)

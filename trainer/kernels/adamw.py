@@ -31,22 +31,12 @@ DEFAULT_CONFIG = dict(BLOCK=1024, num_warps=4)
 LAUNCH_SHAPES = ("default", "512x2", "512x4", "1024x2", "1024x8", "2048x4", "2048x8", "4096x8")
 
 
-# programs of a fixed grid (`PerfOptions.adamw_grid`): beside the backward, a grid of one program per block queues
-# ahead of the backward's next kernel until it drains (a CUDA graph's kernels do not take the stream's priority); a
-# fixed grid smaller than the GPU leaves the other SMs to the backward
-GRID_SIZES = ("full", "16", "32", "48", "64", "96", "132")
-
-
-def launch_config(shape: str, grid: str = "full") -> dict:
-    """The kernel's launch configuration for a `LAUNCH_SHAPES` name ("default" = DEFAULT_CONFIG) and a `GRID_SIZES`
-    name ("full": one program per block)."""
-    config = dict(DEFAULT_CONFIG)
-    if shape != "default":
-        block, warps = shape.split("x")
-        config = dict(BLOCK=int(block), num_warps=int(warps))
-    if grid != "full":
-        config["programs"] = int(grid)
-    return config
+def launch_config(shape: str) -> dict:
+    """The kernel's launch configuration for a `LAUNCH_SHAPES` name ("default" = DEFAULT_CONFIG)."""
+    if shape == "default":
+        return dict(DEFAULT_CONFIG)
+    block, warps = shape.split("x")
+    return dict(BLOCK=int(block), num_warps=int(warps))
 
 
 @functools.cache
@@ -82,10 +72,9 @@ def adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_a
     n = param.numel()
     if n == 0:
         return
-    config = dict(config or DEFAULT_CONFIG)
-    programs = config.pop("programs", None)
-    grid = (min(programs, blocks(n, config["BLOCK"])) if programs else blocks(n, config["BLOCK"]),)
+    config = config or DEFAULT_CONFIG
+    grid = (blocks(n, config["BLOCK"]),)
     _kernel()[grid](param, grad, exp_avg, exp_avg_sq, shadow if shadow is not None else param, step, n,
                     float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
                     log2_beta(beta1), log2_beta(beta2),
-                    HAS_SHADOW=shadow is not None, PERSISTENT=programs is not None, **config)
+                    HAS_SHADOW=shadow is not None, **config)

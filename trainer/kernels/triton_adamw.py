@@ -1,6 +1,5 @@
 """The Triton kernel of the AdamW update (imported only where Triton is, by `trainer.kernels.adamw`): the update's
-arithmetic (`adamw_math`) and `adamw_kernel`, one tensor's update, a block of elements per program (or a fixed grid of programs looping over
-the blocks).
+arithmetic (`adamw_math`) and `adamw_kernel`, one tensor's update, a block of elements per program.
 """
 
 import triton
@@ -28,20 +27,8 @@ def adamw_math(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, we
 
 @triton.jit
 def adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, shadow_ptr, step_ptr, n, lr, beta1, beta2, eps, weight_decay,
-                 log2_beta1, log2_beta2, HAS_SHADOW: tl.constexpr, BLOCK: tl.constexpr, PERSISTENT: tl.constexpr):
-    if PERSISTENT:  # a fixed grid: each program walks the blocks program_id, program_id + grid, ...
-        for block in range(tl.program_id(0), tl.cdiv(n, BLOCK), tl.num_programs(0)):
-            _adamw_block(block, p_ptr, g_ptr, m_ptr, v_ptr, shadow_ptr, step_ptr, n, lr, beta1, beta2, eps,
-                         weight_decay, log2_beta1, log2_beta2, HAS_SHADOW, BLOCK)
-    else:  # one program per block
-        _adamw_block(tl.program_id(0), p_ptr, g_ptr, m_ptr, v_ptr, shadow_ptr, step_ptr, n, lr, beta1, beta2, eps,
-                     weight_decay, log2_beta1, log2_beta2, HAS_SHADOW, BLOCK)
-
-
-@triton.jit
-def _adamw_block(block, p_ptr, g_ptr, m_ptr, v_ptr, shadow_ptr, step_ptr, n, lr, beta1, beta2, eps, weight_decay,
                  log2_beta1, log2_beta2, HAS_SHADOW: tl.constexpr, BLOCK: tl.constexpr):
-    offsets = tl.cast(block, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
     param, exp_avg, exp_avg_sq = adamw_math(
         tl.load(p_ptr + offsets, mask=mask), tl.load(g_ptr + offsets, mask=mask),
