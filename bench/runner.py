@@ -161,8 +161,8 @@ def run(spec: RunSpec) -> dict:
 
 
 def _measure(spec: RunSpec, job, device, world: int, result: dict) -> None:
-    from trainer.perf import PerfOptions, apply_optimizations
-    from trainer.step_optimizer import compute_stream
+    from trainer.perf import PerfOptions, apply_optimizations, disable_compile
+    from trainer.step_optimizer import build_optimizer
 
     config = build_config(job)
     started = time.perf_counter()
@@ -189,17 +189,6 @@ def _measure(spec: RunSpec, job, device, world: int, result: dict) -> None:
     result["init_s"] = time.perf_counter() - started
     result["params"] = sum(p.numel() for p in model.parameters())
     result["param_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-    with compute_stream(options, device):
-        _train_and_time(spec, job, config, model, options, device, world, result)
-    del model
-    gc.collect()
-
-
-def _train_and_time(spec: RunSpec, job, config, model, options, device, world: int, result: dict) -> None:
-    """The measured steps (after the warm-up steps) of a built model: step time, host time, losses, throughput."""
-    from trainer.perf import disable_compile
-    from trainer.step_optimizer import build_optimizer
-
     if spec.side == "native":
         optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, foreach=world == 1)
     else:
@@ -240,6 +229,8 @@ def _train_and_time(spec: RunSpec, job, config, model, options, device, world: i
     result["notes"] += options.notes
     if spec.profile:
         result["profile"] = _profile_step(spec, model, optimizer, batches[-1], options, device)
+    del model, optimizer, batches
+    gc.collect()
 
 
 def _one_step(spec, model, optimizer, ids, options):

@@ -32,9 +32,6 @@ Options (the benchmark keeps each only where it pays, docs/BENCHMARKS.md):
   forward), or "1".."4" (the head and that many last decoder layers, which then run compiled without CUDA graphs:
   a graph's memory pool would hand their held gradients to the next step's replays). The next forward launches them
   when it starts and waits for each just before its module runs (`trainer.step_optimizer`).
-- priority: "equal" (one compute stream at the default priority) or "compute" (the training step runs on a
-  high-priority CUDA stream, `trainer.step_optimizer.compute_stream`: the overlapped optimizer's side stream, at the
-  default priority, then gets only the SMs the backward's kernels leave free instead of taking turns with them).
 - master: "none" (optimizer works on the parameters' dtype) or "fp32" (fp32 master weights and AdamW states kept by
   the optimizer, bf16 parameters for compute: the recommended recipe).
 """
@@ -63,7 +60,6 @@ CHOICES = {
     "adamw_launch": ADAMW_LAUNCH_SHAPES,
     "master": ("none", "fp32"),
     "defer": ("none", "head", "1", "2", "3", "4"),
-    "priority": ("equal", "compute"),
 }
 
 BOOLEAN_OPTIONS = ("fused_experts", "fp8")
@@ -83,7 +79,6 @@ SHORTCUTS = {
     "opt-overlap": {"optimizer": "overlap"},
     "triton-adamw": {"adamw": "triton"},
     "defer-head": {"defer": "head"},
-    "compute-priority": {"priority": "compute"},
     "master-fp32": {"master": "fp32"},
     "fp8": {"fp8": True},
     "best": {"loss": "fused", "fused_experts": True, "kernels": "liger", "optimizer": "overlap",
@@ -102,7 +97,6 @@ class PerfOptions:
     adamw: str = "torch"  # the per-parameter AdamW's kernel (optimizer in-backward/overlap, master fp32)
     adamw_launch: str = "default"  # the Triton AdamW kernel's launch shape
     defer: str = "none"  # updates run under the next forward: "head" or the head + the last N decoder layers
-    priority: str = "equal"  # "compute": the step on a high-priority stream, above the optimizer's side stream
     master: str = "none"
     fp8: bool = False
     notes: list[str] = field(default_factory=list, compare=False)

@@ -313,25 +313,6 @@ def _deferred_updates(model: torch.nn.Module, options: PerfOptions, in_backward:
     return embeddings, groups
 
 
-@contextlib.contextmanager
-def compute_stream(options: PerfOptions, device: torch.device):
-    """Run the training steps inside this: with `options.priority == "compute"` on CUDA they go to a stream of the
-    highest priority (joined with the caller's stream on entry and exit), so that the overlapped optimizer's side
-    stream, at the default priority, is scheduled only on the SMs the forward and backward leave free. Without it both
-    streams have the same priority and a large update grid holds back the backward's next kernel until it drains."""
-    if options.priority != "compute" or device.type != "cuda":
-        yield
-        return
-    caller = torch.cuda.current_stream(device)
-    high = torch.cuda.Stream(device=device, priority=-100)  # out of range: torch maps it to the highest
-    high.wait_stream(caller)
-    try:
-        with torch.cuda.stream(high):
-            yield
-    finally:
-        caller.wait_stream(high)
-
-
 def _triton_adamw(options: PerfOptions, params: list[torch.Tensor]) -> bool:
     """Whether the per-parameter AdamW uses the Triton kernel (options.adamw == "triton" and it can run here)."""
     if options.adamw != "triton":
