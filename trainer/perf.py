@@ -32,6 +32,8 @@ Options (the benchmark keeps each only where it pays, docs/BENCHMARKS.md):
   forward), or "1".."4" (the head and that many last decoder layers, which then run compiled without CUDA graphs:
   a graph's memory pool would hand their held gradients to the next step's replays). The next forward launches them
   when it starts and waits for each just before its module runs (`trainer.step_optimizer`).
+- graph_priority: "default" or "high" (with "layers-graphs": the layers' CUDA graphs captured on a stream of the
+  highest priority, so their kernels go before the overlapped optimizer's blocks: `trainer.graph_priority`).
 - master: "none" (optimizer works on the parameters' dtype) or "fp32" (fp32 master weights and AdamW states kept by
   the optimizer, bf16 parameters for compute: the recommended recipe).
 """
@@ -43,6 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from trainer.graph_priority import capture_graphs_at_high_priority
 from trainer.kernels.adamw import LAUNCH_SHAPES as ADAMW_LAUNCH_SHAPES
 from trainer.kernels.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy_sum, shift_labels
 from trainer.parallel.replicate import replica_gradients
@@ -60,6 +63,7 @@ CHOICES = {
     "adamw_launch": ADAMW_LAUNCH_SHAPES,
     "master": ("none", "fp32"),
     "defer": ("none", "head", "1", "2", "3", "4"),
+    "graph_priority": ("default", "high"),
 }
 
 BOOLEAN_OPTIONS = ("fused_experts", "fp8")
@@ -79,6 +83,7 @@ SHORTCUTS = {
     "opt-overlap": {"optimizer": "overlap"},
     "triton-adamw": {"adamw": "triton"},
     "defer-head": {"defer": "head"},
+    "graphs-first": {"graph_priority": "high"},
     "master-fp32": {"master": "fp32"},
     "fp8": {"fp8": True},
     "best": {"loss": "fused", "fused_experts": True, "kernels": "liger", "optimizer": "overlap",
@@ -97,6 +102,7 @@ class PerfOptions:
     adamw: str = "torch"  # the per-parameter AdamW's kernel (optimizer in-backward/overlap, master fp32)
     adamw_launch: str = "default"  # the Triton AdamW kernel's launch shape
     defer: str = "none"  # updates run under the next forward: "head" or the head + the last N decoder layers
+    graph_priority: str = "default"  # "high": the layers' CUDA graphs captured on a high-priority stream
     master: str = "none"
     fp8: bool = False
     notes: list[str] = field(default_factory=list, compare=False)
@@ -161,6 +167,11 @@ def apply_optimizations(model: torch.nn.Module, options: PerfOptions) -> list[st
             notes.append(f"CUDA graphs need {missing}: compile=layers")
     if options.compile != "none":
         notes.append(_apply_compile(model, options.compile, ungraphed_last=deferred_layer_count(options)))
+    if options.graph_priority == "high":
+        if options.compile == "layers-graphs":
+            notes.append(capture_graphs_at_high_priority(next(model.parameters()).device))
+        else:
+            notes.append("graph_priority=high needs cuda-graphs (compile=layers-graphs): default priority")
     return notes
 
 

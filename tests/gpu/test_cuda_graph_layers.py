@@ -65,3 +65,19 @@ def test_fp32_weights_fall_back_to_compiled_layers_with_a_note():
     notes = apply_optimizations(model, options)
     assert options.compile == "layers"
     assert any("bf16/fp16 weights" in note for note in notes)
+
+
+def test_graphs_captured_at_high_priority_train_like_default_priority():
+    """`graphs-first`: the layers' graphs are recorded on a high-priority stream (the manager that recorded them
+    still holds it after training) and train as at the default priority, within the tolerance above."""
+    from torch._inductor import cudagraph_trees
+
+    reference, reference_losses, _ = _train(BASE + "+cuda-graphs+triton-adamw")
+    first, losses, notes = _train(BASE + "+cuda-graphs+triton-adamw+graphs-first")
+    assert "CUDA graphs captured on a high-priority stream" in notes, notes
+    manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    assert manager is not None and manager.stream.priority < 0 and any(manager.roots.values())
+    for got, want in zip(losses, reference_losses):
+        assert abs(got - want) <= 1e-3 * abs(want), (losses, reference_losses)
+    for (name, a), (_, b) in zip(reference.named_parameters(), first.named_parameters()):
+        assert ((b - a).norm() / a.norm().clamp_min(1e-30)).item() <= 1e-3, name

@@ -303,3 +303,10 @@ def test_compiled_runs_leave_rmsnorm_to_inductor_instead_of_liger():
     notes = apply_optimizations(model, PerfOptions.parse("liger+compile"))
     assert any("RMSNorm left to torch.compile" in note for note in notes)
     assert all(type(m).__name__ != "LigerRMSNorm" for m in model.modules())
+
+
+def test_graphs_first_without_cuda_graphs_says_so():
+    options = PerfOptions.parse("compile+graphs-first")
+    assert options.graph_priority == "high"
+    notes = apply_optimizations(_model(), options)
+    assert any("graph_priority=high needs cuda-graphs" in note for note in notes)
