@@ -23,12 +23,12 @@ def capture_graphs_at_high_priority(device: torch.device) -> str:
         from torch._inductor import cudagraph_trees
 
         manager = cudagraph_trees.get_container(device.index if device.index is not None else 0).get_tree_manager()
-        current, _ = manager.stream, (manager.current_node, manager.roots)
+        current, recorded = manager.stream, manager.current_node is not None or any(manager.roots.values())
     except Exception as err:  # a torch whose cudagraph trees are laid out differently
         return f"CUDA graphs at high priority: not available in this torch ({type(err).__name__}): default priority"
     if current.priority < 0:
         return "CUDA graphs captured on a high-priority stream"
-    if manager.current_node is not None or any(manager.roots.values()):
+    if recorded:
         return "CUDA graphs at high priority: graphs already recorded on this device: default priority"
     high = torch.cuda.Stream(device=current.device, priority=-100)  # out of range: torch maps it to the highest
     high.wait_stream(current)
