@@ -16,16 +16,24 @@ from gpu_training import train_tiny_moe
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
+def _trains_like_in_stream_updates(spec: str, dtype: torch.dtype = torch.bfloat16):
+    """4 steps of `spec` and of the in-stream reference (`opt-in-bwd`): bit-identical losses and parameters.
+    Returns (model, optimizer) of `spec`."""
+    reference, reference_losses, _, _ = train_tiny_moe("opt-in-bwd", steps=4, batch=4, dtype=dtype, apply=False)
+    model, losses, optimizer, _ = train_tiny_moe(spec, steps=4, batch=4, dtype=dtype, apply=False)
+    assert losses == reference_losses
+    for (name, a), (_, b) in zip(reference.named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b), name
+    return model, optimizer
+
+
 @pytest.mark.parametrize("spec", ["opt-overlap", "opt-overlap+defer-head", "opt-overlap+defer=1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_side_stream_updates_equal_in_stream_updates(dtype, spec):
-    reference, reference_losses, _, _ = train_tiny_moe("opt-in-bwd", steps=4, batch=4, dtype=dtype, apply=False)
-    overlapped, losses, optimizer, _ = train_tiny_moe(spec, steps=4, batch=4, dtype=dtype, apply=False)
+    overlapped, optimizer = _trains_like_in_stream_updates(spec, dtype)
     assert optimizer._side_stream is not None
-    assert losses == reference_losses
-    for (name, a), (_, b) in zip(reference.named_parameters(), overlapped.named_parameters()):
-        assert torch.equal(a, b), name
-        assert b.grad is None, name
+    for name, p in overlapped.named_parameters():
+        assert p.grad is None, name
 
 
 @pytest.mark.parametrize("spec", ["opt-overlap", "opt-overlap+defer=2"])
@@ -35,16 +43,12 @@ def test_side_stream_updates_survive_a_slow_side_stream(monkeypatch, spec):
     overwritten before it is read: still bit-identical to the in-stream updates."""
     from trainer import step_optimizer
 
-    reference, reference_losses, _, _ = train_tiny_moe("opt-in-bwd", steps=4, batch=4, apply=False)
     update = step_optimizer._PerParamAdamW._update
 
     def late_update(self, *args, **kwargs):
-        if self._side_stream is not None:
+        if self._side_stream is not None:  # the in-stream reference runs unchanged
             torch.cuda._sleep(20_000_000)  # on the current (side) stream: delays this update, not the compute stream
         return update(self, *args, **kwargs)
 
     monkeypatch.setattr(step_optimizer._PerParamAdamW, "_update", late_update)
-    overlapped, losses, _, _ = train_tiny_moe(spec, steps=4, batch=4, apply=False)
-    assert losses == reference_losses
-    for (name, a), (_, b) in zip(reference.named_parameters(), overlapped.named_parameters()):
-        assert torch.equal(a, b), name
+    _trains_like_in_stream_updates(spec)
