@@ -104,7 +104,7 @@ class _PerParamAdamW:
     def _on_gradient(self, p: torch.Tensor) -> None:
         if p.grad is None:
             return
-        if type(p).__name__ == "DTensor":
+        if _is_sharded(p):
             # FSDP2 calls this hook on its reduce-scatter stream, after the gradient's reduce-scatter: the update
             # already runs beside the backward, in the stream that owns the gradient's memory; the end of the
             # backward waits for that stream before the next forward
@@ -248,7 +248,7 @@ class _PerParamAdamW:
 def _complete_buckets(params: list[torch.Tensor], buckets: list[list[torch.Tensor]] | None) -> list[list[torch.Tensor]]:
     """The given buckets restricted to `params`' plain tensors, plus one bucket for each remaining parameter (sharded
     DTensor parameters always alone: FSDP2 hands over their gradients one by one)."""
-    groupable = {p for p in params if type(p).__name__ != "DTensor"}
+    groupable = {p for p in params if not _is_sharded(p)}
     result, placed = [], set()
     for bucket in buckets or []:
         members = [p for p in bucket if p in groupable and p not in placed]
@@ -264,9 +264,14 @@ def layer_buckets(model: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
     return [[p for p in layer.parameters() if p.requires_grad] for layer in decoder_layers(model)]
 
 
+def _is_sharded(t: torch.Tensor) -> bool:
+    """Whether `t` is a DTensor (an FSDP2-sharded parameter)."""
+    return type(t).__name__ == "DTensor"
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (a plain tensor as is)."""
-    return t._local_tensor if type(t).__name__ == "DTensor" else t
+    return t._local_tensor if _is_sharded(t) else t
 
 
 def fsdp_fires_grad_hooks() -> bool:
@@ -297,7 +302,7 @@ def _deferred_updates(model: torch.nn.Module, options: PerfOptions, in_backward:
         reason = "a model with input embeddings and an output head"
     elif {id(p) for p in head.parameters()} & {id(p) for p in embeddings.parameters()}:
         reason = "an output head not tied to the input embeddings (the next forward reads those first)"
-    elif any(type(p).__name__ == "DTensor" for p in model.parameters()):
+    elif any(_is_sharded(p) for p in model.parameters()):
         reason = "unsharded parameters"
     elif count >= len(layers):
         reason = f"fewer deferred layers than the model's {len(layers)}"
@@ -329,7 +334,7 @@ def build_optimizer(model: torch.nn.Module, options: PerfOptions, lr: float = 1e
     params = [p for p in model.parameters() if p.requires_grad]
     in_backward = options.optimizer in ("in-backward", "overlap")
     overlap = options.optimizer == "overlap"
-    if in_backward and any(type(p).__name__ == "DTensor" for p in params) and not fsdp_fires_grad_hooks():
+    if in_backward and any(_is_sharded(p) for p in params) and not fsdp_fires_grad_hooks():
         # older FSDP2 writes sharded gradients itself after its reduce-scatter and calls no per-parameter hook
         options.notes.append("optimizer in backward needs an FSDP2 that calls post-accumulate-grad hooks "
                              "(not this torch): fused AdamW")
