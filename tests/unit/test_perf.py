@@ -310,3 +310,17 @@ def test_graphs_first_without_cuda_graphs_says_so():
     assert options.graph_priority == "high"
     notes = apply_optimizations(_model(), options)
     assert any("graph_priority=high needs cuda-graphs" in note for note in notes)
+
+
+def test_best_captures_graphs_at_high_priority_only_without_replicas():
+    from trainer.parallel.replicate import REPLICA_GRADIENTS
+    from trainer.perf import _set_graph_priority
+
+    options = PerfOptions.parse("best")
+    assert options.graph_priority == "auto"
+    options.compile = "layers"  # CUDA graphs fell back (no GPU): auto says nothing
+    assert _set_graph_priority(_model(), options) is None
+    options.compile = "layers-graphs"
+    replicated = _model()
+    replicated.__dict__[REPLICA_GRADIENTS] = object()  # what trainer.parallel.replicate leaves on a replica
+    assert "default priority" in _set_graph_priority(replicated, options)
