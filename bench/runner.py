@@ -180,7 +180,7 @@ def _measure(spec: RunSpec, job, device, world: int, result: dict) -> None:
             _parallelize(model, job, spec.layout)
             result["notes"].append(f"layout: {LAYOUTS[spec.layout]}")
             dispatchers = {m.moe_dispatcher.name for m in model.modules() if getattr(m, "moe_dispatcher", None)}
-            if dispatchers and spec.layout == "ep":
+            if dispatchers and spec.layout in ("ep", "replicate-ep"):
                 result["notes"].append(f"expert-parallel dispatcher: {', '.join(sorted(dispatchers))}")
         apply_optimizations(model, options)
         result["options"] = options.as_dict()
@@ -303,7 +303,9 @@ def _stream_timeline(prof, spec: RunSpec) -> str:
 LAYOUTS = {"ep": "expert parallel over all GPUs + FSDP2", "fsdp": "FSDP2 only (every GPU runs all experts)",
             "zero2": "FSDP2 only, parameters kept gathered from forward to backward (reshard_after_forward=False)",
             "replicate": "every GPU holds the whole model; gradients averaged layer by layer inside the backward",
-            "replicate-sharded": "as replicate, each GPU updating (and keeping AdamW state for) half of each weight"}
+            "replicate-sharded": "as replicate, each GPU updating (and keeping AdamW state for) half of each weight",
+            "replicate-ep": "as replicate-sharded, but each GPU keeps only its half of the experts (expert parallel: "
+                            "tokens travel to their experts and back)"}
 
 
 def _parallelize(model, job, layout: str) -> None:
@@ -312,16 +314,20 @@ def _parallelize(model, job, layout: str) -> None:
     forward and backward (one all-gather per step instead of two, the gathered weights held meanwhile),
     "replicate" = the whole model on every GPU, gradients averaged by the in-backward optimizer
     (trainer.parallel.replicate; the variant needs opt-in-bwd / opt-overlap), "replicate-sharded" = the same with
-    the optimizer's state and update split across the GPUs."""
+    the optimizer's state and update split across the GPUs, "replicate-ep" = replicate-sharded with each GPU keeping
+    only its share of the experts (trainer.parallel.replicate_experts; MOE_BENCH_DISPATCHER picks the dispatcher)."""
     from trainer.parallel import ParallelConfig, parallelize
     from trainer.parallel.replicate import replicate
+    from trainer.parallel.replicate_experts import split_experts
 
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: choose one of {sorted(LAYOUTS)}")
-    if layout in ("replicate", "replicate-sharded"):
-        replicate(model, shard_optimizer=layout == "replicate-sharded")
-        return
     dispatcher = os.environ.get("MOE_BENCH_DISPATCHER", "auto")
+    if layout.startswith("replicate"):
+        replicate(model, shard_optimizer=layout != "replicate")
+        if layout == "replicate-ep":
+            split_experts(model, dispatcher)
+        return
     ep_size = job.gpus if layout == "ep" else 1
     parallelize(model, ParallelConfig(ep_size=ep_size, dispatcher=dispatcher, param_dtype=None, reduce_dtype=None,
                                       reshard_after_forward=layout != "zero2"), precision="bf16")

@@ -194,6 +194,8 @@ def _cuda_graphs_missing(model: torch.nn.Module) -> str | None:
         return "one CUDA device in one process"
     if distributed and replica_gradients(model) is None:  # sharded layouts run collectives inside the layers
         return "one CUDA device in one process (or a replicated model)"
+    if any(getattr(m, "moe_dispatcher", None) is not None for m in model.modules()):
+        return "no expert-parallel dispatch (it sizes its all-to-all on the host)"
     if any(p.dtype == torch.float32 for p in model.parameters()):
         # the grouped GEMM runs in bf16/fp16; fp32 experts loop on the host over the experts' row counts
         return "bf16/fp16 weights (fp32 experts read row counts on the host)"

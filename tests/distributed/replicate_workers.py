@@ -7,7 +7,8 @@ import torch.distributed as dist
 
 import tiny_configs
 from trainer.models import MoEAutoModelForCausalLM
-from trainer.parallel.replicate import replicate
+from trainer.parallel.replicate import replica_gradients, replicate
+from trainer.parallel.replicate_experts import split_experts
 from trainer.perf import PerfOptions, apply_optimizations
 from trainer.step_optimizer import build_optimizer
 from training_loop import train_steps
@@ -32,27 +33,42 @@ def _train(model, spec: str, ids: torch.Tensor, steps: int):
     return options.notes, optimizer
 
 
-def replicas_train_like_one_process(spec: str, steps: int = 3, shard_optimizer: bool = False) -> dict:
+def replicas_train_like_one_process(spec: str, steps: int = 3, shard_optimizer: bool = False,
+                                    split: bool = False) -> dict:
     """Each rank starts from its own seed and trains on its half of the batch; rank 0 also trains one model alone on
-    the whole batch. Returns the worst relative difference to that model and a checksum of the parameters."""
+    the whole batch. `split`: each rank keeps half of the experts (split_experts, all-to-all dispatch). Returns the
+    worst relative difference to that model (experts gathered from both ranks) and a checksum of the parameters
+    that every rank holds in full."""
     rank, world = dist.get_rank(), dist.get_world_size()
     model = _model(seed=rank)  # replicate() makes every rank start from rank 0's parameters
     replicate(model, shard_optimizer=shard_optimizer)
+    if split:
+        split_experts(model, "alltoall")
+    rank_local = replica_gradients(model).rank_local
     rows = IDS.shape[0] // world
     notes, optimizer = _train(model, spec, IDS[rank * rows:(rank + 1) * rows], steps)
-    result = {"notes": notes, "checksum": [float(p.double().sum()) for p in model.parameters()],
+    full = {}
+    for name, p in model.named_parameters():  # every rank joins each gather, in the same order
+        if p in rank_local:
+            parts = [torch.empty_like(p) for _ in range(world)]
+            dist.all_gather(parts, p.detach().contiguous())
+            full[name] = torch.cat(parts)
+        else:
+            full[name] = p.detach()
+    result = {"notes": notes, "checksum": [float(p.double().sum()) for p in model.parameters() if p not in rank_local],
               "grads_left": sum(p.grad is not None for p in model.parameters()),
               "state_elements": sum(entry[1].numel() for entry in optimizer._entries.values()),
-              "param_elements": sum(p.numel() for p in model.parameters())}
+              "param_elements": sum(p.numel() for p in full.values()),
+              "dispatchers": sorted({m.moe_dispatcher.name for m in model.modules()
+                                     if getattr(m, "moe_dispatcher", None) is not None})}
     if rank == 0:
         alone = _model(seed=0)
         _train(alone, spec, IDS, steps)
         worst, moved = 0.0, 0.0
-        for (name, a), (_, b) in zip(alone.named_parameters(), model.named_parameters()):
-            worst = max(worst, ((b - a).norm() / a.norm().clamp_min(1e-30)).item())
-        start = _model(seed=0)
-        for a, b in zip(start.parameters(), model.parameters()):
-            moved = max(moved, (b - a).abs().max().item())
+        for name, a in alone.named_parameters():
+            worst = max(worst, ((full[name] - a).norm() / a.norm().clamp_min(1e-30)).item())
+        for name, a in _model(seed=0).named_parameters():
+            moved = max(moved, (full[name] - a).abs().max().item())
         result.update(worst_rel=worst, moved=moved)
     return result
 

@@ -1,6 +1,8 @@
 """Replication (`trainer.parallel.replicate`): two gloo processes, each on half of the batch, with gradients averaged
 inside the backward by the in-backward optimizer, train exactly like one process on the whole batch; also with the
-optimizer sharded (each rank updates half of each parameter, then the halves are all-gathered).
+optimizer sharded (each rank updates half of each parameter, then the halves are all-gathered); also with the
+experts split between the ranks (each keeps and updates half of every MoE layer's experts, tokens sent to them by
+all-to-all).
 
 Tolerance: 1e-5 relative per parameter after 3 steps in float32 (the average of two half-batch gradients vs the
 whole-batch gradient: summation order only). Both replicas end bit-identical.
@@ -33,6 +35,18 @@ def test_replicas_with_a_sharded_optimizer_train_like_one_process_and_keep_half_
     assert results[0]["moved"] > 1e-3, "the parameters should have been trained"
     assert results[0]["worst_rel"] <= 1e-5, f"parameters differ by {results[0]['worst_rel']:.2e}"
     # every parameter of the tiny model divides by 2 except a few vectors: the state is about half
+    assert results[0]["state_elements"] <= 0.55 * results[0]["param_elements"]
+
+
+@pytest.mark.parametrize("spec", ["opt-in-bwd", "fused-experts+opt-overlap", "opt-in-bwd+defer=1"])
+def test_replicas_with_split_experts_train_like_one_process_and_keep_their_experts_only(spec):
+    results = run_ranks(replicate_workers.replicas_train_like_one_process, 2, spec, 3, True, True, timeout=180)
+    assert results[0]["dispatchers"] == ["alltoall"]
+    assert results[0]["checksum"] == results[1]["checksum"], "the replicated parameters drifted apart"
+    assert results[0]["grads_left"] == 0
+    assert results[0]["moved"] > 1e-3, "the parameters should have been trained"
+    assert results[0]["worst_rel"] <= 1e-5, f"parameters differ by {results[0]['worst_rel']:.2e}"
+    # the experts hold most of the tiny model: each rank keeps state for half of them and half of the rest
     assert results[0]["state_elements"] <= 0.55 * results[0]["param_elements"]
 
 

@@ -8,7 +8,8 @@ For a model that fits one GPU with room to spare (B1's 8.1B parameters on an H20
 step has, CUDA graphs included (FSDP2's hooks and resharding rule them out), and adds one all-reduce per gradient.
 The optimizer issues each decoder layer's all-reduces as soon as the layer's gradients are complete, on its side
 stream, so they run under the rest of the backward. With `shard_optimizer=True` each rank keeps and updates only
-its slice of each parameter (reduce-scatter, update, all-gather: `ReplicaGradients`).
+its slice of each parameter (reduce-scatter, update, all-gather: `ReplicaGradients`). `split_experts`
+(`trainer.parallel.replicate_experts`) then leaves each rank only its share of the experts.
 
 Requirements: plain (unsharded) parameters, every process producing gradients for the same parameters in the same
 order (one model, one code path), one device per process. The parameters are broadcast from rank 0 once, so all
@@ -61,9 +62,12 @@ class ReplicaGradients:
     def __init__(self, group: dist.ProcessGroup, shard: bool):
         self.group, self.shard = group, shard
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        # parameters that differ by rank (each rank's own experts: trainer.parallel.replicate_experts): their
+        # gradients already sum every rank's tokens, so they are divided by the group size and never communicated
+        self.rank_local: set[torch.Tensor] = set()
 
     def _sharded(self, p: torch.Tensor) -> bool:
-        return self.shard and p.numel() % self.world == 0 and p.is_contiguous()
+        return self.shard and p not in self.rank_local and p.numel() % self.world == 0 and p.is_contiguous()
 
     def view_of(self, p: torch.Tensor) -> torch.Tensor:
         """The part of `p` this rank updates: its slice (sharded), else the whole parameter."""
@@ -78,6 +82,9 @@ class ReplicaGradients:
         nccl = dist.get_backend(self.group) == "nccl"
         result = []
         for p, grad in zip(params, grads if grads is not None else [p.grad for p in params]):
+            if p in self.rank_local:
+                result.append(grad.div_(self.world))
+                continue
             if not nccl:
                 grad.div_(self.world)
             op = dist.ReduceOp.AVG if nccl else dist.ReduceOp.SUM
