@@ -53,3 +53,11 @@ def test_replicas_with_split_experts_train_like_one_process_and_keep_their_exper
 def test_a_replicated_model_refuses_an_optimizer_that_does_not_average_gradients():
     messages = run_ranks(replicate_workers.replicated_model_refuses_an_optimizer_that_does_not_average, 2, timeout=60)
     assert all("needs the optimizer that averages its gradients" in m for m in messages)
+
+
+def test_split_experts_needs_a_replicated_model():
+    from replicate_workers import _model
+    from trainer.parallel.replicate_experts import split_experts
+
+    with pytest.raises(RuntimeError, match="needs a replicated model"):
+        split_experts(_model(seed=0))
