@@ -294,7 +294,8 @@ def _stream_timeline(prof, spec: RunSpec) -> str:
         import re
 
         os.makedirs(keep, exist_ok=True)
-        name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{spec.job}-{spec.label}").strip("_")
+        rank = f"-rank{os.environ['RANK']}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{spec.job}-{spec.label}{rank}").strip("_")
         with gzip.open(os.path.join(keep, f"{name}.trace.json.gz"), "wt") as f:
             json.dump(compact_trace(trace), f)
     return stream_summary(trace)

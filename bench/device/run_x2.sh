@@ -14,7 +14,8 @@
 #                B1_BS1_VARIANTS, REPEAT; B1_JOBS="bs1" for one job, B1_BS4_GPU / B1_BS1_GPU, B1_BUDGET seconds)
 #   ce-test      GPU parity test of the compiled chunked linear + cross-entropy (GPU 1, in the background)
 #   profile      one profiled step of `ours[PROFILE_VARIANT]` per job in PROFILE_JOBS (default B1-bs4; one GPU each,
-#                concurrently): wall vs kernel vs host time, the top kernels by GPU time; gzipped traces kept in $OUT
+#                concurrently; B2 on both GPUs afterwards, layouts B2_LAYOUTS): wall vs kernel vs host time, the top
+#                kernels by GPU time; gzipped traces kept in $OUT (one per rank for B2)
 #   ep-dispatch  DeepEP vs all-to-all equality and timing (bench/ep_dispatch.py, 2 GPUs)
 #   b2           B2: native FSDP2 / native EP=2 vs ours FSDP2-only and EP=2 + FSDP2 (bench/compare.py, 2 GPUs;
 #                B2_VARIANTS, B2_NATIVE, B2_LAYOUTS, MOE_BENCH_DISPATCHER=alltoall|deepep|auto)
@@ -112,14 +113,21 @@ fi
 if has profile; then
   # one profiled step of ours[PROFILE_VARIANT] per job in PROFILE_JOBS (one-GPU jobs, one per GPU, concurrently)
   step "profile: ${PROFILE_JOBS:-B1-bs4} ours[${PROFILE_VARIANT:-best}]"
+  # B2 takes both GPUs (layouts from B2_LAYOUTS, default replicate-sharded), after the one-GPU jobs
   gpu=0; PIDS=()
   for job in ${PROFILE_JOBS:-B1-bs4}; do
+    [ "$job" = B2 ] && continue
     (CUDA_VISIBLE_DEVICES=$gpu MOE_BENCH_TRACE_DIR="$R" timeout 240 python3 -m bench.compare --jobs "$job" \
       --variants "${PROFILE_VARIANT:-best}" \
       --recipe none --ours-only --profile --steps 3 --out "$SCRATCH/profile-$job" > "$SCRATCH/profile-$job.log" 2>&1) &
     PIDS+=($!); gpu=$((gpu + 1))
   done
-  wait "${PIDS[@]}"
+  [ ${#PIDS[@]} -gt 0 ] && wait "${PIDS[@]}"
+  if [[ " ${PROFILE_JOBS:-B1-bs4} " == *" B2 "* ]]; then
+    MOE_BENCH_TRACE_DIR="$R" timeout 300 python3 -m bench.compare --jobs B2 --variants "${PROFILE_VARIANT:-best}" \
+      --ours-layouts "${B2_LAYOUTS:-replicate-sharded}" --recipe none --ours-only --profile --steps 3 \
+      --out "$SCRATCH/profile-B2" > "$SCRATCH/profile-B2.log" 2>&1
+  fi
   for job in ${PROFILE_JOBS:-B1-bs4}; do
     echo "--- $job"; grep -v "^\s*$" "$SCRATCH/profile-$job.log" | tail -56
     cp "$SCRATCH/profile-$job/results.json" "$R/$job-profile.json" 2>/dev/null
