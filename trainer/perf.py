@@ -177,10 +177,11 @@ def apply_optimizations(model: torch.nn.Module, options: PerfOptions) -> list[st
 
 def _set_graph_priority(model: torch.nn.Module, options: PerfOptions) -> str | None:
     """Capture the layers' CUDA graphs at high priority where `options.graph_priority` asks for it; returns a note."""
-    if options.graph_priority == "default" or (options.graph_priority == "auto" and options.compile != "layers-graphs"):
+    if options.graph_priority == "default":
         return None
-    if options.compile != "layers-graphs":
-        return f"graph_priority={options.graph_priority} needs cuda-graphs (compile=layers-graphs): default priority"
+    if options.compile != "layers-graphs":  # "auto" asks only where there are graphs
+        return None if options.graph_priority == "auto" else \
+            "graph_priority=high needs cuda-graphs (compile=layers-graphs): default priority"
     if options.graph_priority == "auto" and replica_gradients(model) is not None:
         return "CUDA graphs at default priority: the replicas' gradient collectives run in the backward"
     return capture_graphs_at_high_priority(next(model.parameters()).device)

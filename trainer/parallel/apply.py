@@ -51,15 +51,33 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=len))
 
 
+def stacked_expert_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """An experts module's own [E, ...] parameters (one row per expert), with their names."""
+    return [(name, p) for name, p in module.named_parameters(recurse=False)
+            if p.dim() and p.shape[0] == module.num_experts]
+
+
+def rank_experts(param: torch.Tensor, rank: int, ranks: int) -> torch.Tensor:
+    """Rank `rank`'s experts of an [E, ...] tensor split over `ranks`: rows [rank*E/ranks, (rank+1)*E/ranks), in
+    memory of their own (a meta tensor stays meta)."""
+    per_rank = param.shape[0] // ranks
+    local = param.detach()[rank * per_rank : (rank + 1) * per_rank]
+    return local if local.is_meta else local.clone()  # do not keep the full tensor alive through a view
+
+
+def attach_dispatcher(modules: list[nn.Module], dispatcher) -> None:
+    """Serve every MoE layer in `modules` with the expert-parallel `dispatcher` (DeepEP: a per-layer view)."""
+    per_layer = getattr(dispatcher, "for_layer", None)  # DeepEP keeps a per-layer replay slot
+    for layer_index, module in enumerate(modules):
+        module.moe_dispatcher = per_layer(layer_index) if per_layer is not None else dispatcher
+
+
 def shard_experts(module: nn.Module, pmesh: ParallelMesh) -> None:
     """Replace each [E, ...] parameter by a DTensor `Shard(0)` over "ep" holding this rank's E/ep experts."""
-    ep, rank = pmesh.sizes.ep, pmesh.ep_rank
-    for name, param in list(module.named_parameters(recurse=False)):
-        if param.shape[0] != module.num_experts or isinstance(param, DTensor):
+    for name, param in stacked_expert_params(module):
+        if isinstance(param, DTensor):
             continue
-        per_rank = param.shape[0] // ep
-        local = param.detach()[rank * per_rank : (rank + 1) * per_rank]
-        local = local if local.is_meta else local.clone()  # do not keep the full tensor alive through a view
+        local = rank_experts(param, pmesh.ep_rank, pmesh.sizes.ep)
         dtensor = DTensor.from_local(local, pmesh.ep, [Shard(0)], run_check=False)
         setattr(module, name, nn.Parameter(dtensor, requires_grad=param.requires_grad))
 
@@ -104,10 +122,9 @@ def apply_parallelism(model: nn.Module, cfg: ParallelConfig, pmesh: ParallelMesh
     """Shard `model` in place (steps 1-4 above) and return it. `dispatcher` serves every MoE layer."""
     experts = experts_modules(model)
     if pmesh.sizes.ep > 1:
-        for layer_index, module in enumerate(experts):
+        for module in experts:
             shard_experts(module, pmesh)
-            per_layer = getattr(dispatcher, "for_layer", None)  # DeepEP keeps a per-layer replay slot
-            module.moe_dispatcher = per_layer(layer_index) if per_layer is not None else dispatcher
+        attach_dispatcher(experts, dispatcher)
     enable_activation_checkpointing(model, cfg.activation_checkpointing)
     layers = decoder_layers(model)
     if cfg.compile:

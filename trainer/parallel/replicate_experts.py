@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.parallel.apply import experts_modules
+from trainer.parallel.apply import attach_dispatcher, experts_modules, rank_experts, stacked_expert_params
 from trainer.parallel.replicate import replica_gradients
 
 
@@ -38,18 +38,13 @@ def split_experts(model: nn.Module, dispatcher: str = "auto") -> int:
     if odd:
         raise ValueError(f"{odd[0]} experts do not split over {world} ranks: use a group size that divides them")
     device = next(model.parameters()).device
-    shared = make_dispatcher(dispatcher, replicas.group, device.type, getattr(model.config, "hidden_size", None))
-    for layer_index, module in enumerate(modules):
-        per_rank = module.num_experts // world
-        for name, param in list(module.named_parameters(recurse=False)):
-            if param.dim() == 0 or param.shape[0] != module.num_experts:
-                continue
-            own = nn.Parameter(param.detach()[rank * per_rank:(rank + 1) * per_rank].clone(),
-                               requires_grad=param.requires_grad)
+    for module in modules:
+        for name, param in stacked_expert_params(module):
+            own = nn.Parameter(rank_experts(param, rank, world), requires_grad=param.requires_grad)
             setattr(module, name, own)
             replicas.rank_local.add(own)
-        per_layer = getattr(shared, "for_layer", None)  # DeepEP keeps a per-layer replay slot
-        module.moe_dispatcher = per_layer(layer_index) if per_layer is not None else shared
+    shared = make_dispatcher(dispatcher, replicas.group, device.type, getattr(model.config, "hidden_size", None))
+    attach_dispatcher(modules, shared)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the full expert tensors are gone
     return len(modules)
