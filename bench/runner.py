@@ -180,7 +180,7 @@ def _measure(spec: RunSpec, job, device, world: int, result: dict) -> None:
             _parallelize(model, job, spec.layout)
             result["notes"].append(f"layout: {LAYOUTS[spec.layout]}")
             dispatchers = {m.moe_dispatcher.name for m in model.modules() if getattr(m, "moe_dispatcher", None)}
-            if dispatchers and spec.layout in ("ep", "replicate-ep"):
+            if dispatchers:
                 result["notes"].append(f"expert-parallel dispatcher: {', '.join(sorted(dispatchers))}")
         apply_optimizations(model, options)
         result["options"] = options.as_dict()
@@ -306,7 +306,9 @@ LAYOUTS = {"ep": "expert parallel over all GPUs + FSDP2", "fsdp": "FSDP2 only (e
             "replicate": "every GPU holds the whole model; gradients averaged layer by layer inside the backward",
             "replicate-sharded": "as replicate, each GPU updating (and keeping AdamW state for) half of each weight",
             "replicate-ep": "as replicate-sharded, but each GPU keeps only its half of the experts (expert parallel: "
-                            "tokens travel to their experts and back)"}
+                            "tokens travel to their experts and back)",
+            "replicate-ep-allgather": "as replicate-ep, every token sent to every GPU (all-gather / reduce-scatter: "
+                                      "static shapes, so the layers keep their CUDA graphs)"}
 
 
 def _parallelize(model, job, layout: str) -> None:
@@ -316,7 +318,8 @@ def _parallelize(model, job, layout: str) -> None:
     "replicate" = the whole model on every GPU, gradients averaged by the in-backward optimizer
     (trainer.parallel.replicate; the variant needs opt-in-bwd / opt-overlap), "replicate-sharded" = the same with
     the optimizer's state and update split across the GPUs, "replicate-ep" = replicate-sharded with each GPU keeping
-    only its share of the experts (trainer.parallel.replicate_experts; MOE_BENCH_DISPATCHER picks the dispatcher)."""
+    only its share of the experts (trainer.parallel.replicate_experts; MOE_BENCH_DISPATCHER picks the dispatcher),
+    "replicate-ep-allgather" = the same with the all-gather dispatcher (trainer.parallel.allgather)."""
     from trainer.parallel import ParallelConfig, parallelize
     from trainer.parallel.replicate import replicate
     from trainer.parallel.replicate_experts import split_experts
@@ -326,8 +329,8 @@ def _parallelize(model, job, layout: str) -> None:
     dispatcher = os.environ.get("MOE_BENCH_DISPATCHER", "auto")
     if layout.startswith("replicate"):
         replicate(model, shard_optimizer=layout != "replicate")
-        if layout == "replicate-ep":
-            split_experts(model, dispatcher)
+        if layout.startswith("replicate-ep"):
+            split_experts(model, "allgather" if layout == "replicate-ep-allgather" else dispatcher)
         return
     ep_size = job.gpus if layout == "ep" else 1
     parallelize(model, ParallelConfig(ep_size=ep_size, dispatcher=dispatcher, param_dtype=None, reduce_dtype=None,

@@ -7,6 +7,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "distributed"))  # the process harness, for the multi-GPU tests too
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -11,9 +11,10 @@ from training_loop import train_steps
 
 
 def train_tiny_moe(spec: str, steps: int, batch: int = 2, dtype: torch.dtype = torch.bfloat16, apply: bool = True,
-                   **config_overrides):
+                   prepare=None, rows: tuple[int, int] = (0, 1), **config_overrides):
     """Seeded model and token ids, `steps` optimizer steps (lr 1e-3) with options `spec` (patched into the model when
-    `apply`). Returns (model, losses, optimizer, options)."""
+    `apply`, after `prepare(model)` if given). `rows` = (rank, ranks): train on that share of the batch's rows.
+    Returns (model, losses, optimizer, options)."""
     torch.manual_seed(0)
     config = tiny_configs.qwen3_moe(**{**dict(output_router_logits=True, router_aux_loss_coef=0.01, hidden_size=256,
                                               intermediate_size=512, moe_intermediate_size=256, vocab_size=4096,
@@ -21,7 +22,9 @@ def train_tiny_moe(spec: str, steps: int, batch: int = 2, dtype: torch.dtype = t
     with torch.device("cuda"):
         model = MoEAutoModelForCausalLM.from_config(config).to(dtype)
     ids = torch.randint(0, config.vocab_size, (batch, 256), device="cuda",
-                        generator=torch.Generator("cuda").manual_seed(1))
+                        generator=torch.Generator("cuda").manual_seed(1)).chunk(rows[1])[rows[0]]
+    if prepare is not None:
+        prepare(model)
     options = PerfOptions.parse(spec)
     if apply:
         apply_optimizations(model, options)

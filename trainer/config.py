@@ -92,7 +92,7 @@ class ParallelConfig:
     ep_size: int = 1
     dp_shard_size: int = -1  # -1: all remaining ranks
     dp_replicate_size: int = 1
-    dispatcher: Literal["auto", "alltoall", "deepep"] = "auto"
+    dispatcher: Literal["auto", "alltoall", "allgather", "deepep"] = "auto"
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     compile: bool = False
     # FSDP2: free each layer's gathered weights after its forward (true) or keep them until its backward (false:

@@ -195,8 +195,9 @@ def _cuda_graphs_missing(model: torch.nn.Module) -> str | None:
         return "one CUDA device in one process"
     if distributed and replica_gradients(model) is None:  # sharded layouts run collectives inside the layers
         return "one CUDA device in one process (or a replicated model)"
-    if any(getattr(m, "moe_dispatcher", None) is not None for m in model.modules()):
-        return "no expert-parallel dispatch (it sizes its all-to-all on the host)"
+    dispatchers = {getattr(m, "moe_dispatcher", None) for m in model.modules()} - {None}
+    if any(not getattr(d, "static_shapes", False) for d in dispatchers):
+        return "no expert-parallel dispatch sized on the host (parallel.dispatcher=allgather has static shapes)"
     if any(p.dtype == torch.float32 for p in model.parameters()):
         # the grouped GEMM runs in bf16/fp16; fp32 experts loop on the host over the experts' row counts
         return "bf16/fp16 weights (fp32 experts read row counts on the host)"

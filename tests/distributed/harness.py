@@ -1,4 +1,5 @@
-"""Run a function in N gloo processes on CPU (like torchrun would) and collect what each rank returns."""
+"""Run a function in N processes (like torchrun would: gloo on CPU, or NCCL with one GPU per rank) and collect what
+each rank returns."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank, world_size, port, queue, args, timeout):
+def _entry(fn, rank, world_size, port, queue, args, timeout, backend="gloo"):
     import faulthandler
 
     faulthandler.dump_traceback_later(max(5.0, timeout * 0.7), exit=True)  # a hung rank shows where it hangs
@@ -26,7 +27,9 @@ def _entry(fn, rank, world_size, port, queue, args, timeout):
 
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         queue.put((rank, "ok", fn(*args)))
     except BaseException:  # report every failure to the parent, which raises it
         queue.put((rank, "error", traceback.format_exc()))
@@ -35,12 +38,14 @@ def _entry(fn, rank, world_size, port, queue, args, timeout):
             dist.destroy_process_group()
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 90.0) -> list:
-    """fn(*args) on ranks 0..world_size-1 (gloo, CPU); returns the per-rank results in rank order."""
+def run_ranks(fn, world_size: int, *args, timeout: float = 90.0, backend: str = "gloo") -> list:
+    """fn(*args) on ranks 0..world_size-1 (gloo on CPU, or "nccl": rank r on GPU r); returns the per-rank results
+    in rank order."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, queue, args, timeout), daemon=True) for r in range(world_size)]
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, queue, args, timeout, backend),
+                         daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, object] = {}

@@ -34,7 +34,7 @@ def _train(model, spec: str, ids: torch.Tensor, steps: int):
 
 
 def replicas_train_like_one_process(spec: str, steps: int = 3, shard_optimizer: bool = False,
-                                    split: bool = False) -> dict:
+                                    split: bool = False, dispatcher: str = "alltoall") -> dict:
     """Each rank starts from its own seed and trains on its half of the batch; rank 0 also trains one model alone on
     the whole batch. `split`: each rank keeps half of the experts (split_experts, all-to-all dispatch). Returns the
     worst relative difference to that model (experts gathered from both ranks) and a checksum of the parameters
@@ -43,7 +43,7 @@ def replicas_train_like_one_process(spec: str, steps: int = 3, shard_optimizer: 
     model = _model(seed=rank)  # replicate() makes every rank start from rank 0's parameters
     replicate(model, shard_optimizer=shard_optimizer)
     if split:
-        split_experts(model, "alltoall")
+        split_experts(model, dispatcher)
     rank_local = replica_gradients(model).rank_local
     rows = IDS.shape[0] // world
     notes, optimizer = _train(model, spec, IDS[rank * rows:(rank + 1) * rows], steps)

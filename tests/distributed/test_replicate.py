@@ -38,10 +38,13 @@ def test_replicas_with_a_sharded_optimizer_train_like_one_process_and_keep_half_
     assert results[0]["state_elements"] <= 0.55 * results[0]["param_elements"]
 
 
-@pytest.mark.parametrize("spec", ["opt-in-bwd", "fused-experts+opt-overlap", "opt-in-bwd+defer=1"])
-def test_replicas_with_split_experts_train_like_one_process_and_keep_their_experts_only(spec):
-    results = run_ranks(replicate_workers.replicas_train_like_one_process, 2, spec, 3, True, True, timeout=180)
-    assert results[0]["dispatchers"] == ["alltoall"]
+@pytest.mark.parametrize("spec,dispatcher", [("opt-in-bwd", "alltoall"), ("fused-experts+opt-overlap", "alltoall"),
+                                             ("opt-in-bwd+defer=1", "alltoall"),
+                                             ("fused-experts+opt-overlap", "allgather")])
+def test_replicas_with_split_experts_train_like_one_process_and_keep_their_experts_only(spec, dispatcher):
+    results = run_ranks(replicate_workers.replicas_train_like_one_process, 2, spec, 3, True, True, dispatcher,
+                        timeout=180)
+    assert results[0]["dispatchers"] == [dispatcher]
     assert results[0]["checksum"] == results[1]["checksum"], "the replicated parameters drifted apart"
     assert results[0]["grads_left"] == 0
     assert results[0]["moved"] > 1e-3, "the parameters should have been trained"

@@ -103,15 +103,16 @@ def test_two_process_job_runs_both_layouts_of_ours_with_the_optimizer_in_backwar
 
 def test_two_process_job_runs_the_replicated_layouts_with_split_experts_like_whole_ones(tmp_path):
     code = compare.main(["--jobs", "smoke-ep2", "--device", "cpu", "--ours-only", "--recipe", "none",
-                         "--ours-layouts", "replicate-sharded,replicate-ep", "--variants", "opt-in-bwd", "--steps", "1",
-                         "--warmup", "1", "--out", str(tmp_path)])
+                         "--ours-layouts", "replicate-sharded,replicate-ep,replicate-ep-allgather", "--variants",
+                         "opt-in-bwd", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)])
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     for result in results:
         assert "error" not in result, result.get("log_tail")
-    whole, split = results
-    assert any("expert-parallel dispatcher: alltoall" in note for note in split["notes"]), split["notes"]
-    assert abs(whole["loss_last"] - split["loss_last"]) <= 1e-4 * abs(whole["loss_last"])
+    whole, *splits = results
+    for split, dispatcher in zip(splits, ["alltoall", "allgather"]):
+        assert any(f"expert-parallel dispatcher: {dispatcher}" in note for note in split["notes"]), split["notes"]
+        assert abs(whole["loss_last"] - split["loss_last"]) <= 1e-4 * abs(whole["loss_last"])
 
 
 def test_speedups_are_against_the_fastest_native_layout():

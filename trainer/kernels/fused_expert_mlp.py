@@ -261,18 +261,21 @@ def fused_expert_mlp(
     plan: RoutingPlan,
     activation: Activation,
     is_transposed: bool = False,
+    keep_TK: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Routed expert MLP with weighted combine. Returns [T, H] in the compute dtype.
 
     x_TD [T, H]; weights_TK [T, K]; up_w [E, F, H] (F = 2I gated, I otherwise) and down_w [E, H, I] in HF layout
-    (or [E, H, F] / [E, I, H] when is_transposed); plan: the routing plan (`trainer.moe.permute.make_plan`). Under
-    autocast the GEMMs run in the autocast dtype and weight gradients come back in the parameters' dtype.
+    (or [E, H, F] / [E, I, H] when is_transposed); plan: the routing plan (`trainer.moe.permute.make_plan`);
+    keep_TK: which (token, k) pairs are computed here (None: all; the others sort past the plan's last offset, as in
+    `trainer.parallel.allgather`). Under autocast the GEMMs run in the autocast dtype and weight gradients come back
+    in the parameters' dtype.
     """
     compute_dtype = up_w.dtype
     if torch.is_autocast_enabled(x_TD.device.type):
         compute_dtype = torch.get_autocast_dtype(x_TD.device.type)
     with torch.autocast(x_TD.device.type, enabled=False):
-        x_SD = permute_tokens(x_TD.to(compute_dtype), plan)
+        x_SD = permute_tokens(x_TD.to(compute_dtype), plan, keep_TK)
         x_saved = x_TD.detach()  # the backward gathers the rows again from the tokens instead of keeping x_SD
         if activation.kind in OP_ACTIVATIONS:
             y_SD = _rows_op(x_SD, x_saved, up_w, down_w, plan.perm_S, plan.offsets_E, plan.top_k, activation.kind,
@@ -280,4 +283,4 @@ def fused_expert_mlp(
         else:
             y_SD = _ExpertMLPRows.apply(x_SD, x_saved, up_w, down_w, plan.perm_S, plan.offsets_E, plan.top_k,
                                         activation, is_transposed, compute_dtype)
-        return unpermute_and_combine(y_SD, weights_TK, plan)
+        return unpermute_and_combine(y_SD, weights_TK, plan, keep_TK)

@@ -11,11 +11,13 @@ Option (local path only, no bias): the memory-lean fused expert MLP (`trainer.ke
 gather, expert MLP on rows, combine, which together save the pre-activation and the down output only (its routing
 plan, like the local dispatcher's, needs no host synchronisation). Turn it on per module with
 `set_fused_experts(model)` (what `trainer.perf` does), or for every model with the environment variable
-MOE_FUSED_EXPERTS=1. Expert-parallel dispatchers keep the unfused path.
+MOE_FUSED_EXPERTS=1. The all-to-all and DeepEP dispatchers keep the unfused path; the all-gather dispatcher
+(`trainer.parallel.allgather`) runs the fused expert MLP on the EP group's tokens, inside compiled graphs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -23,7 +25,7 @@ import torch
 from trainer.kernels.fused_expert_mlp import OP_ACTIVATIONS, activation_for, fused_expert_mlp
 from trainer.moe.dispatch import LOCAL_DISPATCHER
 from trainer.moe.grouped_gemm import grouped_mm
-from trainer.moe.permute import make_plan
+from trainer.moe.permute import make_plan, permute_tokens, unpermute_and_combine
 
 IMPLEMENTATION_NAME = "moe_fast"
 FUSED_ENV = "MOE_FUSED_EXPERTS"
@@ -124,13 +126,55 @@ def fast_experts_forward(
 ) -> torch.Tensor:
     """ExpertsInterface entry: [T, H] tokens, [T, K] expert ids and weights -> [T, H].
 
-    Under torch.compile only the fused local path with a SwiGLU / relu^2 activation is traced (its routing plan is
-    plain tensor ops, its expert MLP one custom op, so the layer stays one graph); every other path runs eagerly.
+    Under torch.compile the fused paths with a SwiGLU / relu^2 activation are traced (the local one, and the
+    all-gather dispatcher's: routing plan and collectives are plain tensor ops, the expert MLP one custom op, so the
+    layer stays one graph); every other path runs eagerly.
     """
-    fused = getattr(module, "moe_dispatcher", None) is None and _fused_enabled(module)
+    dispatcher = getattr(module, "moe_dispatcher", None)
+    if getattr(dispatcher, "gathers_tokens", False):
+        if torch.compiler.is_compiling() and not _gathered_traceable(module):
+            return _eager_gathered_forward(module, dispatcher, hidden_states, top_k_index, top_k_weights)
+        return _gathered_forward(module, dispatcher, hidden_states, top_k_index, top_k_weights)
+    fused = dispatcher is None and _fused_enabled(module)
     if fused and (not torch.compiler.is_compiling() or _activation(module).kind in OP_ACTIVATIONS):
         return _fused_local_forward(module, hidden_states, top_k_index, top_k_weights)
     return _eager_experts_forward(module, hidden_states, top_k_index, top_k_weights, fused)
+
+
+def _gathered_traceable(module) -> bool:
+    """The gathered path compiles when its expert MLP is the fused custom op (no bias, SwiGLU / relu^2)."""
+    return not getattr(module, "has_bias", False) and _activation(module).kind in OP_ACTIVATIONS
+
+
+def _gathered_forward(module, dispatcher, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+    """Static-shape expert parallelism (`trainer.parallel.allgather`): this rank's experts on the EP group's tokens,
+    the partial outputs summed back home. No host synchronisation."""
+    tokens = dispatcher.gather(hidden_states, top_k_index, top_k_weights, module.num_experts)
+    plan = _plan_without_elsewhere(make_plan(tokens.local_index_NK, tokens.num_local_experts + 1))
+    module.moe_last_tokens_per_expert = plan.tokens_per_expert_E.detach()
+    has_gate = getattr(module, "has_gate", True)
+    if getattr(module, "has_bias", False):
+        rows_SD = permute_tokens(tokens.x_ND, plan, tokens.keep_NK)
+        out_ND = unpermute_and_combine(expert_mlp(module, rows_SD, plan), tokens.weights_NK, plan, tokens.keep_NK)
+    else:
+        out_ND = fused_expert_mlp(
+            tokens.x_ND, tokens.weights_NK, _local(module.gate_up_proj if has_gate else module.up_proj),
+            _local(module.down_proj), plan, _activation(module),
+            is_transposed=getattr(module, "is_transposed", False), keep_TK=tokens.keep_NK,
+        )
+    return dispatcher.scatter(out_ND.to(hidden_states.dtype))
+
+
+_eager_gathered_forward = torch.compiler.disable(_gathered_forward)
+
+
+def _plan_without_elsewhere(plan):
+    """A plan over local experts + one "elsewhere" bucket, cut to the local experts: the elsewhere rows sort last,
+    past the last offset, so the grouped GEMMs never compute them (their expert id is clamped to stay indexable)."""
+    local = plan.offsets_E.shape[0] - 1
+    return dataclasses.replace(plan, offsets_E=plan.offsets_E[:local],
+                               tokens_per_expert_E=plan.tokens_per_expert_E[:local],
+                               expert_of_row_S=plan.expert_of_row_S.clamp(max=local - 1))
 
 
 @torch.compiler.disable

@@ -4,6 +4,11 @@ Both directions are gathers (no scatter-add, no atomics), so forward and backwar
 dispatch's backward sums the K copies of each token with a reshape + sum, combine's backward is a gather by the
 forward permutation. No host synchronisation happens here. Compiled, Inductor fuses each gather with its multiply
 and K-way sum.
+
+Pairs may be marked as not computed here (`keep_TK` False: their expert lives on another rank, and the plan sorts
+them past the last offset, where the grouped GEMMs write nothing). Their rows are never read: combine selects 0 for
+them and dispatch's backward leaves them out of each token's sum (a select, not a multiply by 0, so whatever the
+unwritten rows hold cannot leak in).
 """
 
 from __future__ import annotations
@@ -58,30 +63,39 @@ def token_of_row(perm_S: torch.Tensor, top_k: int) -> torch.Tensor:
     return torch.div(perm_S, top_k, rounding_mode="floor")
 
 
+def _kept(rows_TKD: torch.Tensor, keep_TK: torch.Tensor | None) -> torch.Tensor:
+    """The pairs' rows, 0 where the pair is not computed here."""
+    if keep_TK is None:
+        return rows_TKD
+    return torch.where(keep_TK.unsqueeze(-1), rows_TKD, rows_TKD.new_zeros(()))
+
+
 class _ScatterTokensToRows(torch.autograd.Function):
-    """x_TD -> x_SD with row s = token perm[s] // K; backward sums each token's K row gradients."""
+    """x_TD -> x_SD with row s = token perm[s] // K; backward sums each token's K row gradients (kept pairs only)."""
 
     @staticmethod
-    def forward(ctx, x_TD, perm_S, inv_perm_S, top_k):
-        ctx.save_for_backward(inv_perm_S)
+    def forward(ctx, x_TD, perm_S, inv_perm_S, top_k, keep_TK):
+        ctx.save_for_backward(inv_perm_S, keep_TK)
         ctx.top_k = top_k
         return x_TD.index_select(0, token_of_row(perm_S, top_k))
 
     @staticmethod
     def backward(ctx, grad_SD):
-        (inv_perm_S,) = ctx.saved_tensors
+        inv_perm_S, keep_TK = ctx.saved_tensors
         grad_TKD = grad_SD.index_select(0, inv_perm_S).view(-1, ctx.top_k, grad_SD.shape[-1])
-        return grad_TKD.sum(dim=1), None, None, None
+        return _kept(grad_TKD, keep_TK).sum(dim=1), None, None, None, None
 
 
-def permute_tokens(x_TD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-    """[T, D] tokens -> [T*K, D] rows grouped by expert."""
-    return _ScatterTokensToRows.apply(x_TD, plan.perm_S, plan.inv_perm_S, plan.top_k)
+def permute_tokens(x_TD: torch.Tensor, plan: RoutingPlan, keep_TK: torch.Tensor | None = None) -> torch.Tensor:
+    """[T, D] tokens -> [T*K, D] rows grouped by expert. `keep_TK`: which pairs are computed here (None: all)."""
+    return _ScatterTokensToRows.apply(x_TD, plan.perm_S, plan.inv_perm_S, plan.top_k, keep_TK)
 
 
-def unpermute_and_combine(y_SD: torch.Tensor, weights_TK: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-    """[T*K, D] expert outputs in expert order -> [T, D] weighted sum over each token's K experts."""
-    return _CombineRows.apply(y_SD, weights_TK, plan.perm_S, plan.inv_perm_S)
+def unpermute_and_combine(y_SD: torch.Tensor, weights_TK: torch.Tensor, plan: RoutingPlan,
+                          keep_TK: torch.Tensor | None = None) -> torch.Tensor:
+    """[T*K, D] expert outputs in expert order -> [T, D] weighted sum over each token's K experts (the kept ones:
+    `keep_TK`, None = all)."""
+    return _CombineRows.apply(y_SD, weights_TK, plan.perm_S, plan.inv_perm_S, keep_TK)
 
 
 class _CombineRows(torch.autograd.Function):
@@ -94,10 +108,10 @@ class _CombineRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y_SD, weights_TK, perm_S, inv_perm_S):
-        ctx.save_for_backward(y_SD, weights_TK, perm_S, inv_perm_S)
+    def forward(ctx, y_SD, weights_TK, perm_S, inv_perm_S, keep_TK):
+        ctx.save_for_backward(y_SD, weights_TK, perm_S, inv_perm_S, keep_TK)
         num_tokens, top_k = weights_TK.shape
-        y_TKD = y_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, -1)
+        y_TKD = _kept(y_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, -1), keep_TK)
         weights_TK = weights_TK.to(y_SD.dtype)
         if torch.compiler.is_compiling():
             return (weights_TK.unsqueeze(-1).float() * y_TKD.float()).sum(dim=1).to(y_SD.dtype)
@@ -105,14 +119,14 @@ class _CombineRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out_TD):
-        y_SD, weights_TK, perm_S, inv_perm_S = ctx.saved_tensors
+        y_SD, weights_TK, perm_S, inv_perm_S, keep_TK = ctx.saved_tensors
         num_tokens, top_k = weights_TK.shape
         grad_out_TD = grad_out_TD.to(y_SD.dtype)
-        y_TKD = y_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, -1)
+        y_TKD = _kept(y_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, -1), keep_TK)
         if torch.compiler.is_compiling():
             grad_weights_TK = (y_TKD.float() * grad_out_TD.unsqueeze(1).float()).sum(dim=-1)
         else:
             grad_weights_TK = torch.bmm(y_TKD, grad_out_TD.unsqueeze(2)).squeeze(2)
         weight_of_row_S = weights_TK.reshape(-1).index_select(0, perm_S).to(y_SD.dtype)
         grad_y_SD = grad_out_TD.index_select(0, token_of_row(perm_S, top_k)) * weight_of_row_S.unsqueeze(1)
-        return grad_y_SD, grad_weights_TK.to(weights_TK.dtype), None, None
+        return grad_y_SD, grad_weights_TK.to(weights_TK.dtype), None, None, None

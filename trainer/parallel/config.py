@@ -18,7 +18,7 @@ import torch
 
 from trainer.errors import UserError
 
-DISPATCHERS = ("auto", "alltoall", "deepep")
+DISPATCHERS = ("auto", "alltoall", "allgather", "deepep")
 CHECKPOINTING = ("none", "full", "selective")
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -30,7 +30,7 @@ class ParallelConfig:
     ep_size: int = 1
     dp_shard_size: int = -1
     dp_replicate_size: int = 1
-    dispatcher: Literal["auto", "alltoall", "deepep"] = "auto"
+    dispatcher: Literal["auto", "alltoall", "allgather", "deepep"] = "auto"
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     compile: bool = False
     # FSDP2 mixed precision: weights are all-gathered in param_dtype for compute (None: the master dtype itself),

@@ -1,4 +1,8 @@
-"""Pick the expert-parallel dispatcher: `parallel.dispatcher: auto | alltoall | deepep`.
+"""Pick the expert-parallel dispatcher: `parallel.dispatcher: auto | alltoall | allgather | deepep`.
+
+`allgather` (`trainer.parallel.allgather`) sends every token to every rank of the EP group and needs no host
+synchronisation, so the layers compile whole and take CUDA graphs; it is asked for by name (it suits small EP
+groups, where nearly every token has an expert on every rank).
 
 `auto` takes DeepEP only where it can run: the `deep_ep` package imports, the devices are CUDA GPUs connected by
 NVLink, and, when the EP group spans more than one node, NVSHMEM (with RDMA/IBGDA) is present; otherwise the
@@ -81,6 +85,10 @@ def make_dispatcher(choice: str, group: dist.ProcessGroup, device_type: str, hid
     """The dispatcher for `choice`; UserError if `deepep` is asked for and cannot run here."""
     if choice == "alltoall":
         return _announce(AllToAllDispatcher(group), "parallel.dispatcher=alltoall")
+    if choice == "allgather":
+        from trainer.parallel.allgather import AllGatherDispatcher
+
+        return _announce(AllGatherDispatcher(group), "parallel.dispatcher=allgather")
     reason = deepep_unavailable_reason(group, device_type)
     if choice == "deepep" and reason is not None:  # raise before any collective: no rank waits on this one
         raise UserError(f"parallel.dispatcher=deepep but DeepEP cannot run here: {reason}", DEEPEP_INSTALL_HINT)

@@ -10,7 +10,8 @@ rows to the experts' ranks and back, forward and backward. The non-expert parame
 (or sharded update) in the in-backward optimizer. An expert's gradient already sums the tokens of every rank (the
 dispatch's backward brings them home), so the optimizer divides it by the group size instead of averaging it.
 
-The dispatch sizes its all-to-all on the host, so the layers are compiled without CUDA graphs (`trainer.perf`).
+The all-to-all and DeepEP dispatchers size their buffers on the host, so the layers are then compiled without CUDA
+graphs (`trainer.perf`); the all-gather dispatcher has static shapes and keeps them.
 Parameters are plain tensors (the rank's experts), so this layout is for training steps and benchmarks: a state
 dict holds only the rank's experts (checkpoints and export go through FSDP2's layouts, `trainer.parallel.apply`).
 """
@@ -26,7 +27,8 @@ from trainer.parallel.replicate import replica_gradients
 
 def split_experts(model: nn.Module, dispatcher: str = "auto") -> int:
     """Keep this rank's experts of every MoE layer of the replicated `model` and install the expert-parallel
-    `dispatcher` ("auto", "alltoall" or "deepep", as `parallel.dispatcher`); returns the number of MoE layers."""
+    `dispatcher` ("auto", "alltoall", "allgather" or "deepep", as `parallel.dispatcher`); returns the number of MoE
+    layers."""
     from trainer.parallel.dispatchers import make_dispatcher
 
     replicas = replica_gradients(model)
