@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.kernels import row_sum
+
 
 @dataclass
 class RoutingPlan:
@@ -63,6 +65,14 @@ def token_of_row(perm_S: torch.Tensor, top_k: int) -> torch.Tensor:
     return torch.div(perm_S, top_k, rounding_mode="floor")
 
 
+def _gathered_sum(rows_SD, index_S, top_k: int, weights_TK=None, keep_TK=None) -> torch.Tensor | None:
+    """sum_k [w *] rows[index[t, k]] over kept pairs with the Triton kernel (`trainer.kernels.row_sum`), or None
+    where it cannot run (CPU, no Triton): the caller then uses the torch formula."""
+    if not row_sum.usable(rows_SD, index_S, weights_TK, keep_TK):
+        return None
+    return row_sum.gathered_row_sum(rows_SD, index_S.view(-1, top_k), weights_TK, keep_TK)
+
+
 def _kept(rows_TKD: torch.Tensor, keep_TK: torch.Tensor | None) -> torch.Tensor:
     """The pairs' rows, 0 where the pair is not computed here."""
     if keep_TK is None:
@@ -82,8 +92,11 @@ class _ScatterTokensToRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_SD):
         inv_perm_S, keep_TK = ctx.saved_tensors
-        grad_TKD = grad_SD.index_select(0, inv_perm_S).view(-1, ctx.top_k, grad_SD.shape[-1])
-        return _kept(grad_TKD, keep_TK).sum(dim=1), None, None, None, None
+        grad_TD = _gathered_sum(grad_SD.contiguous(), inv_perm_S, ctx.top_k, keep_TK=keep_TK)
+        if grad_TD is None:
+            grad_TKD = grad_SD.index_select(0, inv_perm_S).view(-1, ctx.top_k, grad_SD.shape[-1])
+            grad_TD = _kept(grad_TKD, keep_TK).sum(dim=1)
+        return grad_TD, None, None, None, None
 
 
 def permute_tokens(x_TD: torch.Tensor, plan: RoutingPlan, keep_TK: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,6 +124,9 @@ class _CombineRows(torch.autograd.Function):
     def forward(ctx, y_SD, weights_TK, perm_S, inv_perm_S, keep_TK):
         ctx.save_for_backward(y_SD, weights_TK, perm_S, inv_perm_S, keep_TK)
         num_tokens, top_k = weights_TK.shape
+        out_TD = _gathered_sum(y_SD, inv_perm_S, top_k, weights_TK.contiguous(), keep_TK)
+        if out_TD is not None:
+            return out_TD
         y_TKD = _kept(y_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, -1), keep_TK)
         weights_TK = weights_TK.to(y_SD.dtype)
         if torch.compiler.is_compiling():
