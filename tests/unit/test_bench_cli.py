@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -132,3 +134,14 @@ def test_report_keeps_only_the_chosen_runs(tmp_path, capsys):
     assert report.main([str(path), "--runs", "native,ours[b]"]) == 0
     out = capsys.readouterr().out
     assert "ours[b]" in out and "ours[a]" not in out and "| B1-bs1 | native |" in out
+
+
+def test_one_gpu_layouts_runs_split_experts_in_a_one_rank_group_like_the_plain_model(tmp_path):
+    out = tmp_path / "layouts.json"
+    proc = subprocess.run([sys.executable, "bench/one_gpu_layouts.py", "--job", "smoke", "--variant", "opt-in-bwd",
+                           "--modes", "plain,allgather", "--row-sum", "torch", "--steps", "1", "--warmup", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    plain, allgather = json.loads(out.read_text())["rows"]
+    assert (plain["mode"], allgather["mode"]) == ("plain", "allgather")
+    assert abs(plain["loss_last"] - allgather["loss_last"]) <= 1e-5 * abs(plain["loss_last"])

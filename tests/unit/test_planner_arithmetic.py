@@ -146,6 +146,19 @@ def test_expert_parallel_capacity_factor_scales_routed_rows():
     assert skewed - balanced == pytest.approx(8 + 16 + 32)  # one more row per token
 
 
+def test_allgather_dispatch_sends_every_token_and_sizes_rows_for_every_pair_of_the_group():
+    from trainer.planner.cost import alltoall_bytes
+
+    shape = shape_from_config(load_model_config("qwen3-30b-a3b", {"num_hidden_layers": 2}))
+    gathered, sorted_pairs = Layout(4, ep_size=4, dispatcher="allgather"), Layout(4, ep_size=4)
+    per_pass = 4 * gathered.tokens * shape.hidden * 2 * len(shape.moe_blocks)
+    assert alltoall_bytes(shape, gathered, 2) == pytest.approx(3 * per_pass)  # ep - 1 copies of each token
+    assert alltoall_bytes(shape, sorted_pairs, 2) == pytest.approx(8 * 3 / 4 * per_pass)  # top-8, 3 of 4 elsewhere
+    peak = {layout.dispatcher: estimate_memory(shape, layout, HF_BASELINE).phases["loss"]
+            for layout in (gathered, sorted_pairs)}
+    assert peak["allgather"] > peak["alltoall"]  # buffers for 4x the mean rows instead of 1.25x
+
+
 def test_invalid_mesh_is_a_user_error():
     with pytest.raises(UserError, match="does not divide"):
         Layout(8, ep_size=3)

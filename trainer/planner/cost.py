@@ -108,6 +108,8 @@ def alltoall_bytes(shape: ModelShape, layout: Layout, compute_bytes: int) -> flo
     for block in shape.moe_blocks:
         if layout.dispatcher == "deepep":  # one copy per distinct destination rank
             rows = ep * (1 - (1 - 1 / ep) ** block.top_k) * (ep - 1) / ep
+        elif layout.dispatcher == "allgather":  # every token to every other rank (all-gather / reduce-scatter)
+            rows = ep - 1
         else:  # one row per (token, expert) pair
             rows = block.top_k * (ep - 1) / ep
         total += passes * layout.tokens * rows * shape.hidden * compute_bytes

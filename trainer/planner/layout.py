@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from trainer.errors import UserError
 
 CHECKPOINTING = ("none", "selective", "full")
-DISPATCHERS = ("alltoall", "deepep")
+DISPATCHERS = ("alltoall", "allgather", "deepep")
 
 
 @dataclass(frozen=True)

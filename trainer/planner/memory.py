@@ -70,7 +70,9 @@ def estimate_memory(shape: ModelShape, layout: Layout, options: PlanOptions | No
     c = prec.compute_bytes
     tokens = layout.tokens
     fsdp = uses_fsdp(layout, options)
-    ctx = ActivationContext(shape.hidden, c, options.capacity_factor, layout.ep_size)
+    # the all-gather dispatcher sizes its row buffers for every (token, expert) pair of the EP group
+    capacity = float(layout.ep_size) if layout.dispatcher == "allgather" else options.capacity_factor
+    ctx = ActivationContext(shape.hidden, c, capacity, layout.ep_size)
 
     layer_params, root_params = rank_params(shape, layout)
     n_params = sum(layer_params) + root_params
