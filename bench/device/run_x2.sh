@@ -17,6 +17,8 @@
 #                concurrently; B2 on both GPUs afterwards, layouts B2_LAYOUTS): wall vs kernel vs host time, the top
 #                kernels by GPU time; gzipped traces kept in $OUT (one per rank for B2)
 #   ep-dispatch  DeepEP vs all-to-all equality and timing (bench/ep_dispatch.py, 2 GPUs)
+#   ep-graphs-test  GPU test: split experts with the all-gather dispatcher keep CUDA graphs, in a one-rank group
+#                and on both GPUs (tests/gpu/test_allgather_graphs.py)
 #   b2           B2: native FSDP2 / native EP=2 vs ours FSDP2-only and EP=2 + FSDP2 (bench/compare.py, 2 GPUs;
 #                B2_VARIANTS, B2_NATIVE, B2_LAYOUTS, MOE_BENCH_DISPATCHER=alltoall|deepep|auto)
 #   train-step   whole EP=2 training step, one process per dispatcher (bench/ep_train_step.py --saved --profile)
@@ -36,7 +38,7 @@ LOG="$R/x2.log"
 exec > >(tee -a "$LOG") 2>&1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-STAGES="${STAGES:-adamw-kernel graphs-test build b1 ce-test profile b2 ep-dispatch train-step b3-torch plan mamba-test b3-kernels}"
+STAGES="${STAGES:-adamw-kernel graphs-test build b1 ce-test profile ep-graphs-test b2 ep-dispatch train-step b3-torch plan mamba-test b3-kernels}"
 SCRATCH=/tmp/x2
 mkdir -p "$SCRATCH"
 for wheel in .whl/*.whl; do
@@ -138,6 +140,14 @@ if has ep-dispatch; then
   step "EP dispatch: DeepEP vs all-to-all"
   timeout 180 torchrun --standalone --nproc-per-node 2 bench/ep_dispatch.py --out "$R/ep_dispatch.json" 2>&1 \
     | grep -v "^\s*$" | tail -25
+fi
+
+if has ep-graphs-test; then
+  step "GPU parity test: split experts with the all-gather dispatcher keep CUDA graphs (1 rank, then 2 GPUs)"
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/gpu/test_allgather_graphs.py \
+    > "$SCRATCH/ep_graphs_test.log" 2>&1
+  grep -E "^E .*(Error|assert)" "$SCRATCH/ep_graphs_test.log" | head -12
+  grep -E "^FAILED|^ERROR|passed|failed" "$SCRATCH/ep_graphs_test.log" | tail -6
 fi
 
 if has b2; then
