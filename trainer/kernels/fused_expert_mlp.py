@@ -20,8 +20,9 @@ The reference is `trainer.moe.experts.expert_mlp` + `LocalDispatcher` (the unfus
 
 With SwiGLU or relu^2 the expert MLP is a pair of torch custom ops (forward, backward) joined by
 `register_autograd`: opaque to torch.compile, so a compiled decoder layer traces around it without a graph break,
-while the dispatch and combine steps are traced (Inductor fuses each gather with its multiply and K-way sum). Any
-other activation module runs as an autograd Function (eager only).
+while the dispatch and combine steps are traced (Inductor fuses each gather with its multiply; the K-way sums are
+the Triton row sums of `trainer.kernels.row_sum` on CUDA). Any other activation module runs as an autograd
+Function (eager only).
 """
 
 from __future__ import annotations

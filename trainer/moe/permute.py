@@ -2,8 +2,9 @@
 
 Both directions are gathers (no scatter-add, no atomics), so forward and backward are bit-reproducible on GPU:
 dispatch's backward sums the K copies of each token with a reshape + sum, combine's backward is a gather by the
-forward permutation. No host synchronisation happens here. Compiled, Inductor fuses each gather with its multiply
-and K-way sum.
+forward permutation. No host synchronisation happens here. On CUDA the two K-way sums (combine, dispatch's
+backward) are one Triton kernel each (`trainer.kernels.row_sum`); elsewhere, compiled, Inductor fuses each gather
+with its multiply and K-way sum.
 
 Pairs may be marked as not computed here (`keep_TK` False: their expert lives on another rank, and the plan sorts
 them past the last offset, where the grouped GEMMs write nothing). Their rows are never read: combine selects 0 for
@@ -114,7 +115,8 @@ def unpermute_and_combine(y_SD: torch.Tensor, weights_TK: torch.Tensor, plan: Ro
 class _CombineRows(torch.autograd.Function):
     """out_TD[t] = sum_k w_TK[t, k] * y_SD[row of (t, k)]: the expert outputs back in token order, weighted.
 
-    Eagerly the K-way sum is a batched [1, K] x [K, D] product per token (one pass over the gathered rows, fp32
+    On CUDA the forward is the Triton row sum (`trainer.kernels.row_sum`: fp32 accumulation, rows of pairs not kept
+    never loaded). Elsewhere, eagerly, the K-way sum is a batched [1, K] x [K, D] product per token (fp32
     accumulation inside the GEMM); compiled it is written as a multiply and a sum, which Inductor fuses with the
     gather into one kernel per direction (the gathered [T, K, D] rows are never written). The backward is gathers
     only: dy for a row is w * dout of its token.
