@@ -36,6 +36,9 @@ Options (the benchmark keeps each only where it pays, docs/BENCHMARKS.md):
   highest priority, so their kernels go before the overlapped optimizer's blocks: `trainer.graph_priority`) or
   "auto" (high in one process; default where gradient collectives run in the backward, whose kernels then wait
   behind the graphs: B1 +1.6-2%, B2 replicas -3%).
+- rope: "default" or "static" (the rotary embedding's cos and sin written into buffers with a fixed address, marked
+  static, so CUDA-graph layers read them in place instead of copying them in before every replay:
+  `trainer.models.static_rotary`).
 - master: "none" (optimizer works on the parameters' dtype) or "fp32" (fp32 master weights and AdamW states kept by
   the optimizer, bf16 parameters for compute: the recommended recipe).
 """
@@ -66,6 +69,7 @@ CHOICES = {
     "master": ("none", "fp32"),
     "defer": ("none", "head", "1", "2", "3", "4"),
     "graph_priority": ("default", "high", "auto"),
+    "rope": ("default", "static"),
 }
 
 BOOLEAN_OPTIONS = ("fused_experts", "fp8")
@@ -86,6 +90,7 @@ SHORTCUTS = {
     "triton-adamw": {"adamw": "triton"},
     "defer-head": {"defer": "head"},
     "graphs-first": {"graph_priority": "high"},
+    "static-rope": {"rope": "static"},
     "master-fp32": {"master": "fp32"},
     "fp8": {"fp8": True},
     "best": {"loss": "fused", "fused_experts": True, "kernels": "liger", "optimizer": "overlap",
@@ -105,6 +110,7 @@ class PerfOptions:
     adamw_launch: str = "default"  # the Triton AdamW kernel's launch shape
     defer: str = "none"  # updates run under the next forward: "head" or the head + the last N decoder layers
     graph_priority: str = "default"  # "high"/"auto": the layers' CUDA graphs captured on a high-priority stream
+    rope: str = "default"  # "static": the rotary (cos, sin) in fixed-address buffers, read in place by the graphs
     master: str = "none"
     fp8: bool = False
     notes: list[str] = field(default_factory=list, compare=False)
@@ -158,6 +164,10 @@ def apply_optimizations(model: torch.nn.Module, options: PerfOptions) -> list[st
             notes.append(f"liger RMSNorm on {_patch_liger_rmsnorm(model)} modules")
         else:
             notes.append("liger not importable: eager RMSNorm / SwiGLU")
+    if options.rope == "static":
+        from trainer.models.static_rotary import use_static_rotary
+
+        notes.append(f"rotary embeddings in fixed-address buffers ({use_static_rotary(model)} modules)")
     if options.fp8:
         notes.append(_apply_fp8(model))
     if options.ac != "none":

@@ -324,3 +324,37 @@ def test_best_captures_graphs_at_high_priority_only_without_replicas():
     replicated = _model()
     replicated.__dict__[REPLICA_GRADIENTS] = object()  # what trainer.parallel.replicate leaves on a replica
     assert "default priority" in _set_graph_priority(replicated, options)
+
+
+def test_static_rope_reuses_fixed_address_buffers_and_trains_like_without():
+    """`static-rope`: the rotary (cos, sin) come back in the same two buffers every call, marked static for the
+    CUDA graphs, with the embedding's own values; compiled layers train exactly as without, with no recompile
+    after the first step."""
+    from torch._dynamo.utils import counters
+
+    model = _model()
+    rotary = model.model.rotary_emb
+    x, positions = torch.randn(2, 20, 32), torch.arange(20).expand(2, 20)
+    expected = rotary(x, positions)
+    options = PerfOptions.parse("fused-experts+static-rope")
+    apply_optimizations(model, options)
+    assert "rotary embeddings in fixed-address buffers (1 modules)" in options.notes
+    first = rotary(x, positions)
+    second = rotary(x, positions + 3)
+    assert all(a is b for a, b in zip(first, second))
+    assert all(getattr(t, "_dynamo_static_input_type", None) for t in first)
+    assert torch.equal(second[0], rotary.__class__.forward(rotary, x, positions + 3)[0])
+    assert torch.equal(rotary(x, positions)[1], expected[1])
+
+    losses, graphs = {}, {}
+    for spec in ("fused-experts+compile-all+opt-in-bwd", "fused-experts+compile-all+opt-in-bwd+static-rope"):
+        torch._dynamo.reset()
+        counters.clear()
+        model = _model()
+        options = PerfOptions.parse(spec)
+        apply_optimizations(model, options)
+        _, losses[spec] = train_steps(model, options, IDS, 3, lr=1e-2)
+        graphs[spec] = counters["stats"]["unique_graphs"]
+    static = "fused-experts+compile-all+opt-in-bwd+static-rope"
+    assert losses[static] == losses["fused-experts+compile-all+opt-in-bwd"]
+    assert graphs[static] == graphs["fused-experts+compile-all+opt-in-bwd"]  # no recompile for the buffers
