@@ -129,7 +129,8 @@ def estimate_step(shape: ModelShape, layout: Layout, gpu: GPU, options: PlanOpti
     peak = gpu.peak_bf16_tflops * 1e12
     compute_s = executed / (peak * eff)
 
-    bw = gpu.deepep_gbps if layout.dispatcher == "deepep" else gpu.alltoall_gbps
+    # the all-gather dispatcher's collectives run at NCCL's all-gather / reduce-scatter bus bandwidth
+    bw = {"deepep": gpu.deepep_gbps, "allgather": gpu.nvlink_busbw_gbps}.get(layout.dispatcher, gpu.alltoall_gbps)
     alltoall_s = alltoall_bytes(shape, layout, prec.compute_bytes) / (bw * 1e9)
 
     fsdp_s = 0.0
