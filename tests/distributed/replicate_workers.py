@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch._dynamo.utils import counters
 
 import tiny_configs
 from trainer.models import MoEAutoModelForCausalLM
@@ -60,7 +61,8 @@ def replicas_train_like_one_process(spec: str, steps: int = 3, shard_optimizer: 
               "state_elements": sum(entry[1].numel() for entry in optimizer._entries.values()),
               "param_elements": sum(p.numel() for p in full.values()),
               "dispatchers": sorted({m.moe_dispatcher.name for m in model.modules()
-                                     if getattr(m, "moe_dispatcher", None) is not None})}
+                                     if getattr(m, "moe_dispatcher", None) is not None}),
+              "graph_breaks": sum(counters["graph_break"].values())}
     if rank == 0:
         alone = _model(seed=0)
         _train(alone, spec, IDS, steps)

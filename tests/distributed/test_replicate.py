@@ -40,11 +40,14 @@ def test_replicas_with_a_sharded_optimizer_train_like_one_process_and_keep_half_
 
 @pytest.mark.parametrize("spec,dispatcher", [("opt-in-bwd", "alltoall"), ("fused-experts+opt-overlap", "alltoall"),
                                              ("opt-in-bwd+defer=1", "alltoall"),
-                                             ("fused-experts+opt-overlap", "allgather")])
+                                             ("fused-experts+opt-overlap", "allgather"),
+                                             ("fused-experts+opt-overlap+compile-all", "allgather")])
 def test_replicas_with_split_experts_train_like_one_process_and_keep_their_experts_only(spec, dispatcher):
     results = run_ranks(replicate_workers.replicas_train_like_one_process, 2, spec, 3, True, True, dispatcher,
                         timeout=180)
     assert results[0]["dispatchers"] == [dispatcher]
+    if "compile" in spec:  # the all-gather path compiles whole: routing plan, collectives, expert MLP op
+        assert results[0]["graph_breaks"] == 0 and any("layers-all" in n for n in results[0]["notes"])
     assert results[0]["checksum"] == results[1]["checksum"], "the replicated parameters drifted apart"
     assert results[0]["grads_left"] == 0
     assert results[0]["moved"] > 1e-3, "the parameters should have been trained"
