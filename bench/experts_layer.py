@@ -26,6 +26,16 @@ from trainer.moe import grouped_gemm  # noqa: E402
 from trainer.moe.experts import fast_experts_forward  # noqa: E402
 
 
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The experts layer's shape (Qwen3-30B-A3B by default), timing iterations and the JSON output path."""
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=768)
+    parser.add_argument("--experts", type=int, default=128)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--out", default=None)
+
+
 def build(args, device, dtype):
     config = Qwen3MoeConfig(hidden_size=args.hidden, moe_intermediate_size=args.intermediate, num_experts=args.experts,
                             num_experts_per_tok=args.top_k, hidden_act="silu")
@@ -77,12 +87,7 @@ def time_it(fn, experts, x, index, weights, grad, iters):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=16384)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--intermediate", type=int, default=768)
-    parser.add_argument("--experts", type=int, default=128)
-    parser.add_argument("--top-k", type=int, default=8)
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--out", default=None)
+    add_shape_arguments(parser)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")

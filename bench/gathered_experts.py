@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.experts_layer import build, routing  # noqa: E402
+from bench.experts_layer import add_shape_arguments, build, routing  # noqa: E402
 from trainer.kernels import row_sum  # noqa: E402
 from trainer.moe.experts import fast_experts_forward, set_fused_experts  # noqa: E402
 from trainer.parallel.allgather import GatheredTokens  # noqa: E402
@@ -86,12 +86,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=16384, help="tokens per rank")
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--intermediate", type=int, default=768)
-    parser.add_argument("--experts", type=int, default=128)
-    parser.add_argument("--top-k", type=int, default=8)
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--out", default=None)
+    add_shape_arguments(parser)
     parser.add_argument("--profile", action="store_true", help="print each layout's top kernels (one fwd+bwd)")
     parser.add_argument("--row-sum", choices=["triton", "torch", "both"], default="both",
                         help="the K-way row sums (combine, dispatch backward): Triton kernel, torch/Inductor, or both")

@@ -11,39 +11,16 @@ import copy
 
 import pytest
 import torch
-from transformers import NemotronHConfig
-from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
-
 import tiny_configs
+from tiny_experts import nemotron_experts, qwen3_experts
 from trainer.kernels.fused_expert_mlp import activation_for
 from trainer.models import MoEAutoModelForCausalLM
-from trainer.moe.experts import fast_experts_forward, register_fast_experts, set_fused_experts
+from trainer.moe.experts import fast_experts_forward, set_fused_experts
 from trainer.moe.grouped_gemm import grouped_mm_weight_grad
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def _qwen3_experts():
-    torch.manual_seed(0)
-    model = MoEAutoModelForCausalLM.from_config(tiny_configs.qwen3_moe())
-    experts = model.model.layers[0].mlp.experts
-    for p in experts.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    return experts
-
-
-def _nemotron_experts():
-    torch.manual_seed(0)
-    config = NemotronHConfig(vocab_size=64, hidden_size=32, n_routed_experts=6, num_experts_per_tok=2,
-                             moe_intermediate_size=16, moe_shared_expert_intermediate_size=16,
-                             layers_block_type=["moe"], mlp_hidden_act="relu2")
-    config._experts_implementation = register_fast_experts()
-    experts = NemotronHExperts(config)
-    for p in experts.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    return experts
 
 
 def _routing(tokens, experts, top_k, seed=1, skip=()):
@@ -87,14 +64,14 @@ def _assert_same(experts, x, index, weights):
 
 
 def test_swiglu_experts_match_the_unfused_path():
-    experts = _qwen3_experts()
+    experts = qwen3_experts()
     assert activation_for(experts).kind == "swiglu"
     index, weights = _routing(tokens=13, experts=experts.num_experts, top_k=2)
     _assert_same(experts, torch.randn(13, 32), index, weights)
 
 
 def test_experts_without_tokens_get_zero_weight_gradients():
-    experts = _qwen3_experts()
+    experts = qwen3_experts()
     index, weights = _routing(tokens=9, experts=experts.num_experts, top_k=2, skip=(0, 3, 7))
     _assert_same(experts, torch.randn(9, 32), index, weights)
     set_fused_experts(experts, True)
@@ -106,14 +83,14 @@ def test_experts_without_tokens_get_zero_weight_gradients():
 
 
 def test_relu2_experts_without_gate_match_the_unfused_path():
-    experts = _nemotron_experts()
+    experts = nemotron_experts()
     assert activation_for(experts).kind == "relu2"
     index, weights = _routing(tokens=11, experts=experts.num_experts, top_k=2)
     _assert_same(experts, torch.randn(11, 32), index, weights)
 
 
 def test_custom_gate_goes_through_the_generic_activation():
-    experts = _qwen3_experts()
+    experts = qwen3_experts()
     experts._apply_gate = lambda gate_up: torch.tanh(gate_up[:, :16]) * gate_up[:, 16:] ** 2  # instance override
     experts.__dict__.pop("_moe_activation", None)
     assert activation_for(experts).kind == "module"

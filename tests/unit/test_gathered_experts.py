@@ -14,15 +14,10 @@ import copy
 
 import pytest
 import torch
-from transformers import GptOssConfig, NemotronHConfig
-from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
-from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
-
-import tiny_configs
 import trainer.kernels.fused_expert_mlp as fused_module
 import trainer.moe.experts as experts_module
-from trainer.models import MoEAutoModelForCausalLM
-from trainer.moe.experts import fast_experts_forward, register_fast_experts, set_fused_experts
+from tiny_experts import gpt_oss_experts, nemotron_experts, qwen3_experts
+from trainer.moe.experts import fast_experts_forward, set_fused_experts
 from trainer.parallel.allgather import GatheredTokens
 from trainer.parallel.apply import rank_experts, stacked_expert_params
 
@@ -53,35 +48,6 @@ def _nan_past_last_offset(real):
     return grouped_mm
 
 
-def _init(experts):
-    for p in experts.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    return experts
-
-
-def _qwen3():
-    torch.manual_seed(0)
-    return _init(MoEAutoModelForCausalLM.from_config(tiny_configs.qwen3_moe()).model.layers[0].mlp.experts)
-
-
-def _nemotron():
-    torch.manual_seed(0)
-    config = NemotronHConfig(vocab_size=64, hidden_size=32, n_routed_experts=6, num_experts_per_tok=2,
-                             moe_intermediate_size=16, moe_shared_expert_intermediate_size=16,
-                             layers_block_type=["moe"], mlp_hidden_act="relu2")
-    config._experts_implementation = register_fast_experts()
-    return _init(NemotronHExperts(config))
-
-
-def _gpt_oss():
-    torch.manual_seed(0)
-    config = GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_local_experts=6,
-                          num_experts_per_tok=2, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                          head_dim=16)
-    config._experts_implementation = register_fast_experts()
-    return _init(GptOssExperts(config))
-
-
 def _step(experts, x, index, weights):
     experts.zero_grad(set_to_none=True)
     x = x.detach().requires_grad_(True)
@@ -91,7 +57,7 @@ def _step(experts, x, index, weights):
     return out.detach(), x.grad, w.grad, {n: p.grad for n, p in experts.named_parameters()}
 
 
-@pytest.mark.parametrize("build", [_qwen3, _nemotron, _gpt_oss], ids=["swiglu", "relu2", "biased-custom-gate"])
+@pytest.mark.parametrize("build", [qwen3_experts, nemotron_experts, gpt_oss_experts], ids=["swiglu", "relu2", "biased-custom-gate"])
 def test_pairs_of_experts_elsewhere_never_leak_into_outputs_or_gradients(build, monkeypatch):
     whole = build()
     set_fused_experts(whole, False)
