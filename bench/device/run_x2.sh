@@ -17,6 +17,11 @@
 #                concurrently; B2 on both GPUs afterwards, layouts B2_LAYOUTS): wall vs kernel vs host time, the top
 #                kernels by GPU time; gzipped traces kept in $OUT (one per rank for B2)
 #   ep-dispatch  DeepEP vs all-to-all equality and timing (bench/ep_dispatch.py, 2 GPUs)
+#   kernels-test GPU tests: Triton K-way row sums and dots, row-bounded gathered-path kernels (GPU 0)
+#   gathered-bench  the all-gather dispatcher's expert side on one GPU, per kernel set (bench/gathered_experts.py; GPU 0;
+#                GATHERED_RANKS, default "2 4")
+#   one-gpu-layouts  B1-bs4 `best` on one GPU: plain vs split experts in a one-rank all-gather group
+#                (bench/one_gpu_layouts.py; GPU 0)
 #   ep-graphs-test  GPU test: split experts with the all-gather dispatcher keep CUDA graphs, in a one-rank group
 #                and on both GPUs (tests/gpu/test_allgather_graphs.py)
 #   b2           B2: native FSDP2 / native EP=2 vs ours FSDP2-only and EP=2 + FSDP2 (bench/compare.py, 2 GPUs;
@@ -38,7 +43,7 @@ LOG="$R/x2.log"
 exec > >(tee -a "$LOG") 2>&1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-STAGES="${STAGES:-adamw-kernel graphs-test build b1 ce-test profile ep-graphs-test b2 ep-dispatch train-step b3-torch plan mamba-test b3-kernels}"
+STAGES="${STAGES:-adamw-kernel graphs-test kernels-test build b1 ce-test profile ep-graphs-test b2 ep-dispatch train-step b3-torch plan mamba-test b3-kernels}"
 SCRATCH=/tmp/x2
 mkdir -p "$SCRATCH"
 for wheel in .whl/*.whl; do
@@ -140,6 +145,26 @@ if has ep-dispatch; then
   step "EP dispatch: DeepEP vs all-to-all"
   timeout 180 torchrun --standalone --nproc-per-node 2 bench/ep_dispatch.py --out "$R/ep_dispatch.json" 2>&1 \
     | grep -v "^\s*$" | tail -25
+fi
+
+if has kernels-test; then
+  step "GPU tests: Triton row sums and dots, row-bounded kernels (GPU 0)"
+  CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short \
+    tests/gpu/test_row_sum_gpu.py tests/gpu/test_bounded_rows_gpu.py > "$SCRATCH/kernels_test.log" 2>&1
+  grep -E "^E .*(Error|assert)" "$SCRATCH/kernels_test.log" | head -12
+  grep -E "^FAILED|^ERROR|passed|failed" "$SCRATCH/kernels_test.log" | tail -8
+fi
+
+if has gathered-bench; then
+  step "gathered experts on one GPU: ranks ${GATHERED_RANKS:-2 4} (GPU 0)"
+  CUDA_VISIBLE_DEVICES=0 timeout 300 python3 bench/gathered_experts.py --ranks ${GATHERED_RANKS:-2 4} \
+    --out "$R/gathered_experts.json" 2>&1 | tail -12
+fi
+
+if has one-gpu-layouts; then
+  step "one GPU, B1-bs4 best: plain vs split experts through the all-gather dispatcher (GPU 0)"
+  CUDA_VISIBLE_DEVICES=0 timeout 300 python3 bench/one_gpu_layouts.py --job B1-bs4 --variant best \
+    --modes plain,allgather --out "$R/one_gpu_layouts.json" 2>&1 | tail -8
 fi
 
 if has ep-graphs-test; then

@@ -32,6 +32,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from trainer.kernels import bounded_rows
 from trainer.kernels import relu2 as relu2_kernel
 from trainer.moe.grouped_gemm import grouped_mm, grouped_mm_weight_grad
 from trainer.moe.permute import RoutingPlan, permute_tokens, token_of_row, unpermute_and_combine
@@ -88,7 +89,15 @@ class Activation:
     def _use_triton_relu2(self, *tensors: torch.Tensor) -> bool:
         return self.backend == "liger" and self.kind == "relu2" and relu2_kernel.usable(*tensors)
 
-    def forward(self, pre: torch.Tensor) -> torch.Tensor:
+    def _bounded(self, bound, *tensors) -> bool:
+        return bound is not None and self.kind in OP_ACTIVATIONS and bounded_rows.usable(bound, *tensors)
+
+    def forward(self, pre: torch.Tensor, bound: torch.Tensor | None = None) -> torch.Tensor:
+        """h = act(pre). `bound` (1-element device count): only rows below it are needed (the others may be left
+        unwritten: `trainer.kernels.bounded_rows`)."""
+        if self._bounded(bound, pre):
+            kernel = bounded_rows.swiglu_forward if self.kind == "swiglu" else bounded_rows.relu2_forward
+            return kernel(pre, bound)
         if self._use_liger(pre):
             return _liger_swiglu()[0](pre)[1]
         if self.kind == "swiglu":
@@ -99,8 +108,13 @@ class Activation:
             return _relu2_forward(pre)
         return self._module_forward(pre)
 
-    def backward(self, pre: torch.Tensor, grad_h: torch.Tensor, in_place: bool = True) -> torch.Tensor:
-        """Gradient w.r.t. the pre-activation. With `in_place`, may overwrite `pre` (not needed afterwards)."""
+    def backward(self, pre: torch.Tensor, grad_h: torch.Tensor, in_place: bool = True,
+                 bound: torch.Tensor | None = None) -> torch.Tensor:
+        """Gradient w.r.t. the pre-activation. With `in_place`, may overwrite `pre` (not needed afterwards); `bound`
+        as in `forward`."""
+        if self._bounded(bound, pre, grad_h):
+            kernel = bounded_rows.swiglu_backward if self.kind == "swiglu" else bounded_rows.relu2_backward
+            return kernel(pre, grad_h, bound)
         if self._use_liger(pre):
             return _liger_swiglu()[1](pre, grad_h.contiguous(), in_place)
         if self.kind == "swiglu":
@@ -139,40 +153,50 @@ def activation_for(module: torch.nn.Module, backend: str = "torch") -> Activatio
 
 # ---- the expert MLP on rows grouped by expert: forward and backward as plain functions ------------------------------
 
-def _forward(x_SD, up_w, down_w, offsets_E, activation: Activation, is_transposed: bool, compute_dtype):
-    """-> (y_SD, pre_SF): the rows' expert outputs and the pre-activation the backward needs."""
+def _forward(x_SD, up_w, down_w, offsets_E, activation: Activation, is_transposed: bool, compute_dtype,
+             bounded: bool = False):
+    """-> (y_SD, pre_SF): the rows' expert outputs and the pre-activation the backward needs. `bounded`: rows past
+    the last offset are never needed (the all-gather dispatcher's), so row-wise work stops there."""
     # grouped GEMM wants [E, in, out]; HF stores [E, out, in] unless is_transposed
     up_EHF = (up_w if is_transposed else up_w.transpose(-2, -1)).to(compute_dtype)
     down_EIH = (down_w if is_transposed else down_w.transpose(-2, -1)).to(compute_dtype)
     pre_SF = grouped_mm(x_SD.to(compute_dtype), up_EHF, offsets_E)
-    h_SI = activation.forward(pre_SF)
+    h_SI = activation.forward(pre_SF, offsets_E[-1:] if bounded else None)
     y_SD = grouped_mm(h_SI, down_EIH, offsets_E)
     return y_SD, pre_SF
 
 
 def _backward(grad_y_SD, x_TD, up_w, down_w, perm_S, offsets_E, pre_SF, top_k: int, activation: Activation,
-              is_transposed: bool, dtype, in_place: bool):
+              is_transposed: bool, dtype, in_place: bool, bounded: bool = False):
     """-> (grad_x_SD, grad_up, grad_down). The input rows are gathered again from the tokens x_TD (not saved).
     With `in_place`, pre_SF may be overwritten."""
     grad_y_SD = grad_y_SD.to(dtype)
     up_EHF = (up_w if is_transposed else up_w.transpose(-2, -1)).to(dtype)
     down_EIH = (down_w if is_transposed else down_w.transpose(-2, -1)).to(dtype)
 
+    bound = offsets_E[-1:] if bounded else None
     # down projection: y = h @ Wd[e]
-    h_SI = activation.forward(pre_SF)
+    h_SI = activation.forward(pre_SF, bound)
     grad_down = _weight_grad(h_SI, grad_y_SD, offsets_E, is_transposed, down_w)
     del h_SI
     grad_h_SI = grouped_mm(grad_y_SD, down_EIH.transpose(-2, -1), offsets_E)
     del grad_y_SD
 
     # activation, then up projection: pre = x @ Wu[e]
-    grad_pre_SF = activation.backward(pre_SF, grad_h_SI, in_place=in_place)
+    grad_pre_SF = activation.backward(pre_SF, grad_h_SI, in_place=in_place, bound=bound)
     del grad_h_SI, pre_SF
-    x_SD = x_TD.to(dtype).index_select(0, token_of_row(perm_S, top_k))
+    x_SD = _rows_of(x_TD.to(dtype), token_of_row(perm_S, top_k), bound)
     grad_up = _weight_grad(x_SD, grad_pre_SF, offsets_E, is_transposed, up_w)
     del x_SD
     grad_x_SD = grouped_mm(grad_pre_SF, up_EHF.transpose(-2, -1), offsets_E)
     return grad_x_SD, grad_up, grad_down
+
+
+def _rows_of(x_TD: torch.Tensor, token_S: torch.Tensor, bound: torch.Tensor | None) -> torch.Tensor:
+    """x_TD[token_S]; with a bound, only the rows below it (`trainer.kernels.bounded_rows`) where the kernel runs."""
+    if bound is not None and bounded_rows.usable(x_TD, token_S, bound):
+        return bounded_rows.gather_rows(x_TD, token_S, bound)
+    return x_TD.index_select(0, token_S)
 
 
 # ---- as an autograd Function (any activation, eager) ---------------------------------------------------------------
@@ -202,12 +226,14 @@ OP_ACTIVATIONS = ("swiglu", "relu2")
 @torch.library.custom_op("moe_stack::expert_mlp_rows", mutates_args=())
 def _rows_op(x_SD: torch.Tensor, x_TD: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor, perm_S: torch.Tensor,
              offsets_E: torch.Tensor, top_k: int, activation: str, backend: str, is_transposed: bool,
-             compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(x_SD, up_w, down_w, offsets_E, Activation(activation, None, backend), is_transposed, compute_dtype)
+             compute_dtype: torch.dtype, bounded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(x_SD, up_w, down_w, offsets_E, Activation(activation, None, backend), is_transposed, compute_dtype,
+                    bounded)
 
 
 @_rows_op.register_fake
-def _(x_SD, x_TD, up_w, down_w, perm_S, offsets_E, top_k, activation, backend, is_transposed, compute_dtype):
+def _(x_SD, x_TD, up_w, down_w, perm_S, offsets_E, top_k, activation, backend, is_transposed, compute_dtype,
+      bounded):
     rows, hidden = x_SD.shape
     pre_width = up_w.shape[-1] if is_transposed else up_w.shape[-2]
     return x_SD.new_empty(rows, hidden, dtype=compute_dtype), x_SD.new_empty(rows, pre_width, dtype=compute_dtype)
@@ -216,16 +242,17 @@ def _(x_SD, x_TD, up_w, down_w, perm_S, offsets_E, top_k, activation, backend, i
 @torch.library.custom_op("moe_stack::expert_mlp_rows_backward", mutates_args=())
 def _rows_op_backward(grad_y_SD: torch.Tensor, x_TD: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor,
                       perm_S: torch.Tensor, offsets_E: torch.Tensor, pre_SF: torch.Tensor, top_k: int, activation: str,
-                      backend: str, is_transposed: bool, compute_dtype: torch.dtype
+                      backend: str, is_transposed: bool, compute_dtype: torch.dtype, bounded: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # not in place: a custom op must leave its inputs (here the saved pre-activation) as they were
     return _backward(grad_y_SD, x_TD, up_w, down_w, perm_S, offsets_E, pre_SF, top_k,
-                     Activation(activation, None, backend), is_transposed, compute_dtype, in_place=False)
+                     Activation(activation, None, backend), is_transposed, compute_dtype, in_place=False,
+                     bounded=bounded)
 
 
 @_rows_op_backward.register_fake
 def _(grad_y_SD, x_TD, up_w, down_w, perm_S, offsets_E, pre_SF, top_k, activation, backend, is_transposed,
-      compute_dtype):
+      compute_dtype, bounded):
     return torch.empty_like(grad_y_SD), torch.empty_like(up_w), torch.empty_like(down_w)
 
 
@@ -233,12 +260,12 @@ def _op_setup_context(ctx, inputs, output):
     x_SD, x_TD, up_w, down_w, perm_S, offsets_E, *options = inputs
     _, pre_SF = output
     ctx.save_for_backward(x_TD, up_w, down_w, perm_S, offsets_E, pre_SF)
-    ctx.options = options  # top_k, activation, backend, is_transposed, compute_dtype
+    ctx.options = options  # top_k, activation, backend, is_transposed, compute_dtype, bounded
 
 
 def _op_backward(ctx, grad_y_SD, _grad_pre):
     grad_x_SD, grad_up, grad_down = _rows_op_backward(grad_y_SD, *ctx.saved_tensors, *ctx.options)
-    return grad_x_SD, None, grad_up, grad_down, None, None, None, None, None, None, None
+    return grad_x_SD, None, grad_up, grad_down, None, None, None, None, None, None, None, None
 
 
 _rows_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -280,7 +307,7 @@ def fused_expert_mlp(
         x_saved = x_TD.detach()  # the backward gathers the rows again from the tokens instead of keeping x_SD
         if activation.kind in OP_ACTIVATIONS:
             y_SD = _rows_op(x_SD, x_saved, up_w, down_w, plan.perm_S, plan.offsets_E, plan.top_k, activation.kind,
-                            activation.backend, is_transposed, compute_dtype)[0]
+                            activation.backend, is_transposed, compute_dtype, keep_TK is not None)[0]
         else:
             y_SD = _ExpertMLPRows.apply(x_SD, x_saved, up_w, down_w, plan.perm_S, plan.offsets_E, plan.top_k,
                                         activation, is_transposed, compute_dtype)

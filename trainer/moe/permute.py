@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.kernels import row_sum
+from trainer.kernels import bounded_rows, row_sum
 
 
 @dataclass
@@ -74,6 +74,20 @@ def _gathered_sum(rows_SD, index_S, top_k: int, weights_TK=None, keep_TK=None) -
     return row_sum.gathered_row_sum(rows_SD, index_S.view(-1, top_k), weights_TK, keep_TK)
 
 
+def _rows(src_ND, index_S, bound_1=None, scale_S=None) -> torch.Tensor:
+    """src[index] (times scale), per row; with a bound (pairs computed elsewhere sorted past it) only the rows below
+    it are written where the bounded kernel runs (`trainer.kernels.bounded_rows`)."""
+    if bound_1 is not None and bounded_rows.usable(src_ND, index_S, bound_1, scale_S):
+        return bounded_rows.gather_rows(src_ND, index_S, bound_1, scale_S)
+    rows = src_ND.index_select(0, index_S)
+    return rows if scale_S is None else rows * scale_S.unsqueeze(1)
+
+
+def _bound(plan: RoutingPlan, keep_TK: torch.Tensor | None) -> torch.Tensor | None:
+    """The rows computed here (the plan's last offset) when some pairs are computed elsewhere, else None."""
+    return plan.offsets_E[-1:] if keep_TK is not None else None
+
+
 def _kept(rows_TKD: torch.Tensor, keep_TK: torch.Tensor | None) -> torch.Tensor:
     """The pairs' rows, 0 where the pair is not computed here."""
     if keep_TK is None:
@@ -85,10 +99,10 @@ class _ScatterTokensToRows(torch.autograd.Function):
     """x_TD -> x_SD with row s = token perm[s] // K; backward sums each token's K row gradients (kept pairs only)."""
 
     @staticmethod
-    def forward(ctx, x_TD, perm_S, inv_perm_S, top_k, keep_TK):
+    def forward(ctx, x_TD, perm_S, inv_perm_S, top_k, keep_TK, bound_1):
         ctx.save_for_backward(inv_perm_S, keep_TK)
         ctx.top_k = top_k
-        return x_TD.index_select(0, token_of_row(perm_S, top_k))
+        return _rows(x_TD, token_of_row(perm_S, top_k), bound_1)
 
     @staticmethod
     def backward(ctx, grad_SD):
@@ -97,19 +111,19 @@ class _ScatterTokensToRows(torch.autograd.Function):
         if grad_TD is None:
             grad_TKD = grad_SD.index_select(0, inv_perm_S).view(-1, ctx.top_k, grad_SD.shape[-1])
             grad_TD = _kept(grad_TKD, keep_TK).sum(dim=1)
-        return grad_TD, None, None, None, None
+        return grad_TD, None, None, None, None, None
 
 
 def permute_tokens(x_TD: torch.Tensor, plan: RoutingPlan, keep_TK: torch.Tensor | None = None) -> torch.Tensor:
     """[T, D] tokens -> [T*K, D] rows grouped by expert. `keep_TK`: which pairs are computed here (None: all)."""
-    return _ScatterTokensToRows.apply(x_TD, plan.perm_S, plan.inv_perm_S, plan.top_k, keep_TK)
+    return _ScatterTokensToRows.apply(x_TD, plan.perm_S, plan.inv_perm_S, plan.top_k, keep_TK, _bound(plan, keep_TK))
 
 
 def unpermute_and_combine(y_SD: torch.Tensor, weights_TK: torch.Tensor, plan: RoutingPlan,
                           keep_TK: torch.Tensor | None = None) -> torch.Tensor:
     """[T*K, D] expert outputs in expert order -> [T, D] weighted sum over each token's K experts (the kept ones:
     `keep_TK`, None = all)."""
-    return _CombineRows.apply(y_SD, weights_TK, plan.perm_S, plan.inv_perm_S, keep_TK)
+    return _CombineRows.apply(y_SD, weights_TK, plan.perm_S, plan.inv_perm_S, keep_TK, _bound(plan, keep_TK))
 
 
 class _CombineRows(torch.autograd.Function):
@@ -123,8 +137,8 @@ class _CombineRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y_SD, weights_TK, perm_S, inv_perm_S, keep_TK):
-        ctx.save_for_backward(y_SD, weights_TK, perm_S, inv_perm_S, keep_TK)
+    def forward(ctx, y_SD, weights_TK, perm_S, inv_perm_S, keep_TK, bound_1):
+        ctx.save_for_backward(y_SD, weights_TK, perm_S, inv_perm_S, keep_TK, bound_1)
         num_tokens, top_k = weights_TK.shape
         out_TD = _gathered_sum(y_SD, inv_perm_S, top_k, weights_TK.contiguous(), keep_TK)
         if out_TD is not None:
@@ -137,14 +151,21 @@ class _CombineRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out_TD):
-        y_SD, weights_TK, perm_S, inv_perm_S, keep_TK = ctx.saved_tensors
+        y_SD, weights_TK, perm_S, inv_perm_S, keep_TK, bound_1 = ctx.saved_tensors
         num_tokens, top_k = weights_TK.shape
-        grad_out_TD = grad_out_TD.to(y_SD.dtype)
-        y_TKD = _kept(y_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, -1), keep_TK)
-        if torch.compiler.is_compiling():
-            grad_weights_TK = (y_TKD.float() * grad_out_TD.unsqueeze(1).float()).sum(dim=-1)
+        grad_out_TD = grad_out_TD.to(y_SD.dtype).contiguous()
+        if not ctx.needs_input_grad[1]:
+            grad_weights_TK = None
+        elif row_sum.usable(y_SD, inv_perm_S, grad_out_TD, keep_TK):
+            grad_weights_TK = row_sum.gathered_row_dots(y_SD, inv_perm_S.view(-1, top_k), grad_out_TD, keep_TK)
         else:
-            grad_weights_TK = torch.bmm(y_TKD, grad_out_TD.unsqueeze(2)).squeeze(2)
+            y_TKD = _kept(y_SD.index_select(0, inv_perm_S).view(num_tokens, top_k, -1), keep_TK)
+            if torch.compiler.is_compiling():
+                grad_weights_TK = (y_TKD.float() * grad_out_TD.unsqueeze(1).float()).sum(dim=-1)
+            else:
+                grad_weights_TK = torch.bmm(y_TKD, grad_out_TD.unsqueeze(2)).squeeze(2)
         weight_of_row_S = weights_TK.reshape(-1).index_select(0, perm_S).to(y_SD.dtype)
-        grad_y_SD = grad_out_TD.index_select(0, token_of_row(perm_S, top_k)) * weight_of_row_S.unsqueeze(1)
-        return grad_y_SD, grad_weights_TK.to(weights_TK.dtype), None, None, None
+        grad_y_SD = _rows(grad_out_TD, token_of_row(perm_S, top_k), bound_1, weight_of_row_S)
+        if grad_weights_TK is not None:
+            grad_weights_TK = grad_weights_TK.to(weights_TK.dtype)
+        return grad_y_SD, grad_weights_TK, None, None, None, None
