@@ -161,8 +161,8 @@ def run(spec: RunSpec) -> dict:
 
 
 def _measure(spec: RunSpec, job, device, world: int, result: dict) -> None:
-    from trainer.perf import PerfOptions, apply_optimizations, disable_compile
-    from trainer.step_optimizer import build_optimizer
+    from trainer.perf import PerfOptions, apply_optimizations
+    from trainer.step_optimizer import build_optimizer, step_stream
 
     config = build_config(job)
     started = time.perf_counter()
@@ -193,6 +193,15 @@ def _measure(spec: RunSpec, job, device, world: int, result: dict) -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, foreach=world == 1)
     else:
         optimizer = build_optimizer(model, options, lr=spec.lr)
+    with step_stream(options, device):
+        _train_and_time(spec, job, config, model, optimizer, options, device, result)
+    del model, optimizer
+    gc.collect()
+
+
+def _train_and_time(spec: RunSpec, job, config, model, optimizer, options, device, result: dict) -> None:
+    """The warm-up and measured steps of a built model: step time, host time, losses, throughput (and a profile)."""
+    from trainer.perf import disable_compile
 
     batches = _batches(job, config.vocab_size, spec.warmup + spec.steps, spec.seed, device)
     times, host_times, losses, ces = [], [], [], []
@@ -229,8 +238,6 @@ def _measure(spec: RunSpec, job, device, world: int, result: dict) -> None:
     result["notes"] += options.notes
     if spec.profile:
         result["profile"] = _profile_step(spec, model, optimizer, batches[-1], options, device)
-    del model, optimizer, batches
-    gc.collect()
 
 
 def _one_step(spec, model, optimizer, ids, options):

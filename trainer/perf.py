@@ -36,6 +36,10 @@ Options (the benchmark keeps each only where it pays, docs/BENCHMARKS.md):
   highest priority, so their kernels go before the overlapped optimizer's blocks: `trainer.graph_priority`) or
   "auto" (high in one process; default where gradient collectives run in the backward, whose kernels then wait
   behind the graphs: B1 +1.6-2%, B2 replicas -3%).
+- step_priority: "default", "high" (the training step runs on a CUDA stream of the highest priority,
+  `trainer.step_optimizer.step_stream`: the kernels outside the CUDA graphs, e.g. the Mamba mixers' and the loss's,
+  then also go before the overlapped optimizer's blocks instead of taking turns with them) or "auto" (high with the
+  overlapped optimizer in one process; default where gradient collectives run in the backward, as graph_priority).
 - rope: "default" or "static" (the rotary embedding's cos and sin written into buffers with a fixed address, marked
   static, so CUDA-graph layers read them in place instead of copying them in before every replay:
   `trainer.models.static_rotary`).
@@ -69,6 +73,7 @@ CHOICES = {
     "master": ("none", "fp32"),
     "defer": ("none", "head", "1", "2", "3", "4"),
     "graph_priority": ("default", "high", "auto"),
+    "step_priority": ("default", "high", "auto"),
     "rope": ("default", "static"),
 }
 
@@ -90,6 +95,7 @@ SHORTCUTS = {
     "triton-adamw": {"adamw": "triton"},
     "defer-head": {"defer": "head"},
     "graphs-first": {"graph_priority": "high"},
+    "step-first": {"step_priority": "high"},
     "static-rope": {"rope": "static"},
     "master-fp32": {"master": "fp32"},
     "fp8": {"fp8": True},
@@ -110,6 +116,7 @@ class PerfOptions:
     adamw_launch: str = "default"  # the Triton AdamW kernel's launch shape
     defer: str = "none"  # updates run under the next forward: "head" or the head + the last N decoder layers
     graph_priority: str = "default"  # "high"/"auto": the layers' CUDA graphs captured on a high-priority stream
+    step_priority: str = "default"  # "high"/"auto": the training step on a high-priority stream
     rope: str = "default"  # "static": the rotary (cos, sin) in fixed-address buffers, read in place by the graphs
     master: str = "none"
     fp8: bool = False
@@ -182,7 +189,25 @@ def apply_optimizations(model: torch.nn.Module, options: PerfOptions) -> list[st
     priority_note = _set_graph_priority(model, options)
     if priority_note:
         notes.append(priority_note)
+    step_note = _resolve_step_priority(model, options)
+    if step_note:
+        notes.append(step_note)
     return notes
+
+
+def _resolve_step_priority(model: torch.nn.Module, options: PerfOptions) -> str | None:
+    """Settle `options.step_priority` to "high" or "default" for this model (the step loop reads it); returns a note."""
+    if options.step_priority == "default":
+        return None
+    wanted, options.step_priority = options.step_priority, "default"
+    if wanted == "auto" and options.optimizer != "overlap":
+        return None  # nothing runs beside the step for it to go before
+    if wanted == "auto" and replica_gradients(model) is not None:
+        return "step at default priority: the replicas' gradient collectives run in the backward"
+    if next(model.parameters()).device.type != "cuda":
+        return None if wanted == "auto" else "step_priority=high needs CUDA: default priority"
+    options.step_priority = "high"
+    return "training step on a high-priority stream"
 
 
 def _set_graph_priority(model: torch.nn.Module, options: PerfOptions) -> str | None:

@@ -318,6 +318,27 @@ def _deferred_updates(model: torch.nn.Module, options: PerfOptions, in_backward:
     return embeddings, groups
 
 
+@contextlib.contextmanager
+def step_stream(options: PerfOptions, device: torch.device):
+    """Run the training steps inside this: with `options.step_priority == "high"` (settled by `apply_optimizations`)
+    on CUDA they go to a stream of the highest priority, joined with the caller's stream on entry and exit. The
+    overlapped optimizer's side stream, at the default priority, then gets only the SMs that the step's kernels leave
+    free; at equal priority a large update grid holds back the step's next kernel until it drains. The layers' CUDA
+    graphs keep the priority they were captured at (`graph_priority`); this covers the kernels launched outside
+    them."""
+    if options.step_priority != "high" or device.type != "cuda":
+        yield
+        return
+    caller = torch.cuda.current_stream(device)
+    high = torch.cuda.Stream(device=device, priority=-100)  # out of range: torch maps it to the highest
+    high.wait_stream(caller)
+    try:
+        with torch.cuda.stream(high):
+            yield
+    finally:
+        caller.wait_stream(high)
+
+
 def _triton_adamw(options: PerfOptions, params: list[torch.Tensor]) -> bool:
     """Whether the per-parameter AdamW uses the Triton kernel (options.adamw == "triton" and it can run here)."""
     if options.adamw != "triton":

@@ -1,5 +1,6 @@
 """On a GPU: AdamW stepped in backward on a side stream (`opt-overlap`; with `defer-head` / `defer=1` the output
-head's and the last layer's updates run on it under the next forward instead) gives bit-identical parameters and
+head's and the last layer's updates run on it under the next forward instead; with `step-first` the steps run on a
+high-priority stream above it) gives bit-identical parameters and
 losses to the same updates on the compute stream (`opt-in-bwd`): only the stream and the moment differ, not the
 arithmetic.
 
@@ -27,7 +28,8 @@ def _trains_like_in_stream_updates(spec: str, dtype: torch.dtype = torch.bfloat1
     return model, optimizer
 
 
-@pytest.mark.parametrize("spec", ["opt-overlap", "opt-overlap+defer-head", "opt-overlap+defer=1"])
+@pytest.mark.parametrize("spec", ["opt-overlap", "opt-overlap+defer-head", "opt-overlap+defer=1",
+                                  "opt-overlap+step-first"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_side_stream_updates_equal_in_stream_updates(dtype, spec):
     overlapped, optimizer = _trains_like_in_stream_updates(spec, dtype)
@@ -36,7 +38,7 @@ def test_side_stream_updates_equal_in_stream_updates(dtype, spec):
         assert p.grad is None, name
 
 
-@pytest.mark.parametrize("spec", ["opt-overlap", "opt-overlap+defer=2"])
+@pytest.mark.parametrize("spec", ["opt-overlap", "opt-overlap+defer=2", "opt-overlap+defer=2+step-first"])
 def test_side_stream_updates_survive_a_slow_side_stream(monkeypatch, spec):
     """Every update on the side stream starts ~10 ms late (a sleep kernel queued before it), so any tensor it reads
     that the compute stream may free and reuse meanwhile (gradients, the step counters' copies) would be

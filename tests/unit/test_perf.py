@@ -326,6 +326,34 @@ def test_best_captures_graphs_at_high_priority_only_without_replicas():
     assert "default priority" in _set_graph_priority(replicated, options)
 
 
+def test_step_priority_is_settled_for_the_step_loop():
+    """`step-first` asks for the step on a high-priority stream; `auto` only beside the overlapped optimizer and
+    without replicas. Settled to "high" or "default" (what `step_stream` reads), with a note where it falls back."""
+    from trainer.parallel.replicate import REPLICA_GRADIENTS
+    from trainer.perf import _resolve_step_priority
+
+    options = PerfOptions.parse("step-first")
+    assert options.step_priority == "high"
+    assert "needs CUDA" in _resolve_step_priority(_model(), options)  # this machine's model is on the CPU
+    assert options.step_priority == "default"
+    options = PerfOptions.parse("opt-in-bwd+step_priority=auto")
+    assert _resolve_step_priority(_model(), options) is None and options.step_priority == "default"
+    replicated = _model()
+    replicated.__dict__[REPLICA_GRADIENTS] = object()
+    options = PerfOptions.parse("opt-overlap+step_priority=auto")
+    assert "default priority" in _resolve_step_priority(replicated, options)
+    assert options.step_priority == "default"
+
+
+def test_step_stream_leaves_cpu_steps_on_the_current_stream():
+    from trainer.step_optimizer import step_stream
+
+    options = PerfOptions.parse("step-first")
+    with step_stream(options, torch.device("cpu")):
+        ids = torch.ones(2, 3)
+    assert ids.sum() == 6
+
+
 def test_static_rope_reuses_fixed_address_buffers_and_trains_like_without():
     """`static-rope`: the rotary (cos, sin) come back in the same two buffers every call, marked static for the
     CUDA graphs, with the embedding's own values; compiled layers train exactly as without, with no recompile
