@@ -1,4 +1,4 @@
-"""The benchmark jobs by name: model config, tokens per step, number of GPUs.
+"""The benchmark jobs by name: model config, tokens per step, number of GPUs, and the recipe both sides run.
 
 B1-*  Qwen3-30B-A3B shapes with 12 layers (8.1B parameters), seq 4096, micro-batch 1/2/4, one GPU.
 B2    the B1 shape on two GPUs of one host (torchrun), EP=2 + FSDP2, micro-batch 4 per GPU.
@@ -25,6 +25,7 @@ class Job:
     seq_len: int = 4096
     gpus: int = 1
     description: str = ""
+    words: tuple[int, int] = (200, 1200)  # words per generated conversation (bench/chat_data.py)
 
 
 def _config_path(file_name: str) -> str:
@@ -41,7 +42,7 @@ _NEMOTRON = "nemotron-3-nano-30b-a3b.json"
 _B1 = {"num_hidden_layers": 12}
 _B3 = {"hybrid_override_pattern": "MEME*E", "num_hidden_layers": 6}
 SMOKE_OVERRIDES = dict(
-    vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+    vocab_size=1024, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
     max_position_embeddings=128,
 )
@@ -53,8 +54,9 @@ JOBS = {
     "B1-8L-bs1": Job("B1-8L-bs1", _QWEN, {"num_hidden_layers": 8}, 1, 4096, 1, "Qwen3-30B-A3B shape, 8 layers, bs1"),
     "B2": Job("B2", _QWEN, _B1, 4, 4096, 2, "B1 shape on 2 GPUs, EP=2 + FSDP2, bs4 per GPU"),
     "B3": Job("B3", _NEMOTRON, _B3, 1, 4096, 1, "Nemotron-3-Nano shapes, 6 layers MEME*E, bs1, seq 4096"),
-    "smoke": Job("smoke", _QWEN, SMOKE_OVERRIDES, 2, 32, 1, "tiny Qwen3-MoE on CPU (pipeline check)"),
-    "smoke-ep2": Job("smoke-ep2", _QWEN, SMOKE_OVERRIDES, 2, 32, 2, "tiny Qwen3-MoE, 2 processes, EP=2 + FSDP2"),
+    "smoke": Job("smoke", _QWEN, SMOKE_OVERRIDES, 2, 64, 1, "tiny Qwen3-MoE on CPU (pipeline check)", (8, 20)),
+    "smoke-ep2": Job("smoke-ep2", _QWEN, SMOKE_OVERRIDES, 2, 64, 2, "tiny Qwen3-MoE, 2 processes, EP=2 + FSDP2",
+                     (8, 20)),
 }
 
 
@@ -88,3 +90,55 @@ def resolve(names: str) -> list[Job]:
             raise ValueError(f"unknown job {name!r}: choose from {', '.join(JOBS)}")
         jobs.append(JOBS[name])
     return jobs
+
+
+# Named variants of ours: lists of recipe overrides on top of the job's recipe ("default": `moe train` as is).
+VARIANTS = {
+    "default": [],
+    "overlap": ["perf.optimizer=overlap", "optim.max_grad_norm=0"],
+    "no-graphs": ["perf.compile=layers"],
+    "eager": ["perf.compile=off"],
+}
+
+
+def write_job_recipe(job: Job, out_dir: str, steps: int, overrides: list[str] | None = None) -> str:
+    """Write the job's model config, training data and recipe under `out_dir/<job>/`; returns the recipe's path.
+
+    The recipe is what `moe train` runs for every "ours" row and what the native baseline reads: random init from
+    the job's config (bf16 weights, bf16 AdamW states, as the native baseline keeps them), the generated chat data
+    packed to the job's sequence length, `steps` optimizer steps at a constant lr with clipping at 1.0, no
+    checkpoint, no export. `overrides` (e.g. parallel.ep_size=2 for a two-GPU job) are written into it."""
+    import yaml
+
+    from bench.chat_data import write_chat_data
+    from trainer.config import load_recipe
+
+    gpu_job = job.name[:2] in ("B1", "B2", "B3")
+    folder = os.path.join(out_dir, job.name)
+    model_dir = os.path.join(folder, "model")
+    os.makedirs(model_dir, exist_ok=True)
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump({**config_dict(job), "use_cache": False}, f, indent=1)
+    data = write_chat_data(os.path.join(out_dir, "data", f"chat-{job.words[0]}-{job.words[1]}.jsonl"),
+                           words=job.words)
+    recipe = {
+        "model": {"name_or_path": os.path.abspath(model_dir), "tokenizer": "builtin:tokenizer", "from_config": True,
+                  "dtype": "bfloat16" if gpu_job else "auto", "attn_implementation": "sdpa"},
+        "data": {"train_path": os.path.abspath(data), "format": "chat", "seq_len": job.seq_len, "packing": True},
+        "optim": {"lr": 1.0e-4, "weight_decay": 0.0, "betas": [0.9, 0.95], "warmup_steps": 0, "min_lr_ratio": 1.0,
+                  "max_grad_norm": 1.0},
+        "train": {"micro_batch_size": job.batch_size, "grad_accum_steps": 1, "max_steps": steps, "seed": 0,
+                  "precision": "bf16" if gpu_job else "auto", "log_every": 1},
+        "checkpoint": {"every_steps": 0, "resume": "never", "save_final": False},
+        "output": {"dir": os.path.abspath(os.path.join(folder, "runs", "default")), "export": False,
+                   "overwrite": True},
+        "parallel": {"check_memory": False},
+    }
+    path = os.path.join(folder, "recipe.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(recipe, f, sort_keys=False)
+    if overrides:
+        merged = load_recipe(path, overrides).to_dict()
+        with open(path, "w") as f:
+            yaml.safe_dump(merged, f, sort_keys=False)
+    return path

@@ -84,3 +84,20 @@ def stream_summary(trace: dict, top_gaps: int = 6, min_gap_us: float = 20.0) -> 
         lines.append(f"    at {(a - step_start) / 1e3:7.2f} ms, {(b - a) / 1e3:6.2f} ms: "
                      f"{_host_ops_at(cpu_ops, (a + b) / 2)}")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.timeline RUN_DIR/profile.trace.json.gz ...`: the stream summary of each profiled step."""
+    import gzip
+    import json
+    import sys
+
+    for path in (argv if argv is not None else sys.argv[1:]):
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt") as f:
+            print(f"{path}:\n{stream_summary(json.load(f))}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

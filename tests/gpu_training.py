@@ -5,16 +5,18 @@ from __future__ import annotations
 import torch
 
 import tiny_configs
+from perf_options import perf_options
 from trainer.models import MoEAutoModelForCausalLM
-from trainer.perf import PerfOptions, apply_optimizations
+from trainer.perf import apply_optimizations
 from training_loop import train_steps
 
 
-def train_tiny_moe(spec: str, steps: int, batch: int = 2, dtype: torch.dtype = torch.bfloat16, apply: bool = True,
-                   prepare=None, rows: tuple[int, int] = (0, 1), **config_overrides):
-    """Seeded model and token ids, `steps` optimizer steps (lr 1e-3) with options `spec` (patched into the model when
-    `apply`, after `prepare(model)` if given). `rows` = (rank, ranks): train on that share of the batch's rows.
-    Returns (model, losses, optimizer, options)."""
+def train_tiny_moe(spec: tuple[str, ...] | list[str], steps: int, batch: int = 2, dtype: torch.dtype = torch.bfloat16,
+                   apply: bool = True, prepare=None, rows: tuple[int, int] = (0, 1), **config_overrides):
+    """Seeded model and token ids, `steps` TrainSteps (lr 1e-3) with the perf overrides `spec` (e.g.
+    ("fused_ce=on", "optimizer=overlap"), from the plain step: `perf_options`), resolved for CUDA and patched into
+    the model when `apply`, after `prepare(model)` if given. `rows` = (rank, ranks): train on that share of the
+    batch's rows, the step's token mean taken over the ranks. Returns (model, losses, optimizer, options)."""
     torch.manual_seed(0)
     config = tiny_configs.qwen3_moe(**{**dict(output_router_logits=True, router_aux_loss_coef=0.01, hidden_size=256,
                                               intermediate_size=512, moe_intermediate_size=256, vocab_size=4096,
@@ -25,9 +27,9 @@ def train_tiny_moe(spec: str, steps: int, batch: int = 2, dtype: torch.dtype = t
                         generator=torch.Generator("cuda").manual_seed(1)).chunk(rows[1])[rows[0]]
     if prepare is not None:
         prepare(model)
-    options = PerfOptions.parse(spec)
+    options = perf_options(*spec, device="cuda", world_size=rows[1])
     if apply:
         apply_optimizations(model, options)
-    optimizer, losses = train_steps(model, options, ids, steps, lr=1e-3)
+    optimizer, losses = train_steps(model, options, ids, steps, lr=1e-3, world_size=rows[1])
     torch.cuda.synchronize()
     return model, losses, optimizer, options

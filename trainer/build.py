@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from trainer.config import ModelConfig, PerfConfig, resolve_path
+from trainer.config import ModelConfig, resolve_path
 from trainer.errors import UserError
 from trainer.models import MoEAutoModelForCausalLM
-from trainer.perf import PerfOptions
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -59,24 +58,3 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, para
     if next(model.parameters()).device.type == "meta" or next(model.parameters()).device != device:
         model = model.to(device)
     return model.train()
-
-
-def perf_options(cfg: PerfConfig, device: torch.device, has_mamba: bool = False, world_size: int = 1) -> PerfOptions:
-    """The recipe's `perf` section resolved for `device` (auto: what pays there, docs/BENCHMARKS.md).
-
-    `compile: auto` is on for single-process CUDA runs of models without Mamba2 layers: measured on the Qwen3-MoE
-    shapes (+11-17% on one GPU), and there a failed compile falls back to eager. Several processes (measured +7.5% on
-    two GPUs, torch 2.11) and hybrids (not measured around the Mamba kernels) compile only with `on`."""
-    cuda = device.type == "cuda"
-
-    def enabled(value: str, auto: bool) -> bool:
-        return value == "on" or (value == "auto" and auto)
-
-    return PerfOptions(
-        loss="fused" if enabled(cfg.fused_ce, True) else "hf",
-        fused_experts=enabled(cfg.fused_experts, cuda),
-        kernels="liger" if cfg.kernels == "liger" or (cfg.kernels == "auto" and cuda) else "eager",
-        optimizer={"auto": "fused" if cuda else "foreach"}.get(cfg.optimizer, cfg.optimizer),
-        compile="layers" if enabled(cfg.compile, cuda and not has_mamba and world_size == 1) else "none",
-    )
-

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from trainer.errors import UserError
+from trainer.parallel.config import ParallelConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -70,6 +71,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"  # auto: bf16-mixed on GPU, fp32 on CPU
     log_every: int = 1
     nonfinite_max_consecutive: int = 3  # skip steps with NaN/inf loss or grads, stop after this many in a row
+    profile_step: int = 0  # profile this optimizer step (profile.txt + trace in the run directory); 0: none
 
 
 @dataclass
@@ -77,6 +79,7 @@ class CheckpointConfig:
     every_steps: int = 0  # 0: only at the end
     resume: str = "auto"  # auto (latest in output.dir, if any) | never | a checkpoint path
     keep_last: int = 2
+    save_final: bool = True  # a checkpoint at the last step (false: only the every_steps ones, e.g. for benchmarks)
 
 
 @dataclass
@@ -88,37 +91,33 @@ class OutputConfig:
 
 
 @dataclass
-class ParallelConfig:
-    ep_size: int = 1
-    dp_shard_size: int = -1  # -1: all remaining ranks
-    dp_replicate_size: int = 1
-    dispatcher: Literal["auto", "alltoall", "allgather", "deepep"] = "auto"
-    activation_checkpointing: Literal["none", "full", "selective"] = "none"
-    compile: bool = False
-    # FSDP2: free each layer's gathered weights after its forward (true) or keep them until its backward (false:
-    # one all-gather per step instead of two for the memory of every layer's gathered weights; measured +6% on two
-    # GPUs, docs/BENCHMARKS.md). `moe plan` lists both.
-    reshard_after_forward: bool = True
-    check_memory: bool = True  # on GPUs, refuse (before loading weights) a layout the planner says cannot fit
-
-
-@dataclass
 class PerfConfig:
-    """Speed/memory options of the step (trainer.perf); `auto` picks what pays on the device (docs/BENCHMARKS.md)."""
+    """Speed/memory options of the training step (`trainer.perf`, `trainer.step`). Every key's `auto` picks what pays
+    on the device without changing what the recipe trains (docs/BENCHMARKS.md): `perf: auto` is the whole section at
+    its defaults."""
 
-    # linear + cross-entropy in chunks, never full logits (auto: on); on CUDA each chunk's loss and gradient is one
-    # compiled function whatever `compile` says (it falls back to eager with a warning if compiling fails)
+    # linear + cross-entropy in chunks, never the full logits (auto: on)
     fused_ce: Literal["auto", "on", "off"] = "auto"
     fused_experts: Literal["auto", "on", "off"] = "auto"  # memory-lean expert MLP (auto: on CUDA)
-    kernels: Literal["auto", "liger", "torch"] = "auto"  # auto: Liger RMSNorm/SwiGLU when importable on CUDA
-    # AdamW kernel; auto: fused on CUDA, foreach on CPU. (Stepping inside backward is a benchmark option only: it
-    # leaves no moment where all gradients exist, so no clipping, no accumulation and no skipping a NaN step.)
-    optimizer: Literal["auto", "fused", "foreach"] = "auto"
-    # torch.compile each decoder layer (experts stay eager: they run the grouped-GEMM path); auto: on for one CUDA
-    # process and a model without Mamba2 layers (measured there); several processes and hybrids compile with `on`.
-    # The first batch is run once before training; if compiling fails there, one process goes on eagerly with a
-    # notice, several processes stop with a one-line error.
-    compile: Literal["auto", "on", "off"] = "auto"
+    kernels: Literal["auto", "liger", "torch"] = "auto"  # auto: Liger RMSNorm/SwiGLU where importable on CUDA
+    # torch.compile per decoder layer; "layers-graphs" also replays each layer as CUDA graphs (one CUDA process or a
+    # layout with static shapes, bf16 weights). auto: layers-graphs on CUDA where graphs can run, else layers on
+    # CUDA, off on CPU. The first batch is run once before training; a failure there falls back to eager in one
+    # process, and stops several processes with a one-line error.
+    compile: Literal["auto", "off", "layers", "layers-graphs"] = "auto"
+    # when AdamW runs: after the backward (clipping, accumulation and skipping a non-finite step all work), or inside
+    # it as each layer's gradients complete ("in-backward"; "overlap": on a side CUDA stream under the backward).
+    # The in-backward modes need optim.max_grad_norm: 0 and train.grad_accum_steps: 1. auto: after-backward.
+    optimizer: Literal["auto", "after-backward", "in-backward", "overlap"] = "auto"
+    adamw: Literal["auto", "torch", "triton"] = "auto"  # the update kernel; auto: Triton on CUDA where importable
+    # in-backward only: the output head's (and the last N layers') updates wait for the next forward
+    defer: Literal["none", "head", "1", "2", "3", "4"] = "none"
+    # with the overlapped optimizer: the layers' CUDA graphs / the whole step on a high-priority stream, so AdamW's
+    # blocks take only the SMs the step leaves; auto: high in one process, default beside gradient collectives
+    graph_priority: Literal["auto", "default", "high"] = "auto"
+    step_priority: Literal["auto", "default", "high"] = "auto"
+    # the next micro-batches copied to the GPU from pinned memory while the current step runs (auto: on CUDA)
+    prefetch: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass
@@ -235,6 +234,30 @@ def validate(config: Recipe) -> None:
         raise UserError("data.train_path is empty", "set data.train_path=<file.jsonl>")
     if len(config.optim.betas) != 2:
         raise UserError(f"optim.betas needs two values, got {config.optim.betas}", "write optim.betas=[0.9,0.95]")
+    validate_perf(config)
+
+
+def validate_perf(config: Recipe) -> None:
+    """The `perf` options that change what a step can do: an optimizer that updates inside the backward leaves no
+    moment where every gradient exists, so it rules out clipping and accumulation; CUDA graphs keep no gradient
+    across micro-batches; held-back updates need an in-backward optimizer."""
+    perf = config.perf
+    if perf.optimizer in ("in-backward", "overlap"):
+        if config.optim.max_grad_norm > 0:
+            raise UserError(f"perf.optimizer={perf.optimizer} updates inside the backward, so gradients cannot be "
+                            f"clipped (optim.max_grad_norm={config.optim.max_grad_norm:g})",
+                            "set optim.max_grad_norm=0 or perf.optimizer=auto")
+        if config.train.grad_accum_steps > 1:
+            raise UserError(f"perf.optimizer={perf.optimizer} updates inside the backward, so gradients cannot be "
+                            f"accumulated (train.grad_accum_steps={config.train.grad_accum_steps})",
+                            "set train.grad_accum_steps=1 or perf.optimizer=auto")
+    elif perf.defer != "none":
+        raise UserError(f"perf.defer={perf.defer} holds back updates of an in-backward optimizer",
+                        "set perf.optimizer=overlap (or in-backward), or perf.defer=none")
+    if perf.compile == "layers-graphs" and config.train.grad_accum_steps > 1:
+        raise UserError("perf.compile=layers-graphs keeps no gradient across micro-batches "
+                        f"(train.grad_accum_steps={config.train.grad_accum_steps})",
+                        "set perf.compile=layers (or auto), or train.grad_accum_steps=1")
 
 
 def _find_recipe_file(recipe: str) -> Path:
@@ -265,6 +288,8 @@ def _read_yaml(path: Path) -> dict:
 def _flatten(raw: dict) -> list[tuple[str, Any]]:
     items = []
     for section, values in raw.items():
+        if section == "perf" and values == "auto":  # `perf: auto`: every speed option at its default
+            continue
         if not isinstance(values, dict):
             raise UserError(f"recipe section '{section}' must be a mapping", f"did you mean '{closest_key(section)}'?")
         items += [(f"{section}.{key}", value) for key, value in values.items()]
@@ -275,7 +300,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check (and gently convert) `value` against the field's type; raise a one-line UserError otherwise."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
-        if isinstance(value, bool) and {"on", "off"} <= set(args):  # YAML reads a bare on/off as a boolean
+        if isinstance(value, bool) and ("on" if value else "off") in args:  # YAML reads a bare on/off as a bool
             value = "on" if value else "off"
         if value in args:
             return value

@@ -35,47 +35,81 @@ def peak_memory_gib() -> float:
 class ExpertLoadTracker:
     """Counts tokens per expert per MoE layer from the routers' outputs `(router_logits, weights, indices)`.
 
-    Forward hooks on the router modules read `indices` [T, K]; counts accumulate on the device as [L, E] and are
-    read back only when asked (once per logged step), so the hooks cost one bincount per layer.
+    Each router gets a fixed fp32 buffer [E] (not saved with the model) that a forward hook adds its routed indices
+    into with `index_add_`: no host synchronisation (`torch.bincount` reads the indices' range back on CUDA) and a
+    fixed address, so the hook runs inside compiled layers and their CUDA graphs. `snapshot()` queues a copy of the
+    counts since the last snapshot (and zeroes them) on the device; `add(counts_LE)` adds a step's copy, once it is
+    on the host, to the run's total. `recomputes`: the model recomputes router forwards in the backward (activation
+    checkpointing); those calls are then not counted (a check that stays out of the hook otherwise, since torch.compile
+    cannot trace it).
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, recomputes: bool = False):
         adapter = getattr(model, "moe_adapter", None)
         routers = adapter.router_modules(model) if adapter is not None else []
         if not routers:
             routers = [m for m in model.modules() if "router" in type(m).__name__.lower()]
-        self.num_layers = len(routers)
-        self.counts_LE: torch.Tensor | None = None
+        self.routers = [r for r in routers if _num_experts_of(r)]
+        self.num_layers = len(self.routers)
         self.total_LE: torch.Tensor | None = None
-        self._handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(routers)]
-        self.enabled = True
+        for router in self.routers:
+            weight = next(router.parameters())
+            router.register_buffer("_moe_expert_counts_E", torch.zeros(_num_experts_of(router), device=weight.device),
+                                   persistent=False)
+        hook = _count_hook_outside_backward if recomputes else _count_hook
+        self._handles = [r.register_forward_hook(hook) for r in self.routers]
 
-    def _hook(self, layer: int):
-        def hook(module, inputs, output):
-            if not self.enabled or not isinstance(output, tuple) or len(output) < 3:
-                return
-            logits, indices = output[0], output[2]
-            if not isinstance(indices, torch.Tensor) or indices.is_floating_point():
-                return
-            num_experts = logits.shape[-1]
-            if self.counts_LE is None:
-                self.counts_LE = torch.zeros(self.num_layers, num_experts, device=indices.device)
-            self.counts_LE[layer] += torch.bincount(indices.reshape(-1), minlength=num_experts).to(self.counts_LE)
+    def snapshot(self) -> torch.Tensor | None:
+        """The counts since the last snapshot, [L, E] on the device (queued, not read), or None without routers."""
+        if not self.routers:
+            return None
+        with torch.no_grad():
+            counts_LE = torch.stack([r._moe_expert_counts_E for r in self.routers])
+            for router in self.routers:
+                router._moe_expert_counts_E.zero_()
+        return counts_LE
 
-        return hook
+    def add(self, counts_LE: torch.Tensor) -> None:
+        """Add one step's counts (on the host) to the run's total."""
+        counts_LE = counts_LE.float()
+        self.total_LE = counts_LE.clone() if self.total_LE is None else self.total_LE + counts_LE
 
     def pop(self) -> torch.Tensor | None:
-        """Counts since the last pop, [L, E] on CPU (None if no router ran); also added to the run total."""
-        if self.counts_LE is None:
+        """The counts since the last call on the CPU (synchronising), also added to the run's total."""
+        counts_LE = self.snapshot()
+        if counts_LE is None:
             return None
-        counts = self.counts_LE.detach().float().cpu().clone()  # .cpu() is no copy on CPU
-        self.counts_LE.zero_()
-        self.total_LE = counts if self.total_LE is None else self.total_LE + counts
-        return counts
+        counts_LE = counts_LE.float().cpu()
+        self.add(counts_LE)
+        return counts_LE
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def _num_experts_of(router: torch.nn.Module) -> int:
+    """Rows of the router's weight [E, H] (its expert count), or 0 for a module without one."""
+    weight = getattr(router, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.ndim == 2 else 0
+
+
+def _count_hook_outside_backward(module: torch.nn.Module, inputs, output) -> None:
+    from trainer.moe.z_loss import in_backward
+
+    if not in_backward():
+        _count_hook(module, inputs, output)
+
+
+def _count_hook(module: torch.nn.Module, inputs, output) -> None:
+    if not isinstance(output, tuple) or len(output) < 3:
+        return
+    indices = output[2]
+    if not isinstance(indices, torch.Tensor) or indices.is_floating_point():
+        return
+    flat = indices.reshape(-1).long()
+    with torch.no_grad():
+        module._moe_expert_counts_E.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
 
 
 def imbalance(counts_LE: torch.Tensor) -> list[float]:

@@ -21,6 +21,7 @@ class Runtime:
     world_size: int
     precision: str  # fp32 | bf16-mixed | bf16 (auto resolved)
     param_dtype: torch.dtype  # dtype of the trainable (master) weights
+    control_group: object = None  # a gloo group for host-side flags (no CUDA stream involved), world_size > 1
 
     @property
     def is_main(self) -> bool:
@@ -38,11 +39,12 @@ class Runtime:
         return value
 
     def any_rank(self, flag: int) -> int:
-        """1 if `flag` is set on any rank (every rank gets the same answer)."""
+        """1 if `flag` is set on any rank (every rank gets the same answer). On the host (gloo), so asking does not
+        wait for the GPU work queued so far."""
         if self.world_size == 1:
             return flag
-        value = torch.tensor([flag], dtype=torch.int32, device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        value = torch.tensor([flag], dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.control_group)
         return int(value.item())
 
 
@@ -66,7 +68,10 @@ def setup_runtime(recipe: Recipe) -> Runtime:
     if dtype_name == "auto":
         dtype_name = "bfloat16" if precision == "bf16" else "float32"
     seed_everything(recipe.train.seed)
-    return Runtime(device, rank, world_size, precision, getattr(torch, dtype_name))
+    control = None
+    if world_size > 1:
+        control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+    return Runtime(device, rank, world_size, precision, getattr(torch, dtype_name), control)
 
 
 def accelerator_memory_gib(rt: Runtime) -> float | None:

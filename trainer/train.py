@@ -2,20 +2,20 @@
 
     recipe -> runtime (device, precision, seed) -> resume choice -> tokenizer, data -> layout/memory check
            -> model, parallelize, perf options -> AdamW + warmup/cosine -> resume state -> run dir
-           -> steps (grad accumulation, clipping, non-finite skip) -> DCP checkpoints -> export
+           -> steps (`trainer.step.TrainStep`) -> DCP checkpoints -> export
 
 Everything a user can get wrong is checked before the run directory is touched, so a refused start leaves no
 trace. SIGTERM/SIGUSR1 finish the current step, checkpoint and return (`TrainResult.preempted`); a second
 signal stops at once (`trainer.preemption`). Nothing printed or saved carries a credential (`trainer.redact`).
 
-One optimizer step: `grad_accum_steps` micro-batches, each loss summed over trained tokens and divided by the number
-of trained tokens in the whole step (all micro-batches, all ranks), so the gradient is the exact token mean no matter
-how tokens fall into micro-batches. Runs identically on one CPU and under torchrun (FSDP2/EP via `trainer.parallel`).
+The loop never waits for the device: each step is queued, then the previous step's values (loss, gradient norm,
+expert load) are read from host copies queued with it, so the host stays one step ahead; the next micro-batches are
+prefetched to the GPU meanwhile (`trainer.step`). Runs identically on one CPU and under torchrun (FSDP2/EP via
+`trainer.parallel`).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,26 +23,26 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from trainer.build import build_model, load_model_config, load_tokenizer, perf_options
+from trainer.build import build_model, load_model_config, load_tokenizer
 from trainer.checkpoint.dcp import load_checkpoint, save_checkpoint
 from trainer.checkpoint.export import DTYPES, export_hf
 from trainer.config import Recipe, resolve_path
-from trainer.data import IGNORE_INDEX, StatefulLoader, build_dataset
+from trainer.data import StatefulLoader, build_dataset
 from trainer.errors import UserError
 from trainer.faults import fault_point
 from trainer.loss import forward_loss_sum
 from trainer.metrics import PEAK_TFLOPS, ExpertLoadTracker, MetricsWriter, flops_per_token, imbalance, peak_memory_gib
-from trainer.models.mamba_mixer import mixers as mamba_mixers
 from trainer.moe.balance import balancer_for
 from trainer.moe.z_loss import z_loss_for
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.parallel.grad_norm import clip_grad_norm  # works across the expert and dense meshes
 from trainer.parallel.resume import check_resume_world_size
-from trainer.perf import apply_optimizations, disable_compile
+from trainer.perf import apply_optimizations, disable_compile, resolve_perf
 from trainer.preemption import PreemptionGuard
+from trainer.profiling import StepProfiler
 from trainer.redact import redact
 from trainer.run_dir import create_run_dir, resolve_resume, save_model_files, saved_recipe
 from trainer.runtime import Runtime, accelerator_memory_gib, parallelize, setup_runtime
+from trainer.step import Prefetcher, TrainStep, step_stream
 
 
 @dataclass
@@ -70,20 +70,23 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
     check_layout(recipe, rt)
     model = build_model(recipe.model, rt.param_dtype, rt.device, recipe.parallel if rt.world_size > 1 else None)
     model = parallelize(model, recipe.parallel, rt)
-    perf = perf_options(recipe.perf, rt.device, has_mamba=bool(mamba_mixers(model)), world_size=rt.world_size)
-    for note in apply_optimizations(model, perf):
-        _say(rt, f"perf: {note}")
-    fused_ce = perf.loss != "hf"
+    perf = resolve_perf(recipe.perf, rt.device, rt.world_size)
+    if recipe.train.grad_accum_steps > 1 and perf.compile == "layers-graphs" and recipe.perf.compile == "auto":
+        perf.compile = "layers"  # accumulated gradients must outlive a CUDA-graph replay
+        perf.notes.append("CUDA graphs keep no gradient across micro-batches (grad_accum_steps > 1): compile=layers")
+    apply_optimizations(model, perf)
 
     def new_loader() -> StatefulLoader:
         return StatefulLoader(dataset, data.seq_len, recipe.train.micro_batch_size, tokenizer.pad_token_id,
                               data.packing, data.shuffle, recipe.train.seed, rt.rank, rt.world_size)
 
-    if perf.compile != "none":
-        _say(rt, _warm_compiled_layers(model, next(new_loader()), rt, fused_ce))
-    loader = new_loader()
-    optimizer = build_optimizer(model, recipe.optim, perf.optimizer)
+    if perf.compile != "off":
+        perf.notes.append(_warm_compiled_layers(model, next(new_loader()), rt, perf.fused_ce))
+    loader = Prefetcher(new_loader(), rt.device, recipe.train.grad_accum_steps, perf.prefetch)
+    optimizer = build_optimizer(model, recipe.optim, perf)
     scheduler = build_scheduler(optimizer, recipe.optim, recipe.train.max_steps)
+    for note in perf.notes:
+        _say(rt, f"perf: {note}")
     step = load_checkpoint(resume_from, model, optimizer, scheduler, loader) if resume_from else 0
     run_dir = create_run_dir(recipe, fresh=resume_from is None, is_main=rt.is_main)
     if resume_from:
@@ -92,53 +95,72 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
         save_model_files(run_dir, model, tokenizer)
 
     def save() -> None:
+        optimizer.flush()  # held-back (deferred) updates belong to the saved step
         save_checkpoint(run_dir, step, model, optimizer, scheduler, loader, recipe.checkpoint.keep_last,
                         saved_recipe(recipe), rt.world_size)
 
-    tracker, writer = ExpertLoadTracker(model), MetricsWriter(run_dir, step) if rt.is_main else None
-    balancer = balancer_for(model, recipe.moe.aux_free_bias_rate)
-    z_loss = z_loss_for(model, recipe.moe.router_z_loss_coef)
+    tracker = ExpertLoadTracker(model, recomputes=recipe.parallel.activation_checkpointing != "none")
+    writer = MetricsWriter(run_dir, step) if rt.is_main else None
+    train_step = TrainStep(model, optimizer, scheduler, rt, perf, recipe.optim.max_grad_norm, tracker,
+                           balancer_for(model, recipe.moe.aux_free_bias_rate),
+                           z_loss_for(model, recipe.moe.router_z_loss_coef))
     flops_tok = flops_per_token(model, data.seq_len)
     bar = tqdm(total=recipe.train.max_steps, initial=step, disable=not (progress and rt.is_main), desc="train")
-    losses, nonfinite_in_a_row, saved_step, preempted = [], 0, step, ""
-    with PreemptionGuard() as guard:
+    losses, saved_step, preempted = [], step, ""
+    clock = {"last": time.perf_counter(), "nonfinite_in_a_row": 0}
+
+    def finish(done_step: int, out) -> None:
+        """Read a queued step's values (after the next one is queued, so the device never waits), log them."""
+        values = out.fetch()
+        now = time.perf_counter()
+        seconds, clock["last"] = now - clock["last"], now
+        nonfinite = values["skipped"]
+        record = _record(done_step, values, seconds, flops_tok, rt, tracker, skipped=nonfinite,
+                         applied=optimizer.in_backward)
+        losses.append(values["loss"])
+        if writer is not None:
+            writer.write(record)
+        clock["nonfinite_in_a_row"] = clock["nonfinite_in_a_row"] + 1 if nonfinite else 0
+        if clock["nonfinite_in_a_row"] >= recipe.train.nonfinite_max_consecutive:
+            raise UserError(f"loss or gradient was NaN/inf for {clock['nonfinite_in_a_row']} steps in a row "
+                            f"(step {done_step})", "lower optim.lr, keep optim.max_grad_norm > 0, or check the data")
+        bar.update(1)
+        bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if bar.disable and rt.is_main and done_step % recipe.train.log_every == 0:
+            _say(rt, _log_line(record))
+
+    with PreemptionGuard() as guard, step_stream(perf, rt.device):
+        pending = None
         while step < recipe.train.max_steps:
-            started = time.perf_counter()
-            loss, grad_norm, tokens, lr = _optimizer_step(model, optimizer, loader, recipe, rt, fused_ce, z_loss)
-            scheduler.step()
+            with StepProfiler(run_dir, rt.is_main and step + 1 == recipe.train.profile_step):
+                out = train_step(next(loader))
             step += 1
-            finite = math.isfinite(loss) and math.isfinite(grad_norm)  # a non-finite step was skipped, not applied
-            if balancer is not None:
-                balancer.step() if finite else balancer.reset()
-            seconds = time.perf_counter() - started
-            record = _record(step, loss, lr, grad_norm, tokens, seconds, flops_tok, rt, tracker, skipped=not finite)
-            losses.append(loss)
-            if writer is not None:
-                writer.write(record)
-            nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
-            if nonfinite_in_a_row >= recipe.train.nonfinite_max_consecutive:
-                raise UserError(f"loss or gradient was NaN/inf for {nonfinite_in_a_row} steps in a row (step {step})",
-                                "lower optim.lr, keep optim.max_grad_norm > 0, or check the data")
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if bar.disable and rt.is_main and step % recipe.train.log_every == 0:
-                _say(rt, _log_line(record))
-            if recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0:
+            if pending is not None:
+                finish(*pending)
+            pending = (step, out)
+            checkpoint_due = recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0
+            stop = guard.should_stop(rt.any_rank)
+            # on the CPU the step ran as it was queued: nothing to overlap, and each step's time is its own
+            if checkpoint_due or stop or step == recipe.train.max_steps or rt.device.type != "cuda":
+                finish(*pending)
+                pending = None
+            if checkpoint_due:
                 save()
                 saved_step = step
                 fault_point("MOE_FAULT_HANG_AFTER_CHECKPOINT", step, f"hanging after checkpoint {step}")
             fault_point("MOE_FAULT_PAUSE_AFTER_STEP", step, f"paused after step {step}",
                         until=lambda: guard.received is not None)
-            if guard.should_stop(rt.any_rank):
+            if stop:
                 preempted = guard.signal_name or "a signal on another rank"
                 break
         bar.close()
-        if saved_step != step:
+        if saved_step != step and (recipe.checkpoint.save_final or preempted):
             save()
         if preempted:
             _say(rt, f"stopped by {preempted} at step {step}: checkpoint saved; run the same command to resume")
         export_dir = None
         if recipe.output.export and not preempted:
+            optimizer.flush()
             # The start-up check refused an output.dir holding another run's export, so this one is ours to replace.
             export_dir = export_hf(model, tokenizer, run_dir / "export", export_dtype(recipe, rt), overwrite=True)
             _say(rt, f"exported a Hugging Face checkpoint to {export_dir}")
@@ -146,7 +168,7 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
         writer.close()
         _plots(run_dir, tracker)
     tracker.remove()
-    for hooks in (balancer, z_loss):
+    for hooks in (train_step.balancer, train_step.z_loss):
         if hooks is not None:
             hooks.remove()
     return TrainResult(run_dir, step, losses, export_dir, model, tokenizer, preempted)
@@ -169,10 +191,10 @@ def _warm_compiled_layers(model, first_batch: dict, rt: Runtime, fused_ce: bool)
             raise UserError(f"torch.compile of the decoder layers failed at the first batch ({reason})",
                             "set perf.compile=off") from err
         disable_compile(model)
-        return f"perf: torch.compile failed at the first batch ({reason}): eager instead"
+        return f"torch.compile failed at the first batch ({reason}): eager instead"
     finally:
         model.zero_grad(set_to_none=True)
-    return "perf: decoder layers compiled (first batch run once before training)"
+    return "decoder layers compiled (first batch run once before training)"
 
 
 def check_layout(recipe: Recipe, rt: Runtime) -> None:
@@ -195,57 +217,31 @@ def check_layout(recipe: Recipe, rt: Runtime) -> None:
         check_fits(recipe, config, rt.world_size, memory_gib)
 
 
-def _optimizer_step(model, optimizer, loader, recipe: Recipe, rt: Runtime, fused_ce: bool, z_loss=None
-                    ) -> tuple[float, float, int, float]:
-    """Forward/backward over grad_accum_steps micro-batches, clip, step; returns (loss, grad_norm, tokens, lr)."""
-    lr = optimizer.param_groups[0]["lr"]
-    accum = recipe.train.grad_accum_steps
-    micro_batches = [{k: v.to(rt.device) for k, v in next(loader).items()} for _ in range(accum)]
-    num_targets = rt.all_reduce_sum(sum((b["targets"] != IGNORE_INDEX).sum() for b in micro_batches).float())
-    aux_coef = getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0
-    loss_sum = torch.zeros((), device=rt.device)
-    for batch in micro_batches:
-        with rt.autocast():
-            token_loss_sum, aux_loss = forward_loss_sum(model, batch, fused_ce)
-        # Gradient reductions average over ranks, so scale by world size to get the global token mean.
-        loss = token_loss_sum * rt.world_size / num_targets.clamp_min(1)
-        if aux_loss is not None:
-            loss = loss + aux_coef * aux_loss / len(micro_batches)
-        router_z = z_loss.pop() if z_loss is not None else None
-        if router_z is not None:
-            loss = loss + router_z / len(micro_batches)
-        loss.backward()
-        loss_sum += token_loss_sum.detach()
-    grad_norm = clip_grad_norm(model, recipe.optim.max_grad_norm).item()
-    mean_loss = (rt.all_reduce_sum(loss_sum) / num_targets.clamp_min(1)).item()
-    if math.isfinite(mean_loss) and math.isfinite(grad_norm):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    tokens = sum(b["input_ids"].numel() for b in micro_batches) * rt.world_size
-    return mean_loss, grad_norm, tokens, lr
-
-
-def _record(step, loss, lr, grad_norm, tokens, seconds, flops_tok, rt: Runtime, tracker, skipped: bool) -> dict:
-    tokens_per_s = tokens / max(seconds, 1e-9)
+def _record(step: int, values: dict, seconds: float, flops_tok: float, rt: Runtime, tracker, skipped: bool,
+            applied: bool) -> dict:
+    tokens_per_s = values["tokens"] / max(seconds, 1e-9)
     tflops = flops_tok * tokens_per_s / 1e12
     record = {
-        "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-        "tokens_per_s": tokens_per_s, "tflops": tflops, "mfu": tflops / (PEAK_TFLOPS * rt.world_size), "peak_memory_gib": peak_memory_gib(),
-        "step_seconds": seconds,
+        "step": step, "loss": values["loss"], "lr": values["lr"], "grad_norm": values["grad_norm"],
+        "tokens": values["tokens"], "tokens_per_s": tokens_per_s, "tflops": tflops,
+        "mfu": tflops / (PEAK_TFLOPS * rt.world_size), "peak_memory_gib": peak_memory_gib(), "step_seconds": seconds,
     }
-    counts_LE = tracker.pop()
+    counts_LE = values["expert_counts_LE"]
     if counts_LE is not None:
-        per_layer = imbalance(counts_LE)
+        tracker.add(counts_LE)
+        per_layer = imbalance(counts_LE.float())
         record["expert_load_max_over_mean"] = max(per_layer)
         record["expert_load_per_layer"] = [round(x, 4) for x in per_layer]
     if skipped:
-        record["skipped"] = True
+        # an in-backward optimizer has applied the update already: the step is reported, not skipped
+        record["nonfinite" if applied else "skipped"] = True
     return record
 
 
 def _log_line(record: dict) -> str:
+    norm = "" if record["grad_norm"] is None else f"grad_norm {record['grad_norm']:.3f} "
     return (f"step {record['step']}: loss {record['loss']:.4f} lr {record['lr']:.2e} "
-            f"grad_norm {record['grad_norm']:.3f} {record['tokens_per_s']:.0f} tok/s")
+            f"{norm}{record['tokens_per_s']:.0f} tok/s")
 
 
 def export_dtype(recipe: Recipe, rt: Runtime) -> torch.dtype:

@@ -28,7 +28,7 @@ def _check(result: dict, layout: dict) -> None:
 
 def test_ep2_on_two_processes_matches_one_process_with_and_without_activation_checkpointing():
     layouts = [{"ep_size": 2}, {"ep_size": 2, "activation_checkpointing": "full"},
-               {"ep_size": 2, "activation_checkpointing": "selective"}, {"ep_size": 2, "dispatcher": "allgather"}]
+               {"ep_size": 2, "activation_checkpointing": "moe"}, {"ep_size": 2, "dispatcher": "allgather"}]
     results = run_ranks(ep_workers.ep_parity_many, 2, layouts, STEPS, timeout=120)
     for per_rank in results:  # every rank saw the same gathered numbers
         for layout, result in zip(layouts, per_rank):

@@ -15,7 +15,7 @@ REQUIRED_KEYS = [
     "model.from_config", "data.format", "data.packing", "data.long_samples", "optim.weight_decay", "optim.betas",
     "optim.warmup_steps", "optim.min_lr_ratio", "optim.max_grad_norm", "train.precision", "train.log_every",
     "checkpoint.keep_last", "output.overwrite", "parallel.dp_replicate_size", "parallel.dispatcher",
-    "parallel.activation_checkpointing", "parallel.compile", "train.nonfinite_max_consecutive",
+    "parallel.activation_checkpointing", "perf.compile", "train.nonfinite_max_consecutive",
 ]
 
 

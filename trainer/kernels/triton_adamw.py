@@ -26,10 +26,12 @@ def adamw_math(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, we
 
 
 @triton.jit
-def adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, shadow_ptr, step_ptr, n, lr, beta1, beta2, eps, weight_decay,
-                 log2_beta1, log2_beta2, HAS_SHADOW: tl.constexpr, BLOCK: tl.constexpr):
+def adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, shadow_ptr, step_ptr, skip_ptr, n, lr, beta1, beta2, eps, weight_decay,
+                 log2_beta1, log2_beta2, HAS_SHADOW: tl.constexpr, HAS_SKIP: tl.constexpr, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
+    if HAS_SKIP:  # a skipped (non-finite) step: every load and store masked off, decided on the device
+        mask = mask & (tl.load(skip_ptr) == 0.0)
     param, exp_avg, exp_avg_sq = adamw_math(
         tl.load(p_ptr + offsets, mask=mask), tl.load(g_ptr + offsets, mask=mask),
         tl.load(m_ptr + offsets, mask=mask), tl.load(v_ptr + offsets, mask=mask), tl.load(step_ptr),

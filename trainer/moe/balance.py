@@ -25,21 +25,26 @@ class AuxLossFreeBalancer:
     def _make_hook(self, position: int):
         def hook(module, inputs, outputs):
             index_TK = outputs[2]
-            counts_E = torch.bincount(index_TK.reshape(-1), minlength=module.e_score_correction_bias.numel())
+            flat = index_TK.reshape(-1).long()  # index_add_, not bincount: no host sync on CUDA
+            counts_E = torch.zeros(module.e_score_correction_bias.numel(), device=flat.device).index_add_(
+                0, flat, torch.ones_like(flat, dtype=torch.float32))
             previous = self._counts[position]
             self._counts[position] = counts_E if previous is None else previous + counts_E
 
         return hook
 
     @torch.no_grad()
-    def step(self) -> None:
-        """Apply one bias update from the loads counted since the last call, then reset the counts."""
+    def step(self, apply: torch.Tensor | None = None) -> None:
+        """Apply one bias update from the loads counted since the last call, then reset the counts. `apply`: a
+        device flag (1.0 / 0.0) that scales the update, so a skipped step moves no bias without a host sync."""
         if not self.routers or any(c is None for c in self._counts):
             return
         loads_LE = torch.stack(self._counts).float()
         if self.group is not None or (dist.is_available() and dist.is_initialized()):
             dist.all_reduce(loads_LE, group=self.group)
         delta_LE = self.rate * torch.sign(loads_LE.mean(dim=-1, keepdim=True) - loads_LE)
+        if apply is not None:
+            delta_LE = delta_LE * apply.to(delta_LE.device)
         for router, delta_E in zip(self.routers, delta_LE):
             bias = router.e_score_correction_bias
             bias.add_(delta_E.to(device=bias.device, dtype=bias.dtype))

@@ -12,7 +12,7 @@ import torch
 from trainer.moe.router import router_z_loss
 
 
-def _in_backward() -> bool:
+def in_backward() -> bool:
     try:
         return torch._C._current_graph_task_id() != -1  # noqa: SLF001 - the autograd engine is running
     except AttributeError:  # pragma: no cover - very old torch
@@ -28,7 +28,7 @@ class RouterZLoss:
         self._handles = [r.register_forward_hook(self._hook) for r in routers]
 
     def _hook(self, module, inputs, outputs) -> None:
-        if not _in_backward():
+        if not in_backward():
             self._logits.append(outputs[0])
 
     def pop(self) -> torch.Tensor | None:

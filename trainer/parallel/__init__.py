@@ -42,7 +42,7 @@ def _num_experts(model: torch.nn.Module) -> int | None:
 
 
 def parallelize(model: torch.nn.Module, parallel_cfg, precision: str | None = None) -> torch.nn.Module:
-    """Shard a built model with FSDP2 + EP over all ranks (or only apply checkpointing/compile with one process).
+    """Shard a built model with FSDP2 + EP over all ranks (or only apply activation checkpointing with one process).
 
     parallel_cfg: a ParallelConfig or the recipe's `parallel` section. precision: the resolved train.precision
     (bf16-mixed -> bf16 compute in FSDP2); without it, bf16 compute is used for fp32 weights on CUDA only.
@@ -59,14 +59,9 @@ def parallelize(model: torch.nn.Module, parallel_cfg, precision: str | None = No
         if cfg.ep_size > 1:
             raise UserError(f"parallel.ep_size={cfg.ep_size} needs as many processes",
                             "launch with torchrun --nproc-per-node N (see docs/DISTRIBUTED.md) or set parallel.ep_size=1")
-        from trainer.parallel.apply import enable_activation_checkpointing
+        from trainer.parallel.checkpointing import apply_checkpointing
 
-        enable_activation_checkpointing(model, cfg.activation_checkpointing)
-        if cfg.compile:
-            from trainer.parallel.apply import decoder_layers
-
-            for layer in decoder_layers(model):
-                layer.compile()
+        apply_checkpointing(model, cfg.activation_checkpointing)
         return model
     from trainer.parallel.apply import apply_parallelism
     from trainer.parallel.dispatchers import make_dispatcher

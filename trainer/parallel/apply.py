@@ -1,24 +1,23 @@
-"""Apply expert parallelism, activation checkpointing, compile and FSDP2 to a HF model (meta or materialised).
+"""Apply expert parallelism, activation checkpointing and FSDP2 to a HF model (meta or materialised).
 
 Order (each step assumes the previous one):
 1. experts: every stacked expert tensor [E, ...] becomes a DTensor `Shard(0)` over the "ep" mesh dim (this rank keeps
    experts [r*E/ep, (r+1)*E/ep)), and the experts module gets the EP dispatcher;
-2. activation checkpointing per decoder block (transformers' own, non-reentrant; "selective" saves matmul outputs);
-3. optional `torch.compile` per block;
-4. FSDP2: each experts module over the expert-FSDP mesh (gradients divided by the whole data-parallel size: expert
+2. activation checkpointing (`trainer.parallel.checkpointing`);
+3. FSDP2: each experts module over the expert-FSDP mesh (gradients divided by the whole data-parallel size: expert
    gradients already hold every rank's tokens), each block over the dense mesh, then the root (embeddings, head).
 Parameter names never change, so state dicts, DCP and HF export see the plain HF names.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
+from trainer.parallel.checkpointing import apply_checkpointing, decoder_layers
 from trainer.parallel.config import ParallelConfig
 from trainer.parallel.mesh import ParallelMesh
 
@@ -41,14 +40,6 @@ def experts_modules(model: nn.Module) -> list[nn.Module]:
         if any(p.dim() == 3 and p.shape[0] == num_experts for p in params):
             found.append(module)
     return found
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks: the longest `nn.ModuleList` in the model (HF's `model.layers` / `backbone.layers`)."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
-        return []
-    return list(max(lists, key=len))
 
 
 def stacked_expert_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -82,28 +73,6 @@ def shard_experts(module: nn.Module, pmesh: ParallelMesh) -> None:
         setattr(module, name, nn.Parameter(dtensor, requires_grad=param.requires_grad))
 
 
-def enable_activation_checkpointing(model: nn.Module, mode: str) -> None:
-    """'full': recompute each block in backward; 'selective': recompute it but keep matmul outputs."""
-    if mode == "none":
-        return
-    kwargs = {"use_reentrant": False}
-    if mode == "selective":
-        from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _save_matmuls)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def _save_matmuls(ctx, op, *args, **kwargs):
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    saved = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default}
-    grouped = getattr(torch.ops.aten, "_grouped_mm", None)
-    if grouped is not None:
-        saved.add(grouped.default)
-    return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
-
-
 def _divide_expert_gradients(module: nn.Module, ep_size: int, world_size: int) -> None:
     """Expert gradients must be divided by the whole data-parallel size (each rank's experts already summed every
     rank's tokens through the all-to-all backward), FSDP divides by its expert mesh only: divide by ep on top.
@@ -119,17 +88,14 @@ def _divide_expert_gradients(module: nn.Module, ep_size: int, world_size: int) -
 
 
 def apply_parallelism(model: nn.Module, cfg: ParallelConfig, pmesh: ParallelMesh, dispatcher) -> nn.Module:
-    """Shard `model` in place (steps 1-4 above) and return it. `dispatcher` serves every MoE layer."""
+    """Shard `model` in place (steps 1-3 above) and return it. `dispatcher` serves every MoE layer."""
     experts = experts_modules(model)
     if pmesh.sizes.ep > 1:
         for module in experts:
             shard_experts(module, pmesh)
         attach_dispatcher(experts, dispatcher)
-    enable_activation_checkpointing(model, cfg.activation_checkpointing)
+    apply_checkpointing(model, cfg.activation_checkpointing)
     layers = decoder_layers(model)
-    if cfg.compile:
-        for layer in layers:
-            layer.compile()
 
     mp_policy = MixedPrecisionPolicy(param_dtype=cfg.param_torch_dtype, reduce_dtype=cfg.reduce_torch_dtype)
     dense = {"mesh": pmesh.dense_fsdp, "mp_policy": mp_policy}

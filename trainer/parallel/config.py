@@ -19,7 +19,7 @@ import torch
 from trainer.errors import UserError
 
 DISPATCHERS = ("auto", "alltoall", "allgather", "deepep")
-CHECKPOINTING = ("none", "full", "selective")
+from trainer.parallel.checkpointing import MODES as CHECKPOINTING
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
@@ -31,13 +31,17 @@ class ParallelConfig:
     dp_shard_size: int = -1
     dp_replicate_size: int = 1
     dispatcher: Literal["auto", "alltoall", "allgather", "deepep"] = "auto"
-    activation_checkpointing: Literal["none", "full", "selective"] = "none"
-    compile: bool = False
+    # recompute in the backward: none | full (every decoder layer) | attention (the attention sub-block: cheap to
+    # recompute per byte saved, holds no router state) | moe (the MoE sub-block); `trainer.parallel.checkpointing`
+    activation_checkpointing: Literal["none", "full", "attention", "moe"] = "none"
     # FSDP2 mixed precision: weights are all-gathered in param_dtype for compute (None: the master dtype itself),
     # gradients reduced in reduce_dtype. The master copy keeps the dtype the model was loaded in (fp32 by default).
     param_dtype: str | None = "bfloat16"
     reduce_dtype: str | None = "float32"
+    # FSDP2: free each layer's gathered weights after its forward (true) or keep them until its backward (false:
+    # one all-gather per step instead of two for the memory of every layer's gathered weights; `moe plan` lists both)
     reshard_after_forward: bool = True
+    check_memory: bool = True  # on GPUs, refuse (before loading weights) a layout the planner says cannot fit
 
     def __post_init__(self):
         if self.dispatcher not in DISPATCHERS:

@@ -25,16 +25,9 @@ import torch.distributed as dist
 
 from trainer.parallel.alltoall import AllToAllDispatcher
 from trainer.parallel.expert_rows import ExpertRows, RowsPlanMixin, expand_to_rows, plan_expert_rows, reduce_rows
+from trainer.moe.z_loss import in_backward
 
 _OPEN: weakref.WeakSet = weakref.WeakSet()
-
-
-def _in_backward() -> bool:
-    """True while the autograd engine runs (activation-checkpoint recompute happens there)."""
-    try:
-        return torch._C._current_graph_task_id() != -1  # noqa: SLF001
-    except AttributeError:  # pragma: no cover
-        return False
 
 
 class _Dispatch(torch.autograd.Function):
@@ -121,7 +114,7 @@ class DeepEPDispatcher:
         if x_TD.dtype != torch.bfloat16:
             return self._fallback.dispatch(x_TD, top_k_index_TK, num_experts, top_k_weights_TK)
         buffer = self._ensure_buffer(x_TD.shape[1] * max(x_TD.element_size(), 2))
-        layout = self._layouts.get(layer) if _in_backward() else None
+        layout = self._layouts.get(layer) if in_backward() else None
         if layout is None or layout[3].shape[0] != x_TD.shape[0]:
             tokens_per_rank, tokens_per_rdma_rank, tokens_per_expert, in_rank, _ = buffer.get_dispatch_layout(
                 top_k_index_TK, num_experts)

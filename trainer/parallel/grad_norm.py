@@ -34,15 +34,23 @@ def total_grad_norm(parameters) -> torch.Tensor:
 
 @torch.no_grad()
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-    """Global L2 norm of all gradients (before clipping); scales them to max_norm when it is > 0 and exceeded."""
+    """Global L2 norm [] of all gradients (before clipping); scales them to max_norm when it is > 0 and exceeded.
+    Nothing is read back to the host."""
     params = [p for p in model.parameters() if p.grad is not None]
     if len({_mesh_key(p.grad) for p in params}) <= 1:  # one mesh (or none): torch's own, unchanged arithmetic
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     norm = total_grad_norm(params)
-    if max_norm > 0:
-        coefficient = min(1.0, max_norm / (float(norm) + 1e-6))
-        if coefficient < 1.0:
-            for p in params:
-                p.grad.mul_(coefficient)
+    if max_norm > 0:  # on the device, as torch's: no value goes to the host
+        coefficient = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        locals_ = [g._local_tensor if hasattr(g, "_local_tensor") else g for g in (p.grad for p in params)]
+        for grads in _by_device(locals_).values():
+            torch._foreach_mul_(grads, coefficient.to(grads[0].device))
     return norm
+
+
+def _by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
+    groups: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.device, []).append(t)
+    return groups

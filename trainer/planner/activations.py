@@ -44,7 +44,7 @@ class BlockBytes:
     """Per-token bytes of one block (its pre-norm included)."""
 
     saved: float  # kept from forward to backward without checkpointing
-    experts: float  # the part of `saved` that selective checkpointing recomputes (routed + shared experts)
+    experts: float  # the part of `saved` that `moe` checkpointing recomputes (routed + shared experts)
     workspace: float  # transient during this block's backward
     kind: str
 

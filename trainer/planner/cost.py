@@ -103,7 +103,7 @@ def alltoall_bytes(shape: ModelShape, layout: Layout, compute_bytes: int) -> flo
     if layout.ep_size == 1:
         return 0.0
     ep = layout.ep_size
-    passes = 4 + (2 if layout.checkpointing in ("full", "selective") else 0)
+    passes = 4 + (2 if layout.checkpointing in ("full", "moe") else 0)
     total = 0.0
     for block in shape.moe_blocks:
         if layout.dispatcher == "deepep":  # one copy per distinct destination rank
@@ -123,7 +123,9 @@ def estimate_step(shape: ModelShape, layout: Layout, gpu: GPU, options: PlanOpti
     prec = precision(options.precision)
     expert_fwd, other_fwd = forward_flops_per_token(shape, layout.seq_len)
     model_flops = 3.0 * (expert_fwd + other_fwd) * layout.tokens
-    recompute = {"none": 0.0, "selective": expert_fwd, "full": expert_fwd + other_fwd}[layout.checkpointing]
+    # "attention" recomputes part of the non-expert forward: counted as all of it (an upper bound)
+    recompute = {"none": 0.0, "moe": expert_fwd, "attention": other_fwd,
+                 "full": expert_fwd + other_fwd}[layout.checkpointing]
     executed = model_flops + recompute * layout.tokens
     eff = EFFICIENCY[implementation].at(rows_per_local_expert(shape, layout))
     peak = gpu.peak_bf16_tflops * 1e12

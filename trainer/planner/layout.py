@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from trainer.errors import UserError
 
-CHECKPOINTING = ("none", "selective", "full")
+from trainer.parallel.checkpointing import MODES as CHECKPOINTING
 DISPATCHERS = ("alltoall", "allgather", "deepep")
 
 
@@ -16,7 +16,7 @@ class Layout:
 
     Mesh rule (as torchtitan): world = dp_replicate x dp_shard; non-expert weights are FSDP2-sharded over dp_shard
     ranks; experts are split over ep ranks (ep divides dp_shard) and FSDP2-sharded over the dp_shard / ep ranks left.
-    `checkpointing`: none | selective (recompute the experts' MLP in the backward) | full (recompute every layer).
+    `checkpointing`: `trainer.parallel.checkpointing.MODES` (none | full | attention | moe).
     `reshard_after_forward`: FSDP2 frees each layer's gathered weights after its forward and gathers them again for
     its backward (True), or keeps them from forward to backward (False, "zero2": one all-gather per step, the
     gathered weights of every layer held at the start of the backward).

@@ -92,9 +92,13 @@ def estimate_memory(shape: ModelShape, layout: Layout, options: PlanOptions | No
         if layout.checkpointing == "full":
             saved.append(c * shape.hidden * tokens)  # the layer input
             recompute.append(full * tokens)
-        elif layout.checkpointing == "selective":
+        elif layout.checkpointing == "moe":
             saved.append((full - sum(p.experts for p in parts)) * tokens)
             recompute.append(max((p.experts for p in parts), default=0.0) * tokens)
+        elif layout.checkpointing == "attention":
+            attention = [p.saved for p in parts if p.kind == "attention"]
+            saved.append((full - sum(attention)) * tokens)
+            recompute.append(max(attention, default=0.0) * tokens)
         else:
             saved.append(full * tokens)
             recompute.append(0.0)

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The whole measurement in one call on a GPU machine (one H200): GPU tests, then `moe train` against transformers
+# native job by job, each native row first; the summary table is printed last.
+#
+#   bash bench/device/run.sh                           # the reference table of docs/BENCHMARKS.md
+#   STAGES="bench" PLAN="B1-bs4|default;overlap" bash bench/device/run.sh
+#   STEPS=20 WARMUP=5 PROFILE=1 bash bench/device/run.sh    # PROFILE=1: top kernels of each ours run's last step
+#
+# Stages: tests (tests/gpu, background on the same GPU before the benchmark starts: no), mamba (causal-conv1d for
+# sm_90 + mamba-ssm's Triton kernels from .device/src/*.tar.gz, or their wheels from .whl/), bench.
+# Wheels in .whl/ (liger_kernel, causal_conv1d, mamba_ssm) are installed into /tmp/site without network.
+# Results: $OUT (or ./runs/device): results.tgz (bench/<job>/results.json, each run's recipe, metrics.jsonl, log and
+# profile, the GPU test log) and, after a build, the kernel wheels in < 16 MiB parts.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+REPO="$(pwd)"
+DEST="${OUT:-$REPO/runs/device}"
+R="$(mktemp -d)/device-run"
+mkdir -p "$R" "$DEST"
+STAGES="${STAGES:-tests mamba bench}"
+PLAN="${PLAN:-B1-bs4|default;overlap
+B1-bs1|default
+B3|default}"
+export PYTHONPATH="$REPO:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+for wheel in .whl/*.whl; do
+  [ -e "$wheel" ] || continue
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$wheel" >/dev/null 2>&1 \
+    && echo "installed $(basename "$wheel")" || echo "skipped $(basename "$wheel")"
+done
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+git log --oneline -1 2>/dev/null || true
+
+BUILD=""
+if has mamba && ! python3 -c "import causal_conv1d" 2>/dev/null; then
+  step "build causal-conv1d (sm_90) + mamba-ssm wheels (background, 8 jobs)"
+  MAX_JOBS=8 timeout 540 bash bench/device/build_mamba.sh .device/src/causal-conv1d.tar.gz \
+    .device/src/mamba-v2.3.0.tar.gz /tmp/mwheels > "$R/build_mamba.log" 2>&1 &
+  BUILD=$!
+fi
+
+if has tests; then
+  step "GPU tests"
+  timeout 420 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/gpu > "$R/gpu-tests.log" 2>&1
+  echo "exit $?"; tail -15 "$R/gpu-tests.log"
+fi
+
+PROFILE_ARGS=()
+[ "${PROFILE:-0}" = "1" ] && PROFILE_ARGS=(--profile)
+while IFS='|' read -r job variants; do
+  [ -z "$job" ] && continue
+  has bench || break
+  if [[ "$job" == B3* ]] && [ -n "$BUILD" ]; then
+    step "wait for the kernel build"
+    wait "$BUILD"; echo "build exit $?"; tail -3 "$R/build_mamba.log"
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/mwheels/*.whl && ls /tmp/mwheels
+    for wheel in /tmp/mwheels/*.whl; do  # back in < 16 MiB parts: cat NAME.part-* > NAME, then carry it in .whl/
+      (cd "$DEST" && split -b 15M "$wheel" "$(basename "$wheel").part-")
+    done
+    BUILD=""
+  fi
+  [[ "$job" == B3* ]] && python3 -c "from trainer.kernels import mamba; print(mamba.status())"
+  step "$job: native, then moe train [$variants]"
+  timeout "${JOB_BUDGET:-560}" python3 -m bench.compare --jobs "$job" --variants "$variants" --steps "${STEPS:-20}" \
+    --warmup "${WARMUP:-5}" --out "$R/bench/$job" "${PROFILE_ARGS[@]}" 2>&1 | grep -v "^\s*$" | grep -v "^job \|^---\|^wrote" | tail -8
+done <<< "$PLAN"
+
+tar czf "$DEST/results.tgz" -C "$R" --exclude='*/model/*' --exclude='*/data/*' .
+if has bench; then
+  step "summary"
+  python3 -m bench.report "$R"/bench/*/results.json --text
+fi
