@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", default="default",
                         help="';'-separated variants of ours: a name from bench/jobs.py VARIANTS "
                              f"({', '.join(VARIANTS)}) or 'name: key=value key=value' (recipe overrides)")
+    parser.add_argument("--set", default="", help="recipe overrides for the job itself, both sides (space-separated, "
+                                                  "e.g. 'model.attn_implementation=sdpa')")
     parser.add_argument("--steps", type=int, default=20, help="measured steps (median reported)")
     parser.add_argument("--warmup", type=int, default=5, help="warm-up steps before measuring")
     parser.add_argument("--repeat", type=int, default=1, help="repeat the whole comparison this many times")
@@ -210,8 +212,8 @@ def run(args) -> int:
     for repeat in range(args.repeat):
         for job in jobs:
             out_dir = os.path.join(args.out, job.name)
-            recipe = write_job_recipe(job, args.out, args.warmup + args.steps,
-                                      [f"parallel.ep_size={job.gpus}"] if job.gpus > 1 else None)
+            job_overrides = ([f"parallel.ep_size={job.gpus}"] if job.gpus > 1 else []) + args.set.split()
+            recipe = write_job_recipe(job, args.out, args.warmup + args.steps, job_overrides)
             skipped = _check_runnable(job)
             planned = []
             if not args.ours_only:

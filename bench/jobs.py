@@ -123,7 +123,7 @@ def write_job_recipe(job: Job, out_dir: str, steps: int, overrides: list[str] | 
                            words=job.words)
     recipe = {
         "model": {"name_or_path": os.path.abspath(model_dir), "tokenizer": "builtin:tokenizer", "from_config": True,
-                  "dtype": "bfloat16" if gpu_job else "auto", "attn_implementation": "sdpa"},
+                  "dtype": "bfloat16" if gpu_job else "auto"},
         "data": {"train_path": os.path.abspath(data), "format": "chat", "seq_len": job.seq_len, "packing": True},
         "optim": {"lr": 1.0e-4, "weight_decay": 0.0, "betas": [0.9, 0.95], "warmup_steps": 0, "min_lr_ratio": 1.0,
                   "max_grad_norm": 1.0},

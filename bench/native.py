@@ -5,7 +5,8 @@
 The same recipe `moe train` runs for the "ours" rows (bench/jobs.py writes it): the same model config (random init,
 seed), the same batches from the trainer's own data pipeline (chat template, loss mask, packing with position ids),
 the same optimizer hyper-parameters and clipping. The model is transformers' own: `AutoModelForCausalLM` with
-`attn_implementation="sdpa"`, `experts_implementation="grouped_mm"` (the v5 default), bf16 parameters, the loss from
+the recipe's attention (`trainer.build.attention_implementation`, as `moe train` settles it),
+`experts_implementation="grouped_mm"` (the v5 default), bf16 parameters, the loss from
 `labels` (the trainer's shifted targets unshifted) with `output_router_logits=True`, `torch.optim.AdamW` (fused on
 CUDA, its fastest kernel), `clip_grad_norm_` when the recipe clips. On several GPUs (torchrun) the model goes through
 HF's own `DistributedConfig`. Timing: CUDA-synchronised wall time per optimizer step, median after warm-up; peak
@@ -23,7 +24,7 @@ import traceback
 import torch
 
 from trainer import flops
-from trainer.build import load_model_config, load_tokenizer
+from trainer.build import attention_implementation, load_model_config, load_tokenizer
 from trainer.config import load_recipe, resolve_path
 from trainer.data import IGNORE_INDEX, StatefulLoader, build_dataset
 from trainer.runtime import seed_everything
@@ -48,7 +49,7 @@ def native_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "labels": labels}
 
 
-def _build(config, device: torch.device, layout: str, notes: list[str]):
+def _build(config, device: torch.device, layout: str, attention: str, notes: list[str]):
     from transformers import AutoModelForCausalLM
 
     if getattr(config, "model_type", None) == "nemotron_h":  # native uses mamba_ssm/causal_conv1d when installed
@@ -56,7 +57,8 @@ def _build(config, device: torch.device, layout: str, notes: list[str]):
 
         used = mamba.expose_to_transformers()
         notes.append(f"native Mamba2 path: {'mamba_ssm + causal_conv1d kernels' if used else 'torch'}")
-    kwargs = dict(dtype=torch.bfloat16, attn_implementation="sdpa", experts_implementation="grouped_mm")
+    kwargs = dict(dtype=torch.bfloat16, attn_implementation=attention, experts_implementation="grouped_mm")
+    notes.append(f"attention: {attention}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         with torch.device(device):
@@ -115,7 +117,8 @@ def _measure(recipe, device: torch.device, warmup: int, steps: int, layout: str,
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     loader = StatefulLoader(dataset, data.seq_len, recipe.train.micro_batch_size, tokenizer.pad_token_id,
                             data.packing, data.shuffle, recipe.train.seed, rank, world)
-    model = _build(config, device, layout, result["notes"]).train()
+    attention = attention_implementation(recipe.model, device, data.packing, config)
+    model = _build(config, device, layout, attention, result["notes"]).train()
     optim = recipe.optim
     fused = {"fused": True} if device.type == "cuda" and world == 1 else {"foreach": world == 1}
     optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,

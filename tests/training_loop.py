@@ -20,10 +20,10 @@ from trainer.step import TrainStep, step_stream
 
 
 def runtime_for(model: torch.nn.Module, world_size: int = 1) -> Runtime:
-    """The Runtime of `model`'s device and dtype: no autocast (fp32 weights train in fp32, bf16 ones in bf16).
+    """The Runtime of `model`'s device and dtype, without autocast (every weight trains in its own dtype).
     `world_size` > 1: the step's token count is summed over the process group (a replicated model's ranks)."""
     param = next(model.parameters())
-    precision = "fp32" if param.dtype == torch.float32 else "bf16"
+    precision = "bf16" if param.dtype == torch.bfloat16 else "fp32"
     rank = dist.get_rank() if world_size > 1 else 0
     return Runtime(param.device, rank, world_size, precision, param.dtype)
 

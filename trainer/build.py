@@ -40,15 +40,36 @@ def load_model_config(cfg: ModelConfig):
     return config
 
 
-def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, parallel=None):
+def attention_implementation(cfg: ModelConfig, device: torch.device, packing: bool, config=None) -> str:
+    """model.attn_implementation, with `auto` settled: flex attention on CUDA for packed data (a block mask per
+    sample: the masked-out blocks are never computed, where sdpa would run a dense masked kernel), else sdpa; each
+    only where the model class supports it (else the next one, eager last)."""
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    from transformers import AutoModelForCausalLM
+
+    config = config if config is not None else load_model_config(cfg)
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+
+    def supports(flag: str) -> bool:
+        return model_class is None or bool(getattr(model_class, flag, False))
+
+    if device.type == "cuda" and packing and supports("_supports_flex_attn"):
+        return "flex_attention"
+    return "sdpa" if supports("_supports_sdpa") else "eager"
+
+
+def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, parallel=None, packing: bool = False):
     """Random init (model.from_config) or pretrained weights, in `dtype`, on `device`, in train mode.
 
-    `parallel` (a ParallelConfig) is handed to the loader under torchrun so it can build the model sharded.
+    `parallel` (a ParallelConfig) is handed to the loader under torchrun so it can build the model sharded;
+    `packing` (data.packing) decides `model.attn_implementation: auto` (`attention_implementation`).
     """
-    hf_kwargs = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
+    hf_kwargs = {"dtype": dtype, "attn_implementation": attention_implementation(cfg, device, packing)}
     if cfg.from_config:
         config = load_model_config(cfg)
-        model = MoEAutoModelForCausalLM.from_config(config, **hf_kwargs)
+        with torch.device(device):  # random init where it trains: the device's generator, no host-to-device copy
+            model = MoEAutoModelForCausalLM.from_config(config, **hf_kwargs)
     else:
         if cfg.config_overrides:
             hf_kwargs["config"] = load_model_config(cfg)

@@ -38,7 +38,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     from_config: bool = False  # random init from the config instead of loading weights
     config_overrides: dict = field(default_factory=dict)  # applied to the HF config before the model is built
-    attn_implementation: str = "sdpa"
+    # transformers' attention; auto: flex attention on CUDA for packed data, else sdpa (trainer.build)
+    attn_implementation: str = "auto"
 
 
 @dataclass
@@ -302,6 +303,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if origin is Literal:
         if isinstance(value, bool) and ("on" if value else "off") in args:  # YAML reads a bare on/off as a bool
             value = "on" if value else "off"
+        if isinstance(value, int) and not isinstance(value, bool) and str(value) in args:
+            return str(value)  # YAML reads defer: 1 as an integer
         if value in args:
             return value
         raise UserError(f"{key} must be one of {'|'.join(map(str, args))}, got {value!r}", f"set {key}={args[0]}")

@@ -144,9 +144,10 @@ class AdamW(torch.optim.Optimizer):
     # ---- the update -----------------------------------------------------------------------------------------
 
     def _update(self, params: list[torch.Tensor], grads: list[torch.Tensor] | None = None, steps=None,
-                found_inf: torch.Tensor | None = None) -> None:
+                found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None) -> None:
         """Update `params` from `grads` (default: their .grad) with the step counters `steps` (default: the live
-        ones); nothing changes where `found_inf` (a one-element fp32 tensor) is non-zero."""
+        ones); nothing changes where `found_inf` (a one-element fp32 tensor) is non-zero; gradients are divided by
+        `grad_scale` (one fp32 element) inside the update kernel."""
         grads = grads if grads is not None else [p.grad for p in params]
         grads = self._replicas.gradients(params, grads) if self._replicas else [_local(g) for g in grads]
         steps = steps or self._steps
@@ -156,7 +157,7 @@ class AdamW(torch.optim.Optimizer):
             hyper = _hyper(self._group_of[p])
             if self.triton_kernel and adamw_kernel.usable(weight, grad, exp_avg, exp_avg_sq):
                 adamw_kernel.adamw_(weight, grad, exp_avg, exp_avg_sq, steps[weight.device], skip=found_inf,
-                                    **hyper)
+                                    grad_scale=grad_scale, **hyper)
                 continue
             if grad.dtype != weight.dtype:
                 grad = grad.to(weight.dtype)
@@ -168,6 +169,7 @@ class AdamW(torch.optim.Optimizer):
             torch._fused_adamw_(weights, grads_, exp_avgs, exp_avg_sqs, [], [steps[device]] * len(weights),
                                 lr=hyper["lr"], beta1=hyper["beta1"], beta2=hyper["beta2"],
                                 weight_decay=hyper["weight_decay"], eps=hyper["eps"], amsgrad=False, maximize=False,
+                                grad_scale=None if grad_scale is None else grad_scale.to(device),
                                 found_inf=None if found_inf is None else found_inf.to(device))
         for p in params:
             if self.hold_gradients and p.grad is not None:
@@ -177,15 +179,17 @@ class AdamW(torch.optim.Optimizer):
             self._replicas.gather(params)
 
     @torch.no_grad()
-    def step(self, closure=None, found_inf: torch.Tensor | None = None) -> None:
+    def step(self, closure=None, found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None
+             ) -> None:
         """After the backward: update every parameter with a gradient (skipped on the device where `found_inf`, a
-        one-element fp32 tensor, is non-zero). In-backward: finish the buckets whose gradients did not all arrive
-        and join the side stream. Then advance the step counters."""
+        one-element fp32 tensor, is non-zero; gradients divided by `grad_scale` inside the kernels: clipping).
+        In-backward: finish the buckets whose gradients did not all arrive and join the side stream. Then advance
+        the step counters."""
         if not self.in_backward:
             for bucket in self._buckets:
                 with_grad = [p for p in bucket if p.grad is not None]
                 if with_grad:
-                    self._update(with_grad, found_inf=found_inf)
+                    self._update(with_grad, found_inf=found_inf, grad_scale=grad_scale)
         for index, ready in enumerate(self._ready):  # buckets with a parameter that got no gradient this step
             if ready:
                 self._complete(ready)
@@ -248,7 +252,8 @@ class AdamW(torch.optim.Optimizer):
         state_dict = super().state_dict()
         taken = {device: counter - 1 for device, counter in self._steps.items()}
         for index, p in enumerate(p for g in self.param_groups for p in g["params"]):
-            state_dict["state"][index]["step"] = taken[self._views[p][0].device]
+            # a tensor per parameter, as torch's: torch's loading keeps them as they are, and its step adds 1 to each
+            state_dict["state"][index]["step"] = taken[self._views[p][0].device].clone()
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -11,7 +11,8 @@ Semantics: `grad_accum_steps` micro-batches; each loss is summed over trained to
 tokens of the whole step (all micro-batches, all ranks), so the gradient is the exact token mean however tokens fall
 into micro-batches; the router aux loss (HF's, with the config's coefficient) and the router z-loss are averaged
 over micro-batches. The gradient norm is taken before clipping; a step whose loss or gradient norm is not finite is
-skipped by the optimizer on the device (`AdamW.step(found_inf=...)`). With an in-backward optimizer
+skipped by the optimizer on the device (`AdamW.step(found_inf=...)`), and clipping is a divisor the update kernels
+apply (`grad_scale`), so neither costs a pass over the gradients or a host sync. With an in-backward optimizer
 (`perf.optimizer=in-backward|overlap`) the parameters are updated during the backward: the recipe must then have no
 clipping and no accumulation (checked when it loads), and a non-finite step cannot be undone (it is reported).
 """
@@ -25,7 +26,7 @@ import torch
 
 from trainer.data import IGNORE_INDEX
 from trainer.loss import forward_loss_sum
-from trainer.parallel.grad_norm import clip_grad_norm
+from trainer.parallel.grad_norm import total_grad_norm
 from trainer.perf import PerfOptions, uses_cuda_graphs
 
 
@@ -112,9 +113,13 @@ class TrainStep:
             grad_norm, finite = None, torch.isfinite(mean_loss)
             self.optimizer.step()
         else:
-            grad_norm = clip_grad_norm(self.model, self.max_grad_norm).to(mean_loss.device)
+            grad_norm = total_grad_norm(self.model.parameters()).to(mean_loss.device)
             finite = torch.isfinite(mean_loss) & torch.isfinite(grad_norm)
-            self.optimizer.step(found_inf=(~finite).float())
+            # clipping as torch's clip_grad_norm_ (scale max_norm / (norm + 1e-6) where below 1), folded into the
+            # update kernels as a divisor: no pass over the gradients of its own, nothing read on the host
+            scale = (grad_norm.float() + 1e-6) / self.max_grad_norm if self.max_grad_norm > 0 else None
+            self.optimizer.step(found_inf=(~finite).float(),
+                                grad_scale=None if scale is None else scale.clamp(min=1.0))
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()

@@ -68,12 +68,15 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
     dataset = build_dataset(resolve_path(data.train_path), tokenizer, data.seq_len, data.format, data.long_samples)
     _say(rt, f"data: {dataset.stats.summary()}")
     check_layout(recipe, rt)
-    model = build_model(recipe.model, rt.param_dtype, rt.device, recipe.parallel if rt.world_size > 1 else None)
+    model = build_model(recipe.model, rt.param_dtype, rt.device, recipe.parallel if rt.world_size > 1 else None,
+                        packing=data.packing)
     model = parallelize(model, recipe.parallel, rt)
     perf = resolve_perf(recipe.perf, rt.device, rt.world_size)
     if recipe.train.grad_accum_steps > 1 and perf.compile == "layers-graphs" and recipe.perf.compile == "auto":
         perf.compile = "layers"  # accumulated gradients must outlive a CUDA-graph replay
         perf.notes.append("CUDA graphs keep no gradient across micro-batches (grad_accum_steps > 1): compile=layers")
+    # the expert-load hooks exist before torch.compile traces the layers, so the compiled layers count too
+    tracker = ExpertLoadTracker(model, recomputes=recipe.parallel.activation_checkpointing != "none")
     apply_optimizations(model, perf)
 
     def new_loader() -> StatefulLoader:
@@ -99,7 +102,7 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
         save_checkpoint(run_dir, step, model, optimizer, scheduler, loader, recipe.checkpoint.keep_last,
                         saved_recipe(recipe), rt.world_size)
 
-    tracker = ExpertLoadTracker(model, recomputes=recipe.parallel.activation_checkpointing != "none")
+    tracker.snapshot()  # drop what the compile warm-up counted
     writer = MetricsWriter(run_dir, step) if rt.is_main else None
     train_step = TrainStep(model, optimizer, scheduler, rt, perf, recipe.optim.max_grad_norm, tracker,
                            balancer_for(model, recipe.moe.aux_free_bias_rate),

@@ -65,11 +65,16 @@ while IFS='|' read -r job variants; do
     BUILD=""
   fi
   [[ "$job" == B3* ]] && python3 -c "from trainer.kernels import mamba; print(mamba.status())"
-  step "$job: native, then moe train [$variants]"
+  step "$job: native, then moe train [$variants] ${SET:+(--set $SET)}"
   timeout "${JOB_BUDGET:-560}" python3 -m bench.compare --jobs "$job" --variants "$variants" --steps "${STEPS:-20}" \
+    --set "${SET:-}" \
     --warmup "${WARMUP:-5}" --out "$R/bench/$job" "${PROFILE_ARGS[@]}" 2>&1 | grep -v "^\s*$" | grep -v "^job \|^---\|^wrote" | tail -8
 done <<< "$PLAN"
 
+if [ -n "$BUILD" ]; then  # built but not used by this plan: still bring the wheels back
+  wait "$BUILD"; echo "build exit $?"
+  for wheel in /tmp/mwheels/*.whl; do (cd "$DEST" && split -b 15M "$wheel" "$(basename "$wheel").part-"); done
+fi
 tar czf "$DEST/results.tgz" -C "$R" --exclude='*/model/*' --exclude='*/data/*' .
 if has bench; then
   step "summary"

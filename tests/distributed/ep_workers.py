@@ -159,20 +159,23 @@ def dcp_reshard(directory: str) -> dict:
     return equal
 
 
-def optimizer_in_backward_matches(parallel: dict, steps: int = 3, spec: str = "opt-in-bwd") -> dict:
-    """Sharded model: AdamW stepped from FSDP2's post-reduce-scatter hooks (`opt-in-bwd`), or the per-parameter
-    optimizer's own `step()` after backward (`master-fp32`), vs torch's AdamW after backward. Returns the worst
-    relative parameter difference after `steps` steps and how many gradients the backward left."""
-    from trainer.perf import PerfOptions
-    from trainer.step_optimizer import build_optimizer
+def optimizer_in_backward_matches(parallel: dict, steps: int = 3, spec: tuple[str, ...] = ("optimizer=in-backward",)
+                                  ) -> dict:
+    """Sharded model: `trainer.optim.AdamW` as the perf overrides `spec` say (in-backward: stepped from FSDP2's
+    post-reduce-scatter hooks; after-backward: its own `step()`), vs torch's AdamW after the backward. Returns the
+    worst relative parameter difference after `steps` steps and how many gradients the backward left."""
+    from perf_options import perf_options
+    from trainer.config import OptimConfig
+    from trainer.optim import build_optimizer
 
     world = dist.get_world_size()
     base = random_model(tiny_configs.qwen3_moe())
-    models, notes = [], []
-    for options in (PerfOptions(optimizer="foreach"), PerfOptions.parse(spec)):
-        model = parallelize(copy.deepcopy(base), ParallelConfig(**parallel, param_dtype=None))
-        models.append((model, build_optimizer(model, options, lr=1e-2)))
-        notes += options.notes
+    reference = parallelize(copy.deepcopy(base), ParallelConfig(**parallel, param_dtype=None))
+    stepped = parallelize(copy.deepcopy(base), ParallelConfig(**parallel, param_dtype=None))
+    options = perf_options(*spec)
+    models = [(reference, torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
+                                            weight_decay=0.0)),
+              (stepped, build_optimizer(stepped, OptimConfig(lr=1e-2, max_grad_norm=0.0), options))]
     grads_left = 0
     for step in range(steps):
         ids = torch.randint(0, tiny_configs.VOCAB, (world * ROWS_PER_RANK, SEQ),
@@ -180,15 +183,15 @@ def optimizer_in_backward_matches(parallel: dict, steps: int = 3, spec: str = "o
         rows = slice(dist.get_rank() * ROWS_PER_RANK, (dist.get_rank() + 1) * ROWS_PER_RANK)
         for model, optimizer in models:
             model(ids[rows], labels=ids[rows]).loss.backward()
-            if optimizer is models[1][1]:
+            if model is stepped:
                 grads_left += sum(p.grad is not None for p in model.parameters())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    after, stepped = dict(models[0][0].named_parameters()), dict(models[1][0].named_parameters())
+    after = dict(reference.named_parameters())
     worst = 0.0
-    for name, param in stepped.items():
+    for name, param in stepped.named_parameters():
         a, b = _full(after[name].detach()), _full(param.detach())
         worst = max(worst, ((a - b).norm() / a.norm().clamp_min(1e-30)).item())
     moved = max((_full(p.detach()) - _full(q.detach())).abs().max().item()
-                for p, q in zip(base.parameters(), models[1][0].parameters()))
-    return {"worst_rel": worst, "grads_left": grads_left, "notes": notes, "moved": moved}
+                for p, q in zip(base.parameters(), stepped.parameters()))
+    return {"worst_rel": worst, "grads_left": grads_left, "notes": options.notes, "moved": moved}

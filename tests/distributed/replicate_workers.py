@@ -7,11 +7,13 @@ import torch.distributed as dist
 from torch._dynamo.utils import counters
 
 import tiny_configs
+from perf_options import perf_options
+from trainer.config import OptimConfig
 from trainer.models import MoEAutoModelForCausalLM
+from trainer.optim import build_optimizer
 from trainer.parallel.replicate import replica_gradients, replicate
 from trainer.parallel.replicate_experts import split_experts
-from trainer.perf import PerfOptions, apply_optimizations
-from trainer.step_optimizer import build_optimizer
+from trainer.perf import apply_optimizations
 from training_loop import train_steps
 
 IDS = torch.randint(0, tiny_configs.VOCAB, (4, 24), generator=torch.Generator().manual_seed(5))
@@ -27,14 +29,15 @@ def _model(seed: int):
     return model
 
 
-def _train(model, spec: str, ids: torch.Tensor, steps: int):
-    options = PerfOptions.parse(spec)
+def _train(model, spec: tuple[str, ...], ids: torch.Tensor, steps: int, world_size: int = 1):
+    """`steps` TrainSteps with the perf overrides `spec`; `world_size` > 1: a replica, the token mean over all."""
+    options = perf_options(*spec)
     apply_optimizations(model, options)
-    optimizer, _ = train_steps(model, options, ids, steps, lr=1e-2)
+    optimizer, _ = train_steps(model, options, ids, steps, lr=1e-2, world_size=world_size)
     return options.notes, optimizer
 
 
-def replicas_train_like_one_process(spec: str, steps: int = 3, shard_optimizer: bool = False,
+def replicas_train_like_one_process(spec: tuple[str, ...], steps: int = 3, shard_optimizer: bool = False,
                                     split: bool = False, dispatcher: str = "alltoall") -> dict:
     """Each rank starts from its own seed and trains on its half of the batch; rank 0 also trains one model alone on
     the whole batch. `split`: each rank keeps half of the experts (split_experts, all-to-all dispatch). Returns the
@@ -47,7 +50,7 @@ def replicas_train_like_one_process(spec: str, steps: int = 3, shard_optimizer: 
         split_experts(model, dispatcher)
     rank_local = replica_gradients(model).rank_local
     rows = IDS.shape[0] // world
-    notes, optimizer = _train(model, spec, IDS[rank * rows:(rank + 1) * rows], steps)
+    notes, optimizer = _train(model, spec, IDS[rank * rows:(rank + 1) * rows], steps, world_size=world)
     full = {}
     for name, p in model.named_parameters():  # every rank joins each gather, in the same order
         if p in rank_local:
@@ -58,7 +61,7 @@ def replicas_train_like_one_process(spec: str, steps: int = 3, shard_optimizer: 
             full[name] = p.detach()
     result = {"notes": notes, "checksum": [float(p.double().sum()) for p in model.parameters() if p not in rank_local],
               "grads_left": sum(p.grad is not None for p in model.parameters()),
-              "state_elements": sum(entry[1].numel() for entry in optimizer._entries.values()),
+              "state_elements": optimizer.state_bytes() // (2 * 4),  # two fp32 moments per element
               "param_elements": sum(p.numel() for p in full.values()),
               "dispatchers": sorted({m.moe_dispatcher.name for m in model.modules()
                                      if getattr(m, "moe_dispatcher", None) is not None}),
@@ -79,7 +82,7 @@ def replicated_model_refuses_an_optimizer_that_does_not_average() -> str:
     model = _model(seed=0)
     replicate(model)
     try:
-        build_optimizer(model, PerfOptions.parse("fused-adamw"))
+        build_optimizer(model, OptimConfig(), perf_options("optimizer=after-backward"))
     except ValueError as err:
         return str(err)
     return ""

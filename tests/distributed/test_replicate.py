@@ -17,8 +17,16 @@ from harness import run_ranks
 
 pytestmark = [pytest.mark.distributed]
 
+IN_BACKWARD, OVERLAP = ("optimizer=in-backward",), ("optimizer=overlap",)
+DEFER_ONE = IN_BACKWARD + ("defer=1",)
+FUSED_OVERLAP = ("fused_experts=on",) + OVERLAP
 
-@pytest.mark.parametrize("spec", ["opt-in-bwd", "opt-overlap", "fused-experts+opt-in-bwd", "opt-in-bwd+defer=1"])
+
+def _name(value) -> str:
+    return "+".join(value) if isinstance(value, tuple) else str(value)
+
+
+@pytest.mark.parametrize("spec", [IN_BACKWARD, OVERLAP, ("fused_experts=on",) + IN_BACKWARD, DEFER_ONE], ids=_name)
 def test_two_replicas_train_like_one_process_on_the_whole_batch(spec):
     results = run_ranks(replicate_workers.replicas_train_like_one_process, 2, spec, timeout=120)
     assert results[0]["checksum"] == results[1]["checksum"], "the replicas drifted apart"
@@ -27,7 +35,7 @@ def test_two_replicas_train_like_one_process_on_the_whole_batch(spec):
     assert results[0]["worst_rel"] <= 1e-5, f"parameters differ by {results[0]['worst_rel']:.2e}"
 
 
-@pytest.mark.parametrize("spec", ["opt-in-bwd", "opt-overlap+master-fp32", "opt-in-bwd+defer=1"])
+@pytest.mark.parametrize("spec", [IN_BACKWARD, OVERLAP, DEFER_ONE], ids=_name)
 def test_replicas_with_a_sharded_optimizer_train_like_one_process_and_keep_half_the_state(spec):
     results = run_ranks(replicate_workers.replicas_train_like_one_process, 2, spec, 3, True, timeout=120)
     assert results[0]["checksum"] == results[1]["checksum"], "the replicas drifted apart"
@@ -38,16 +46,15 @@ def test_replicas_with_a_sharded_optimizer_train_like_one_process_and_keep_half_
     assert results[0]["state_elements"] <= 0.55 * results[0]["param_elements"]
 
 
-@pytest.mark.parametrize("spec,dispatcher", [("opt-in-bwd", "alltoall"), ("fused-experts+opt-overlap", "alltoall"),
-                                             ("opt-in-bwd+defer=1", "alltoall"),
-                                             ("fused-experts+opt-overlap", "allgather"),
-                                             ("fused-experts+opt-overlap+compile-all", "allgather")])
+@pytest.mark.parametrize("spec,dispatcher", [(IN_BACKWARD, "alltoall"), (FUSED_OVERLAP, "alltoall"),
+                                             (DEFER_ONE, "alltoall"), (FUSED_OVERLAP, "allgather"),
+                                             (FUSED_OVERLAP + ("compile=layers",), "allgather")], ids=_name)
 def test_replicas_with_split_experts_train_like_one_process_and_keep_their_experts_only(spec, dispatcher):
     results = run_ranks(replicate_workers.replicas_train_like_one_process, 2, spec, 3, True, True, dispatcher,
                         timeout=180)
     assert results[0]["dispatchers"] == [dispatcher]
-    if "compile" in spec:  # the all-gather path compiles whole: routing plan, collectives, expert MLP op
-        assert results[0]["graph_breaks"] == 0 and any("layers-all" in n for n in results[0]["notes"])
+    if "compile=layers" in spec:  # the all-gather path compiles whole: routing plan, collectives, expert MLP op
+        assert results[0]["graph_breaks"] == 0 and any("torch.compile (layers)" in n for n in results[0]["notes"])
     assert results[0]["checksum"] == results[1]["checksum"], "the replicated parameters drifted apart"
     assert results[0]["grads_left"] == 0
     assert results[0]["moved"] > 1e-3, "the parameters should have been trained"

@@ -6,7 +6,8 @@ correction one ulp apart moves every element's update by a hair, so at some step
 to the neighbouring value (measured on an H200: 47% of the elements after 3 steps; fp32 up to 5.4e-8 absolute,
 bf16 up to 2**-9 at values near 0.5). Tolerances: every element within 1e-6 absolute + 1e-5 relative (fp32) or
 2**-8 absolute + 2**-7 relative (bf16, one rounding step). Training 3 steps with either kernel: losses within 1e-3
-relative, each parameter within 1e-2 relative norm.
+relative, each parameter within 1e-2 relative norm, after the backward (the step's device-side skip flag read by
+the kernel) and overlapped in the backward.
 """
 
 from __future__ import annotations
@@ -66,10 +67,31 @@ def test_master_copy_gets_bf16_gradients_and_writes_the_bf16_weight():
     assert torch.equal(weight, master.to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("spec", ["opt-overlap", "opt-in-bwd+master-fp32"])
+@pytest.mark.parametrize("skip", [0.0, 1.0], ids=["finite", "skipped"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_skip_flag_on_the_device_turns_the_update_off_and_nothing_else(skip, dtype):
+    """`skip` (the step's non-finite flag, read by the kernel): 1 leaves parameter, moments and shadow exactly as
+    they were; 0 makes the update without the flag, exactly (the same arithmetic)."""
+    flagged, plain = _state(4095, dtype, 0), _state(4095, dtype, 0)
+    shadow = flagged[0].to(torch.bfloat16)
+    before = tuple(t.clone() for t in flagged), shadow.clone()
+    grad = torch.randn(4095, device="cuda", generator=torch.Generator("cuda").manual_seed(3)).to(dtype)
+    step = torch.ones((), device="cuda")
+    adamw_kernel.adamw_(flagged[0], grad, *flagged[1:], step, shadow=shadow, skip=torch.full((), skip, device="cuda"),
+                        **HYPER)
+    adamw_kernel.adamw_(plain[0], grad, *plain[1:], step, **HYPER)
+    if skip:
+        assert all(torch.equal(a, b) for a, b in zip(flagged, before[0])) and torch.equal(shadow, before[1])
+    else:
+        assert all(torch.equal(a, b) for a, b in zip(flagged, plain))
+        assert torch.equal(shadow, flagged[0].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("spec", [("optimizer=after-backward",), ("optimizer=overlap",)],
+                         ids=["after-backward", "overlap"])
 def test_training_with_the_triton_kernel_follows_torchs_kernel(spec):
     reference, reference_losses, _, _ = train_tiny_moe(spec, steps=3, apply=False)
-    model, losses, optimizer, _ = train_tiny_moe(spec + "+triton-adamw", steps=3, apply=False)
+    model, losses, optimizer, _ = train_tiny_moe(spec + ("adamw=triton",), steps=3, apply=False)
     assert optimizer.triton_kernel
     assert losses == pytest.approx(reference_losses, rel=1e-3)
     for (name, a), (_, b) in zip(reference.named_parameters(), model.named_parameters()):

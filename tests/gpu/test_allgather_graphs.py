@@ -2,8 +2,8 @@
 (static shapes, no host synchronisation, the NCCL collectives captured inside the graphs) and train like the same
 replicated model that keeps every expert on every GPU.
 
-Run: `pytest -m gpu tests/gpu/test_allgather_graphs.py`. 5 steps of `best`'s optimizer path (overlapped AdamW,
-sharded over the replicas) on a 3-layer Qwen3-MoE, in a one-rank group and on two GPUs; losses are the mean over
+Run: `pytest -m gpu tests/gpu/test_allgather_graphs.py`. 5 steps of the fast optimizer path (overlapped Triton
+AdamW, sharded over the replicas) on a 3-layer Qwen3-MoE, in a one-rank group and on two GPUs; losses are the mean over
 ranks. Two checks each:
 - fp32, compiled layers (no graphs: fp32 experts loop on the host): within 1e-4 relative at every step. Only the
   summation order differs (each token's output is a sum of per-rank partials; expert gradients are summed by the
@@ -25,12 +25,12 @@ from harness import run_ranks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-GRAPHS = "loss=chunked+fused-experts+opt-overlap+cuda-graphs+triton-adamw"
-COMPILED = "loss=chunked+fused-experts+opt-overlap+compile-all"
+COMPILED = ("fused_ce=on", "fused_experts=on", "optimizer=overlap", "compile=layers")
+GRAPHS = ("fused_ce=on", "fused_experts=on", "optimizer=overlap", "compile=layers-graphs", "adamw=triton")
 STEPS = 5
 
 
-def replicas_train(spec: str, steps: int, dtype: torch.dtype) -> dict:
+def replicas_train(spec: tuple[str, ...], steps: int, dtype: torch.dtype) -> dict:
     """On each rank of an NCCL group, twice from the same seed, each rank on its rows of the batch: replicated with
     this rank's experts only (all-gather dispatch), then replicated with all experts (the reference: the same
     optimizer and gradient averaging, the local expert path). The losses, the notes and cudagraph skip counts."""

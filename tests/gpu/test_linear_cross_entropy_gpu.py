@@ -1,4 +1,4 @@
-"""On a GPU: the chunked linear + cross-entropy with its compiled chunk function (what `loss=chunked` runs on CUDA)
+"""On a GPU: the chunked linear + cross-entropy with its compiled chunk function (what `perf.fused_ce` runs on CUDA)
 against the full-logits formula, and against the same function run eagerly.
 
 Run: `pytest -m gpu tests/gpu/test_linear_cross_entropy_gpu.py`. Tolerances: fp32 inputs 1e-5 relative (loss and

@@ -1,8 +1,7 @@
-"""On a GPU: AdamW stepped in backward on a side stream (`opt-overlap`; with `defer-head` / `defer=1` the output
-head's and the last layer's updates run on it under the next forward instead; with `step-first` the steps run on a
-high-priority stream above it) gives bit-identical parameters and
-losses to the same updates on the compute stream (`opt-in-bwd`): only the stream and the moment differ, not the
-arithmetic.
+"""On a GPU: AdamW stepped in backward on a side stream (`perf.optimizer=overlap`; with `defer=head` / `defer=1` the
+output head's and the last layer's updates run on it under the next forward instead; with `step_priority=high` the
+steps run on a high-priority stream above it) gives bit-identical parameters and losses to the same updates on the
+compute stream (`optimizer=in-backward`): only the stream and the moment differ, not the arithmetic.
 
 Run: `pytest -m gpu tests/gpu/test_optimizer_overlap.py`. Tolerance: exact (torch.equal) over 4 steps, fp32 and bf16.
 """
@@ -17,10 +16,18 @@ from gpu_training import train_tiny_moe
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def _trains_like_in_stream_updates(spec: str, dtype: torch.dtype = torch.bfloat16):
-    """4 steps of `spec` and of the in-stream reference (`opt-in-bwd`): bit-identical losses and parameters.
-    Returns (model, optimizer) of `spec`."""
-    reference, reference_losses, _, _ = train_tiny_moe("opt-in-bwd", steps=4, batch=4, dtype=dtype, apply=False)
+OVERLAP = ("optimizer=overlap",)
+
+
+def _name(spec: tuple[str, ...]) -> str:
+    return "+".join(spec)
+
+
+def _trains_like_in_stream_updates(spec: tuple[str, ...], dtype: torch.dtype = torch.bfloat16):
+    """4 steps of `spec` and of the in-stream reference (`optimizer=in-backward`): bit-identical losses and
+    parameters. Returns (model, optimizer) of `spec`."""
+    reference, reference_losses, _, _ = train_tiny_moe(("optimizer=in-backward",), steps=4, batch=4, dtype=dtype,
+                                                       apply=False)
     model, losses, optimizer, _ = train_tiny_moe(spec, steps=4, batch=4, dtype=dtype, apply=False)
     assert losses == reference_losses
     for (name, a), (_, b) in zip(reference.named_parameters(), model.named_parameters()):
@@ -28,8 +35,8 @@ def _trains_like_in_stream_updates(spec: str, dtype: torch.dtype = torch.bfloat1
     return model, optimizer
 
 
-@pytest.mark.parametrize("spec", ["opt-overlap", "opt-overlap+defer-head", "opt-overlap+defer=1",
-                                  "opt-overlap+step-first"])
+@pytest.mark.parametrize("spec", [OVERLAP, OVERLAP + ("defer=head",), OVERLAP + ("defer=1",),
+                                  OVERLAP + ("step_priority=high",)], ids=_name)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_side_stream_updates_equal_in_stream_updates(dtype, spec):
     overlapped, optimizer = _trains_like_in_stream_updates(spec, dtype)
@@ -38,19 +45,20 @@ def test_side_stream_updates_equal_in_stream_updates(dtype, spec):
         assert p.grad is None, name
 
 
-@pytest.mark.parametrize("spec", ["opt-overlap", "opt-overlap+defer=2", "opt-overlap+defer=2+step-first"])
+@pytest.mark.parametrize("spec", [OVERLAP, OVERLAP + ("defer=2",), OVERLAP + ("defer=2", "step_priority=high")],
+                         ids=_name)
 def test_side_stream_updates_survive_a_slow_side_stream(monkeypatch, spec):
     """Every update on the side stream starts ~10 ms late (a sleep kernel queued before it), so any tensor it reads
     that the compute stream may free and reuse meanwhile (gradients, the step counters' copies) would be
     overwritten before it is read: still bit-identical to the in-stream updates."""
-    from trainer import step_optimizer
+    from trainer.optim import AdamW
 
-    update = step_optimizer._PerParamAdamW._update
+    update = AdamW._update
 
     def late_update(self, *args, **kwargs):
         if self._side_stream is not None:  # the in-stream reference runs unchanged
             torch.cuda._sleep(20_000_000)  # on the current (side) stream: delays this update, not the compute stream
         return update(self, *args, **kwargs)
 
-    monkeypatch.setattr(step_optimizer._PerParamAdamW, "_update", late_update)
+    monkeypatch.setattr(AdamW, "_update", late_update)
     _trains_like_in_stream_updates(spec)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from perf_options import perf_options
 from trainer.checkpoint.dcp import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.cli import main as moe
 from trainer.config import OptimConfig, resolve_path
@@ -25,7 +26,7 @@ def _parts(seed: int):
     tokenizer = AutoTokenizer.from_pretrained(resolve_path("builtin:tokenizer"))
     dataset = build_dataset(resolve_path("builtin:data/sft.jsonl"), tokenizer, 128)
     loader = StatefulLoader(dataset, 128, 2, tokenizer.pad_token_id, seed=0)
-    optimizer = build_optimizer(model, OptimConfig(lr=1e-3, warmup_steps=2))
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-3, warmup_steps=2), perf_options())
     scheduler = build_scheduler(optimizer, OptimConfig(lr=1e-3, warmup_steps=2), max_steps=10)
     return model, optimizer, scheduler, loader
 

@@ -95,3 +95,36 @@ def test_cli_exits_2_with_one_line_naming_the_closest_key(capsys, tmp_path):
     assert code == EXIT_USER_ERROR
     assert len(err.splitlines()) == 1 and "optim.lr" in err and "optim.lrr" in err
     assert not (tmp_path / "run").exists()  # a user error leaves no partial output
+
+
+@pytest.mark.parametrize("overrides, problem, fix", [
+    (["perf.optimizer=in-backward"],  # tiny-moe clips at optim.max_grad_norm=1
+     "perf.optimizer=in-backward updates inside the backward, so gradients cannot be clipped (optim.max_grad_norm=1)",
+     "set optim.max_grad_norm=0 or perf.optimizer=auto"),
+    (["perf.optimizer=overlap", "optim.max_grad_norm=0", "train.grad_accum_steps=2"],
+     "perf.optimizer=overlap updates inside the backward, so gradients cannot be accumulated "
+     "(train.grad_accum_steps=2)", "set train.grad_accum_steps=1 or perf.optimizer=auto"),
+    (["perf.defer=head"], "perf.defer=head holds back updates of an in-backward optimizer",
+     "set perf.optimizer=overlap (or in-backward), or perf.defer=none"),
+    (["perf.compile=layers-graphs", "train.grad_accum_steps=4"],
+     "perf.compile=layers-graphs keeps no gradient across micro-batches (train.grad_accum_steps=4)",
+     "set perf.compile=layers (or auto), or train.grad_accum_steps=1"),
+])
+def test_perf_options_that_the_step_cannot_honour_are_refused_in_one_line(overrides, problem, fix):
+    with pytest.raises(UserError) as err:
+        load_recipe("tiny-moe", overrides)
+    assert str(err.value) == f"{problem}; {fix}"
+
+
+def test_in_backward_optimizers_load_without_clipping_or_accumulation():
+    recipe = load_recipe("tiny-moe", ["perf.optimizer=overlap", "perf.defer=head", "optim.max_grad_norm=0"])
+    assert (recipe.perf.optimizer, recipe.perf.defer) == ("overlap", "head")
+    assert load_recipe("tiny-moe", ["perf.compile=layers-graphs"]).perf.compile == "layers-graphs"
+
+
+def test_cli_refuses_clipping_with_an_in_backward_optimizer_in_one_line(capsys, tmp_path):
+    code = moe(["train", "tiny-moe", "perf.optimizer=overlap", f"output.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_USER_ERROR
+    assert len(err.splitlines()) == 1 and "cannot be clipped" in err and "optim.max_grad_norm=0" in err
+    assert not (tmp_path / "run").exists()

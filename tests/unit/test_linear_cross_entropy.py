@@ -1,4 +1,5 @@
-"""The chunked linear + cross-entropy equals the full-logits formula (value and both gradients) and HF's loss."""
+"""The chunked linear + cross-entropy equals the full-logits formula (value and both gradients), and the step's loss
+built on it equals HF's."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from trainer.kernels.linear_cross_entropy import (
     chunked_linear_cross_entropy_sum,
     linear_cross_entropy_sum,
     reference_linear_cross_entropy_sum,
-    shift_labels,
 )
+from trainer.loss import forward_loss_sum
+from training_loop import micro_batch
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -68,16 +70,18 @@ def test_bf16_inputs_stay_close_to_the_fp32_formula():
     assert abs(loss.item() - ref.item()) <= 2e-2 * abs(ref.item())  # bf16 logits: ~3 significant digits
 
 
-def test_mean_over_shifted_targets_equals_the_hf_causal_lm_loss():
+@pytest.mark.parametrize("fused_ce", [True, False], ids=["fused", "plain"])
+def test_the_steps_loss_over_shifted_targets_equals_the_hf_causal_lm_loss(fused_ce):
+    """The step's summed loss (`trainer.loss.forward_loss_sum`, targets = ids shifted left, the last position not
+    trained) divided by the trained tokens is HF's causal LM loss with labels = ids, within 1e-5 relative."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(copy.deepcopy(tiny_configs.qwen3_moe()))
     ids = torch.randint(0, tiny_configs.VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
     hf_loss = model(ids, labels=ids).loss
 
-    hidden = model.model(ids).last_hidden_state
-    targets = shift_labels(ids)
-    ours = linear_cross_entropy_sum(hidden.flatten(0, 1), model.lm_head.weight, targets.flatten(), backend="chunked")
-    ours = ours / (targets != IGNORE_INDEX).sum()
+    batch = micro_batch(ids)
+    loss_sum, _ = forward_loss_sum(model, batch, fused_ce=fused_ce)
+    ours = loss_sum / (batch["targets"] != IGNORE_INDEX).sum()
     assert abs(ours.item() - hf_loss.item()) <= 1e-5 * abs(hf_loss.item())
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
+import tiny_configs
 from trainer.config import load_recipe, resolve_path
 from trainer.errors import UserError
 from trainer.metrics import ExpertLoadTracker, flops_per_token, read_metrics
@@ -113,6 +114,46 @@ def test_expert_load_counts_every_routed_token_once_per_chosen_expert():
     assert counts_LE.shape == (config.num_hidden_layers, config.num_experts)
     assert counts_LE.sum(dim=1).tolist() == [2 * 10 * config.num_experts_per_tok] * config.num_hidden_layers
     assert tracker.pop().sum() == 0 and tracker.total_LE.sum() == counts_LE.sum()
+
+
+def test_expert_load_snapshots_queue_the_counts_since_the_last_and_add_sums_them():
+    """`snapshot()` hands over the counts since the previous snapshot (on the model's device) and starts from zero;
+    `add()` sums the snapshots once on the host: the run's total, as `pop()` keeps it."""
+    model, config = _tiny_model()
+    tracker = ExpertLoadTracker(model)
+    ids = torch.randint(0, config.vocab_size, (2, 10))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+        first = tracker.snapshot()
+        model(input_ids=ids[:1], use_cache=False)
+        second = tracker.snapshot()
+    per_layer = [config.num_experts_per_tok * n for n in (2 * 10, 10)]
+    assert first.sum(dim=1).tolist() == [per_layer[0]] * config.num_hidden_layers
+    assert second.sum(dim=1).tolist() == [per_layer[1]] * config.num_hidden_layers
+    tracker.add(first)
+    tracker.add(second)
+    torch.testing.assert_close(tracker.total_LE, first + second, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["full", "moe"])
+def test_router_forwards_recomputed_in_the_backward_are_not_counted(mode):
+    """Activation checkpointing runs each router again in the backward; with `recomputes=True` (what `moe train`
+    passes when checkpointing is on) a training step counts each routed token once, as without checkpointing."""
+    from trainer.loss import forward_loss_sum
+    from trainer.parallel.checkpointing import apply_checkpointing
+    from training_loop import micro_batch
+
+    ids = torch.randint(0, tiny_configs.VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    counts = {}
+    for checkpointing, recomputes in (("none", False), (mode, False), (mode, True)):
+        torch.manual_seed(0)
+        model = MoEAutoModelForCausalLM.from_config(tiny_configs.qwen3_moe())
+        apply_checkpointing(model, checkpointing)
+        tracker = ExpertLoadTracker(model, recomputes=recomputes)
+        forward_loss_sum(model, micro_batch(ids))[0].backward()
+        counts[checkpointing, recomputes] = tracker.snapshot()
+    torch.testing.assert_close(counts[mode, True], counts["none", False], rtol=0, atol=0)
+    torch.testing.assert_close(counts[mode, False], 2 * counts["none", False], rtol=0, atol=0)  # the router ran twice
 
 
 def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_path):

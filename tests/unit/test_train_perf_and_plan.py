@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from trainer.build import perf_options
 from trainer.cli import main as moe
 from trainer.config import PerfConfig, load_recipe, resolve_path
 from trainer.data import IGNORE_INDEX
 from trainer.loss import forward_loss_sum
 from trainer.models import MoEAutoModelForCausalLM
+from trainer.perf import resolve_perf
 
 TINY = ["data.seq_len=64", "train.micro_batch_size=2", "output.export=false", "train.max_steps=1"]
 
@@ -49,18 +49,25 @@ def test_fused_loss_equals_the_plain_loss_and_gradients_without_full_logits():
     assert fused(batch["input_ids"]).logits.shape == (2, 24, config.vocab_size)  # outside the loss: plain logits
 
 
+def _resolved(options) -> tuple:
+    return (options.fused_ce, options.fused_experts, options.kernels, options.compile, options.optimizer,
+            options.adamw, options.prefetch)
+
+
 def test_perf_defaults_are_fused_everything_on_gpu_and_only_the_fused_loss_on_cpu():
-    gpu = perf_options(PerfConfig(), torch.device("cuda"))
-    assert (gpu.loss, gpu.fused_experts, gpu.kernels, gpu.optimizer, gpu.compile) == (
-        "fused", True, "liger", "fused", "layers")
-    cpu = perf_options(PerfConfig(), torch.device("cpu"))
-    assert (cpu.loss, cpu.fused_experts, cpu.kernels, cpu.optimizer, cpu.compile) == (
-        "fused", False, "eager", "foreach", "none")
-    assert perf_options(PerfConfig(), torch.device("cuda"), has_mamba=True).compile == "none"  # not measured there
-    assert perf_options(PerfConfig(), torch.device("cuda"), world_size=8).compile == "none"  # no safe fallback
-    assert perf_options(PerfConfig(compile="on"), torch.device("cuda"), world_size=8).compile == "layers"
-    off = perf_options(PerfConfig(fused_ce="off", kernels="torch", optimizer="foreach"), torch.device("cuda"))
-    assert (off.loss, off.kernels, off.optimizer) == ("hf", "eager", "foreach")
+    """`auto` settles per device; CUDA graphs that cannot run fall back later, in `apply_optimizations`."""
+    assert _resolved(resolve_perf(PerfConfig(), torch.device("cuda"))) == (
+        True, True, "liger", "layers-graphs", "after-backward", "triton", True)
+    assert _resolved(resolve_perf(PerfConfig(), torch.device("cpu"))) == (
+        True, False, "torch", "off", "after-backward", "torch", False)
+
+
+def test_perf_values_the_recipe_sets_are_kept_as_they_are():
+    explicit = PerfConfig(fused_ce="off", fused_experts="off", kernels="torch", compile="layers", optimizer="overlap",
+                          adamw="torch", prefetch="off", defer="2", graph_priority="high", step_priority="default")
+    options = resolve_perf(explicit, torch.device("cuda"), world_size=8)
+    assert _resolved(options) == (False, False, "torch", "layers", "overlap", "torch", False)
+    assert (options.defer, options.graph_priority, options.step_priority) == ("2", "high", "default")
 
 
 def test_moe_train_refuses_a_layout_that_does_not_fit_the_gpu_before_loading(tmp_path, monkeypatch, capsys):
@@ -81,7 +88,7 @@ def test_parallel_check_memory_false_lets_it_try(tmp_path, monkeypatch):
     assert code == 0 and (tmp_path / "run/checkpoints/latest").is_file()
 
 
-@pytest.mark.parametrize("key", ["perf.fused_ce=maybe", "perf.optimizer=in-backward"])
+@pytest.mark.parametrize("key", ["perf.fused_ce=maybe", "perf.compile=layers-all", "perf.optimizer=fused"])
 def test_perf_values_outside_the_schema_are_refused(key):
     from trainer.errors import UserError
 
@@ -90,19 +97,19 @@ def test_perf_values_outside_the_schema_are_refused(key):
 
 
 def test_compiled_layers_train_like_eager_layers(tmp_path):
-    """perf.compile=on (CPU Inductor here): the warm-up batch leaves no trace, and the losses equal the eager run's
+    """perf.compile=layers (CPU Inductor here): the warm-up batch leaves no trace, and the losses equal the eager run's
     within 1e-4 relative (Inductor fuses the fp32 elementwise work in another order)."""
     from trainer.train import train
 
     losses = {}
-    for mode in ("off", "on"):
+    for mode in ("off", "layers"):
         recipe = load_recipe("tiny-moe", [*TINY, "train.max_steps=3", f"perf.compile={mode}",
                                           f"output.dir={tmp_path / mode}"])
         result = train(recipe, progress=False)
         losses[mode] = result.losses
-        if mode == "on":
+        if mode == "layers":
             assert result.model.model.layers[0]._compiled_call_impl is not None  # still compiled: it did not fall back
-    torch.testing.assert_close(torch.tensor(losses["on"]), torch.tensor(losses["off"]), rtol=1e-4, atol=0)
+    torch.testing.assert_close(torch.tensor(losses["layers"]), torch.tensor(losses["off"]), rtol=1e-4, atol=0)
 
 
 def test_a_layer_that_fails_to_compile_falls_back_to_eager(tmp_path, monkeypatch, capsys):
@@ -115,7 +122,7 @@ def test_a_layer_that_fails_to_compile_falls_back_to_eager(tmp_path, monkeypatch
     monkeypatch.setattr("trainer.perf._apply_compile", broken)
     from trainer.train import train
 
-    recipe = load_recipe("tiny-moe", [*TINY, "train.max_steps=2", "perf.compile=on", f"output.dir={tmp_path / 'run'}"])
+    recipe = load_recipe("tiny-moe", [*TINY, "train.max_steps=2", "perf.compile=layers", f"output.dir={tmp_path / 'run'}"])
     result = train(recipe, progress=False)
     assert "torch.compile failed at the first batch (RuntimeError: inductor says no): eager instead" in capsys.readouterr().out
     assert result.step == 2 and all(layer._compiled_call_impl is None for layer in result.model.model.layers)

@@ -67,16 +67,19 @@ def usable(*tensors: torch.Tensor | None) -> bool:
 
 def adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
            step: torch.Tensor, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-           shadow: torch.Tensor | None = None, skip: torch.Tensor | None = None, config: dict | None = None) -> None:
+           shadow: torch.Tensor | None = None, skip: torch.Tensor | None = None,
+           grad_scale: torch.Tensor | None = None, config: dict | None = None) -> None:
     """Update `param`, `exp_avg`, `exp_avg_sq` (and write `shadow`) in place, on the current CUDA stream; nothing
-    is read or written where `skip` (a one-element fp32 tensor on the device) is non-zero."""
+    is read or written where `skip` (a one-element fp32 tensor on the device) is non-zero; the gradient is divided
+    by `grad_scale` (one fp32 element on the device: clipping without a pass of its own) when given."""
     n = param.numel()
     if n == 0:
         return
     config = config or DEFAULT_CONFIG
     grid = (blocks(n, config["BLOCK"]),)
     _kernel()[grid](param, grad, exp_avg, exp_avg_sq, shadow if shadow is not None else param, step,
-                    skip if skip is not None else step, n,
+                    skip if skip is not None else step, grad_scale if grad_scale is not None else step, n,
                     float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
                     log2_beta(beta1), log2_beta(beta2),
-                    HAS_SHADOW=shadow is not None, HAS_SKIP=skip is not None, **config)
+                    HAS_SHADOW=shadow is not None, HAS_SKIP=skip is not None,
+                    HAS_SCALE=grad_scale is not None, **config)

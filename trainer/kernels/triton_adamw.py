@@ -26,14 +26,18 @@ def adamw_math(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, we
 
 
 @triton.jit
-def adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, shadow_ptr, step_ptr, skip_ptr, n, lr, beta1, beta2, eps, weight_decay,
-                 log2_beta1, log2_beta2, HAS_SHADOW: tl.constexpr, HAS_SKIP: tl.constexpr, BLOCK: tl.constexpr):
+def adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, shadow_ptr, step_ptr, skip_ptr, scale_ptr, n, lr, beta1, beta2, eps,
+                 weight_decay, log2_beta1, log2_beta2, HAS_SHADOW: tl.constexpr, HAS_SKIP: tl.constexpr,
+                 HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
     if HAS_SKIP:  # a skipped (non-finite) step: every load and store masked off, decided on the device
         mask = mask & (tl.load(skip_ptr) == 0.0)
+    grad = tl.load(g_ptr + offsets, mask=mask)
+    if HAS_SCALE:  # gradient clipping folded in: the gradient divided by the device-held scale
+        grad = grad.to(tl.float32) / tl.load(scale_ptr)
     param, exp_avg, exp_avg_sq = adamw_math(
-        tl.load(p_ptr + offsets, mask=mask), tl.load(g_ptr + offsets, mask=mask),
+        tl.load(p_ptr + offsets, mask=mask), grad,
         tl.load(m_ptr + offsets, mask=mask), tl.load(v_ptr + offsets, mask=mask), tl.load(step_ptr),
         lr, beta1, beta2, eps, weight_decay, log2_beta1, log2_beta2)
     tl.store(p_ptr + offsets, param.to(p_ptr.dtype.element_ty), mask=mask)

@@ -22,6 +22,9 @@ def total_grad_norm(parameters) -> torch.Tensor:
     for p in parameters:
         if p.grad is not None:
             groups.setdefault(_mesh_key(p.grad), []).append(p.grad)
+    if len(groups) == 1:  # one mesh (or none): torch's own norm, unchanged arithmetic
+        norm = torch.nn.utils.get_total_norm(next(iter(groups.values())), 2.0, foreach=True)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     total_sq = None
     for grads in groups.values():
         norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
