@@ -102,8 +102,8 @@ class PerfConfig:
     fused_experts: Literal["auto", "on", "off"] = "auto"  # memory-lean expert MLP (auto: on CUDA)
     kernels: Literal["auto", "liger", "torch"] = "auto"  # auto: Liger RMSNorm/SwiGLU where importable on CUDA
     # torch.compile per decoder layer; "layers-graphs" also replays each layer as CUDA graphs (one CUDA process or a
-    # layout with static shapes, bf16 weights). auto: layers-graphs on CUDA where graphs can run, else layers on
-    # CUDA, off on CPU. The first batch is run once before training; a failure there falls back to eager in one
+    # layout with static shapes, bf16 weights). auto: on CUDA layers-graphs beside an in-backward optimizer (where
+    # graphs can run), else layers; off on CPU. The first batch is run once before training; a failure there falls back to eager in one
     # process, and stops several processes with a one-line error.
     compile: Literal["auto", "off", "layers", "layers-graphs"] = "auto"
     # when AdamW runs: after the backward (clipping, accumulation and skipping a non-finite step all work), or inside

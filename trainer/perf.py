@@ -51,21 +51,28 @@ class PerfOptions:
 
 
 def resolve_perf(cfg, device: torch.device, world_size: int = 1) -> PerfOptions:
-    """`cfg` (a `PerfConfig`) with every `auto` settled for `device`: on CUDA fused loss and experts, Liger, CUDA-graph
-    layers (falling back to compiled layers where graphs cannot run, `apply_optimizations`), AdamW after the backward
-    with the Triton kernel, prefetched batches; on CPU the fused loss only."""
+    """`cfg` (a `PerfConfig`) with every `auto` settled for `device`: on CUDA fused loss and experts, Liger, compiled
+    layers (replayed as CUDA graphs beside an in-backward optimizer; `apply_optimizations` falls back to plain compiled
+    layers where graphs cannot run), AdamW after the backward with the Triton kernel, prefetched batches; on CPU the
+    fused loss only."""
     cuda = device.type == "cuda"
 
     def on(value: str, auto: bool) -> bool:
         return value == "on" or (value == "auto" and auto)
 
-    compile_mode = {"auto": "layers-graphs" if cuda else "off"}.get(cfg.compile, cfg.compile)
+    optimizer = {"auto": "after-backward"}.get(cfg.optimizer, cfg.optimizer)
+    # CUDA graphs beside an in-backward optimizer: measured B1-bs4 62.5k tok/s (docs/BENCHMARKS.md). Beside AdamW
+    # after the backward, cudagraph trees left their fast path every few steps on an H200 (host-side re-checks of
+    # 40-60 ms per layer's backward, B1-bs4 28k tok/s), so auto compiles the layers without graphs there.
+    graphs_pay = optimizer in IN_BACKWARD
+    compile_mode = {"auto": ("layers-graphs" if graphs_pay else "layers") if cuda else "off"}.get(cfg.compile,
+                                                                                                    cfg.compile)
     return PerfOptions(
         fused_ce=on(cfg.fused_ce, True),
         fused_experts=on(cfg.fused_experts, cuda),
         kernels="liger" if cfg.kernels == "liger" or (cfg.kernels == "auto" and cuda) else "torch",
         compile=compile_mode,
-        optimizer={"auto": "after-backward"}.get(cfg.optimizer, cfg.optimizer),
+        optimizer=optimizer,
         adamw={"auto": "triton" if cuda else "torch"}.get(cfg.adamw, cfg.adamw),
         defer=cfg.defer,
         graph_priority=cfg.graph_priority,

@@ -72,9 +72,6 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
                         packing=data.packing)
     model = parallelize(model, recipe.parallel, rt)
     perf = resolve_perf(recipe.perf, rt.device, rt.world_size)
-    if recipe.train.grad_accum_steps > 1 and perf.compile == "layers-graphs" and recipe.perf.compile == "auto":
-        perf.compile = "layers"  # accumulated gradients must outlive a CUDA-graph replay
-        perf.notes.append("CUDA graphs keep no gradient across micro-batches (grad_accum_steps > 1): compile=layers")
     # the expert-load hooks exist before torch.compile traces the layers, so the compiled layers count too
     tracker = ExpertLoadTracker(model, recomputes=recipe.parallel.activation_checkpointing != "none")
     apply_optimizations(model, perf)

@@ -334,3 +334,21 @@ def test_step_stream_leaves_cpu_steps_on_the_current_stream():
     with step_stream(perf_options("step_priority=high"), torch.device("cpu")):
         ids = torch.ones(2, 3)
     assert ids.sum() == 6
+
+
+def test_perf_auto_keeps_the_recipes_semantics_and_picks_cuda_graphs_only_beside_an_in_backward_optimizer():
+    """`perf: auto` on CUDA: fused loss and experts, Liger, the Triton AdamW after the backward (clipping and
+    accumulation keep working), compiled layers without CUDA graphs (beside AdamW after the backward cudagraph trees
+    left their fast path on an H200: docs/BENCHMARKS.md), prefetched batches. The overlapped optimizer, which a
+    recipe must ask for, gets CUDA-graph layers. On the CPU only the fused loss."""
+    from trainer.config import PerfConfig
+    from trainer.perf import resolve_perf
+
+    cuda = resolve_perf(PerfConfig(), torch.device("cuda"))
+    assert (cuda.fused_ce, cuda.fused_experts, cuda.kernels, cuda.compile, cuda.optimizer, cuda.adamw,
+            cuda.prefetch) == (True, True, "liger", "layers", "after-backward", "triton", True)
+    overlap = resolve_perf(PerfConfig(optimizer="overlap"), torch.device("cuda"))
+    assert (overlap.compile, overlap.optimizer) == ("layers-graphs", "overlap")
+    cpu = resolve_perf(PerfConfig(), torch.device("cpu"))
+    assert (cpu.fused_ce, cpu.fused_experts, cpu.compile, cpu.adamw, cpu.prefetch) == (True, False, "off", "torch",
+                                                                                       False)
