@@ -2,7 +2,7 @@
 averaged across processes inside the backward, layer by layer, by the in-backward optimizer.
 
     replicate(model)            # after init_process_group; before apply_optimizations / build_optimizer
-    optimizer = build_optimizer(model, PerfOptions.parse("best"))   # trainer.step_optimizer; opt-in-bwd / opt-overlap
+    optimizer = build_optimizer(model, recipe.optim, options)   # trainer.optim; perf.optimizer=in-backward|overlap
 
 For a model that fits one GPU with room to spare (B1's 8.1B parameters on an H200) this keeps everything a one-GPU
 step has, CUDA graphs included (FSDP2's hooks and resharding rule them out), and adds one all-reduce per gradient.
@@ -26,7 +26,7 @@ REPLICA_GRADIENTS = "moe_replica_gradients"
 
 def replicate(model: torch.nn.Module, group: dist.ProcessGroup | None = None, shard_optimizer: bool = False) -> int:
     """Make `model` a replica over `group` (default: the world): equal parameters and buffers on every rank, and
-    the mark that tells `trainer.step_optimizer.build_optimizer` to average gradients (`shard_optimizer`: each rank
+    the mark that tells `trainer.optim.build_optimizer` to average gradients (`shard_optimizer`: each rank
     updates and keeps AdamW state for only its slice of each parameter; see ReplicaGradients). Returns the group's
     size."""
     if not dist.is_initialized():
