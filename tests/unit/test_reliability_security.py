@@ -21,9 +21,10 @@ def test_secret_environment_values_are_found_by_name_and_redacted():
            "SHORT_TOKEN": "abc"}  # too short to be worth redacting
     assert set(secret_values(env)) == {HF_TOKEN, WANDB_KEY, "s3cr3t-value"}
     assert redact(f"url https://x:{HF_TOKEN}@hub", env) == f"url https://x:{REDACTED}@hub"
-    tree = {"model": {"name_or_path": f"dir/{WANDB_KEY}", "api_key": "anything-at-all"}, "n": 3, "l": [HF_TOKEN]}
-    assert redact_tree(tree, env) == {"model": {"name_or_path": f"dir/{REDACTED}", "api_key": REDACTED}, "n": 3,
-                                      "l": [REDACTED]}
+    tree = {"model": {"name_or_path": f"dir/{WANDB_KEY}", "tokenizer": "builtin:tokenizer"}, "n": 3, "l": [HF_TOKEN]}
+    # by value, not by key name: a key that merely looks secret (model.tokenizer) keeps its value
+    assert redact_tree(tree, env) == {"model": {"name_or_path": f"dir/{REDACTED}", "tokenizer": "builtin:tokenizer"},
+                                      "n": 3, "l": [REDACTED]}
 
 
 def test_tokens_in_the_environment_never_reach_output_logs_metrics_or_checkpoints(tmp_path, monkeypatch, capsys):
