@@ -77,7 +77,11 @@ def create_run_dir(recipe: Recipe, fresh: bool, is_main: bool = True) -> Path:
     """Lock output.dir, clear it for a fresh start with output.overwrite, and record the recipe in it."""
     run = Path(recipe.output.dir)
     if is_main:
-        run.mkdir(parents=True, exist_ok=True)
+        try:
+            run.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create output.dir {run} ({err.strerror})",
+                            "point output.dir at a writable directory") from None
         lock_run_dir(run, create=True)  # before the first write: a second trainer stops here, having written nothing
         if fresh and recipe.output.overwrite:
             _clear(run)

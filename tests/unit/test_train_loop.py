@@ -115,9 +115,19 @@ def test_expert_load_counts_every_routed_token_once_per_chosen_expert():
     assert tracker.pop().sum() == 0 and tracker.total_LE.sum() == counts_LE.sum()
 
 
-def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_path):
-    recipe = _recipe(tmp_path / "run", "train.max_steps=10", "optim.lr=1e30", "optim.max_grad_norm=0",
-                     "optim.warmup_steps=0", "train.nonfinite_max_consecutive=2", "data.seq_len=64")
+def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_path, monkeypatch):
+    from trainer import train as train_module
+
+    real, calls = train_module.forward_loss_sum, []
+
+    def inf_after_the_first_step(model, batch, fused_ce=False):  # a recipe can no longer ask for lr=1e30
+        calls.append(1)
+        loss, aux = real(model, batch, fused_ce)
+        return (loss if len(calls) == 1 else loss * float("inf")), aux
+
+    monkeypatch.setattr(train_module, "forward_loss_sum", inf_after_the_first_step)
+    recipe = _recipe(tmp_path / "run", "train.max_steps=10", "optim.max_grad_norm=0", "optim.warmup_steps=0",
+                     "train.nonfinite_max_consecutive=2", "data.seq_len=64")
     with pytest.raises(UserError, match="NaN/inf for 2 steps in a row"):
         train(recipe, progress=False)
     records = read_metrics(tmp_path / "run")
