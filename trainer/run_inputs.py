@@ -13,7 +13,6 @@ never delete or overwrite the second.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from trainer.config import Recipe, resolve_path
