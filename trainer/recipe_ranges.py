@@ -4,7 +4,7 @@ Types alone let through values that crash deep inside torch with a traceback, or
 min_lr_ratio above 1 runs AdamW uphill, a beta of 1 never forgets, a seed of 2**32 crashes numpy after the model is
 built. Each rule says what the optimizer or loop can use; NaN and infinity are refused everywhere.
 
-The `perf` section has no numeric field; its choices are checked by their types.
+The `perf` section is left to its own checks (its choices are checked by their types).
 """
 
 from __future__ import annotations
