@@ -9,7 +9,9 @@ from trainer.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m eval", description="Check a served export against transformers.")
+    from trainer.cli import Parser  # usage mistakes are one `error:` line, as in `moe`
+
+    parser = Parser(prog="python -m eval", description="Check a served export against transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     v = sub.add_parser("validate", help="compare a running OpenAI-style server with transformers on the export")
@@ -17,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
     v.add_argument("--report", required=True, help="where to write the JSON report")
     v.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for /health (default 600)")
+    v.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds any one request may take, the whole answer included (default 300)")
     v.add_argument("--model", default=None, help="model name to send (default: the server's only model, or none)")
     v.add_argument("--max-tokens", type=int, default=16, help="greedy tokens per prompt (default 16)")
     v.add_argument("--prompts", default=None, help="JSONL of {'prompt': ...} (default: the shipped set)")
@@ -71,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         api=args.api,
+        request_timeout=args.request_timeout,
     )
     print(summary(report))
     print(f"report: {args.report}")

@@ -38,8 +38,22 @@ class HTTPError(RuntimeError):
         self.status = status
 
 
+def first_choice(answer: dict, endpoint: str) -> dict:
+    """answer["choices"][0], or a UserError when the server sent no choice (an empty list, or none at all)."""
+    choices = answer.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise UserError(f"{endpoint} answered without any choice ({str(answer)[:80]})",
+                        "check the server's log: it returned an empty completion")
+    return choices[0]
+
+
 class OpenAIClient:
-    """JSON over HTTP to an OpenAI-style server at `base_url` (e.g. http://127.0.0.1:8000)."""
+    """JSON over HTTP to an OpenAI-style server at `base_url` (e.g. http://127.0.0.1:8000).
+
+    Every request has a deadline (`request_timeout` seconds for the whole answer, not only per socket read, so a
+    server that trickles bytes cannot stall the validator), and every answer that is not what the API promises
+    (not JSON, nested absurdly deep, no choices) is a one-line UserError naming the endpoint.
+    """
 
     def __init__(self, base_url: str, model: str | None = None, request_timeout: float = 300.0):
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
@@ -48,18 +62,48 @@ class OpenAIClient:
 
     # ----- transport -----
 
-    def _request(self, method: str, path: str, body: dict | None = None, timeout: float | None = None) -> dict:
+    def _send(self, method: str, path: str, body: dict | None, timeout: float) -> str:
+        """The answer's text; HTTPError for a non-2xx answer, TimeoutError past the deadline, OSError otherwise."""
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(
             self.base_url + path, data=data, method=method, headers={"Content-Type": "application/json"}
         )
+        deadline = time.monotonic() + timeout
         try:
-            with urllib.request.urlopen(request, timeout=timeout or self.request_timeout) as response:
-                text = response.read().decode()
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                chunks = []
+                while chunk := response.read(1 << 16):
+                    chunks.append(chunk)
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"no complete answer within {timeout:g}s")
         except urllib.error.HTTPError as err:
             detail = err.read().decode(errors="replace").strip().splitlines()
             raise HTTPError(err.code, detail[0] if detail else err.reason) from None
-        return json.loads(text) if text else {}
+        return b"".join(chunks).decode(errors="replace")
+
+    def _request(self, method: str, path: str, body: dict | None = None, timeout: float | None = None) -> dict:
+        """The answer as JSON; HTTPError for a non-2xx answer, UserError for anything else that went wrong."""
+        timeout = timeout or self.request_timeout
+        where = f"{method} {self.base_url}{path}"
+        try:
+            text = self._send(method, path, body, timeout)
+        except HTTPError:
+            raise
+        except TimeoutError:
+            raise UserError(f"{where} got no complete answer within {timeout:g}s",
+                            "check that the server is not stalled or overloaded, or raise --request-timeout") from None
+        except (urllib.error.URLError, OSError) as err:
+            raise UserError(f"{where} failed ({getattr(err, 'reason', err)})",
+                            "check that the server is running and --base-url is right") from None
+        try:
+            answer = json.loads(text) if text.strip() else {}
+        except (ValueError, RecursionError):
+            raise UserError(f"{where} answered something that is not JSON ({text[:60]!r})",
+                            "point --base-url at an OpenAI-compatible server") from None
+        if not isinstance(answer, dict):
+            raise UserError(f"{where} answered JSON that is not an object", "point --base-url at an OpenAI-compatible "
+                            "server")
+        return answer
 
     def _with_model(self, body: dict) -> dict:
         return {**body, "model": self.model} if self.model else body
@@ -72,11 +116,11 @@ class OpenAIClient:
         last_error = "no answer"
         while True:
             try:
-                self._request("GET", "/health", timeout=max(1.0, min(5.0, timeout)))
+                self._send("GET", "/health", None, timeout=max(1.0, min(5.0, timeout)))
                 return time.monotonic() - start
             except HTTPError as err:
                 last_error = str(err)
-            except (urllib.error.URLError, OSError, json.JSONDecodeError) as err:
+            except (urllib.error.URLError, OSError) as err:  # refused, reset, timed out: still starting
                 last_error = str(getattr(err, "reason", err))
             if time.monotonic() - start >= timeout:
                 raise UserError(
@@ -121,7 +165,7 @@ class OpenAIClient:
 
     @staticmethod
     def _capabilities(answer: dict, models: list[str]) -> ServerCapabilities:
-        logprobs = answer["choices"][0].get("logprobs") or {}
+        logprobs = first_choice(answer, "/v1/completions").get("logprobs") or {}
         has_logprobs = bool(logprobs.get("token_logprobs")) and bool(logprobs.get("text_offset"))
         return ServerCapabilities(completions=True, completion_logprobs=has_logprobs, models=models)
 

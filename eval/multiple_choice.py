@@ -8,10 +8,10 @@ the picks must agree with the local ones, which is a second parity check on the 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from eval.client import OpenAIClient, ServerCapabilities
+from eval.client import OpenAIClient, ServerCapabilities, first_choice
+from eval.jsonl import read_objects
 from eval.reference import Reference
 from trainer.errors import UserError
 
@@ -21,10 +21,7 @@ DEFAULT_TASK = Path(__file__).parent / "data" / "multiple_choice.jsonl"
 def load_task(path: str | Path = DEFAULT_TASK) -> list[dict]:
     """Read and check a task file; UserError names the first bad line."""
     rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for number, row in read_objects(path, "--task"):
         if not (isinstance(row.get("question"), str) and isinstance(row.get("choices"), list)
                 and isinstance(row.get("answer"), int) and 0 <= row["answer"] < len(row["choices"])):
             raise UserError(f"{path}:{number} is not a multiple-choice item", 'write {"question", "choices", "answer": index}')
@@ -35,10 +32,14 @@ def load_task(path: str | Path = DEFAULT_TASK) -> list[dict]:
 def served_loglikelihood(client: OpenAIClient, context: str, continuation: str) -> float:
     """Sum of the server's echoed prompt-token logprobs for tokens starting at or after len(context)."""
     answer = client.complete(context + continuation, max_tokens=1, logprobs=1, echo=True)
-    logprobs = answer["choices"][0]["logprobs"]
+    logprobs = first_choice(answer, "/v1/completions").get("logprobs") or {}
+    offsets, values = logprobs.get("text_offset"), logprobs.get("token_logprobs")
+    if not isinstance(offsets, list) or not isinstance(values, list):
+        raise UserError("/v1/completions answered an echo request without text_offset/token_logprobs",
+                        "validate with --api chat, or use a server that returns prompt logprobs")
     prompt_end = len(context + continuation)
     total = 0.0
-    for offset, value in zip(logprobs["text_offset"], logprobs["token_logprobs"]):
+    for offset, value in zip(offsets, values):
         if len(context) <= offset < prompt_end and value is not None:
             total += value
     return total

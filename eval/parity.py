@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from eval.client import OpenAIClient, ServerCapabilities
+from eval.client import OpenAIClient, ServerCapabilities, first_choice
 from eval.reference import Reference
 
 
@@ -39,12 +39,13 @@ def served_greedy(
     """The server's greedy continuation of `prompt` and, where it returns them, each token's logprob."""
     if caps.completions:
         answer = client.complete(prompt, max_tokens=max_tokens, logprobs=1 if caps.completion_logprobs else None)
-        choice = answer["choices"][0]
+        choice = first_choice(answer, "/v1/completions")
         logprobs = (choice.get("logprobs") or {}).get("token_logprobs")
-        return choice["text"], logprobs
+        return str(choice.get("text") or ""), logprobs
     answer = client.chat([{"role": "user", "content": prompt}], max_tokens=max_tokens)
     # Chat servers strip the reply (transformers serve and vLLM's parsers do), so chat texts compare stripped.
-    return (answer["choices"][0]["message"].get("content") or "").strip(), None
+    message = first_choice(answer, "/v1/chat/completions").get("message") or {}
+    return str(message.get("content") or "").strip(), None
 
 
 def compare_greedy(

@@ -18,7 +18,9 @@ from pathlib import Path
 
 from eval import multiple_choice, parity
 from eval.client import OpenAIClient
+from eval.jsonl import read_objects
 from eval.reference import Reference
+from trainer.errors import UserError
 
 DEFAULT_PROMPTS = Path(__file__).parent / "data" / "greedy_prompts.jsonl"
 
@@ -32,7 +34,12 @@ class Thresholds:
 
 
 def load_prompts(path: str | Path = DEFAULT_PROMPTS) -> list[str]:
-    return [json.loads(line)["prompt"] for line in Path(path).read_text().splitlines() if line.strip()]
+    prompts = []
+    for number, row in read_objects(path, "--prompts"):
+        if not isinstance(row.get("prompt"), str):
+            raise UserError(f"{path}:{number} has no string 'prompt'", 'write {"prompt": "..."} per line')
+        prompts.append(row["prompt"])
+    return prompts
 
 
 def check(name: str, value: float | None, passed: bool | None, detail: str) -> dict:
@@ -73,11 +80,12 @@ def validate(
     device: str = "auto",
     dtype: str = "auto",
     api: str = "auto",
+    request_timeout: float = 300.0,
 ) -> dict:
     """Run every check; write the JSON report to `report_path` and return it (report['passed'] is the verdict)."""
     prompts = load_prompts(prompts_path)
     task = multiple_choice.load_task(task_path)
-    client = OpenAIClient(base_url, model=model)
+    client = OpenAIClient(base_url, model=model, request_timeout=request_timeout)
     health_seconds = client.wait_healthy(timeout)
     caps = client.probe()
     if api == "chat":  # compare through the chat template even where /v1/completions exists

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoTokenizer
 
+from trainer.checkpoint.model_files import check_weight_files
 from trainer.config import ModelConfig, resolve_path
 from trainer.errors import UserError
 from trainer.models import MoEAutoModelForCausalLM
+from trainer.models.config_overrides import apply_config_overrides
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -26,18 +31,15 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_model_config(cfg: ModelConfig):
-    """The HF config of the recipe's model, with model.config_overrides applied."""
+    """The HF config of the recipe's model, with model.config_overrides applied (and checked: see
+    `trainer.models.config_overrides`)."""
     path = resolve_path(cfg.name_or_path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"cannot read the model config from {path}: {first_line}", "set model.name_or_path") from None
-    for key, value in cfg.config_overrides.items():
-        if not hasattr(config, key):
-            raise UserError(f"model.config_overrides.{key}: {type(config).__name__} has no such field", "remove it")
-        setattr(config, key, value)
-    return config
+    return apply_config_overrides(config, cfg.config_overrides)
 
 
 def attention_implementation(cfg: ModelConfig, device: torch.device, packing: bool, config=None) -> str:
@@ -63,19 +65,35 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, para
     """Random init (model.from_config) or pretrained weights, in `dtype`, on `device`, in train mode.
 
     `parallel` (a ParallelConfig) is handed to the loader under torchrun so it can build the model sharded;
-    `packing` (data.packing) decides `model.attn_implementation: auto` (`attention_implementation`).
+    `packing` (data.packing) decides `model.attn_implementation: auto` (`attention_implementation`). A damaged or
+    mismatched model directory is a UserError before (or instead of) a traceback from the loader.
     """
-    hf_kwargs = {"dtype": dtype, "attn_implementation": attention_implementation(cfg, device, packing)}
-    if cfg.from_config:
-        config = load_model_config(cfg)
-        with torch.device(device):  # random init where it trains: the device's generator, no host-to-device copy
-            model = MoEAutoModelForCausalLM.from_config(config, **hf_kwargs)
-    else:
-        if cfg.config_overrides:
-            hf_kwargs["config"] = load_model_config(cfg)
-        hf_kwargs["trust_remote_code"] = cfg.trust_remote_code
-        hf_kwargs["use_safetensors"] = True  # weights are never unpickled: a .bin-only checkpoint is refused
-        model = MoEAutoModelForCausalLM.from_pretrained(resolve_path(cfg.name_or_path), parallel=parallel, **hf_kwargs)
+    path = resolve_path(cfg.name_or_path)
+    try:
+        config = load_model_config(cfg) if cfg.from_config or cfg.config_overrides else None
+        hf_kwargs = {"dtype": dtype, "attn_implementation": attention_implementation(cfg, device, packing, config)}
+        if cfg.from_config:
+            with torch.device(device):  # random init where it trains: the device's generator, no host copy
+                model = MoEAutoModelForCausalLM.from_config(config, **hf_kwargs)
+        else:
+            if cfg.config_overrides:
+                hf_kwargs["config"] = config
+            if os.path.isdir(path):
+                check_weight_files(path)
+            hf_kwargs["trust_remote_code"] = cfg.trust_remote_code
+            hf_kwargs["use_safetensors"] = True  # weights are never unpickled: a .bin-only checkpoint is refused
+            model = MoEAutoModelForCausalLM.from_pretrained(path, parallel=parallel, strict=True, **hf_kwargs)
+    except (OSError, ValueError, SafetensorError) as err:  # what transformers raises for a model it cannot load
+        raise UserError(f"cannot load the model {path}: {_first_sentence(err)}",
+                        "check model.name_or_path and model.attn_implementation (auto picks one the model "
+                        "supports)") from None
     if next(model.parameters()).device.type == "meta" or next(model.parameters()).device != device:
         model = model.to(device)
     return model.train()
+
+
+def _first_sentence(err: Exception) -> str:
+    """The gist of a library's error: its first line, cut after the first sentence (they run on with links)."""
+    line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    end = line.find(". ", 40)
+    return line[: end + 1] if end > 0 else line[:240]

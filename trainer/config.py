@@ -38,7 +38,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     from_config: bool = False  # random init from the config instead of loading weights
     config_overrides: dict = field(default_factory=dict)  # applied to the HF config before the model is built
-    # transformers' attention; auto: flex attention on CUDA for packed data, else sdpa (trainer.build)
+    # transformers' attention; auto: flex attention on CUDA for packed data, else sdpa where the model supports it,
+    # else eager (trainer.build.attention_implementation)
     attn_implementation: str = "auto"
 
 
@@ -160,16 +161,32 @@ def resolve_path(path: str | None) -> str | None:
 
 
 def load_recipe(recipe: str, overrides: list[str] | None = None) -> Recipe:
-    """Load a recipe from a YAML path or a preset name, then apply `key=value` overrides (dotted keys)."""
-    raw = _read_yaml(_find_recipe_file(recipe))
-    config = from_dict(raw)
-    for override in overrides or []:
+    """Load a recipe from a YAML path or a preset name, then apply `key=value` overrides (dotted keys).
+
+    The file it came from is kept as `recipe.source_file` (not a field: it is not part of the saved recipe), so the
+    run can refuse to write over it.
+    """
+    path = _find_recipe_file(recipe)
+    config = from_dict(_read_yaml(path))
+    for override in overrides or []:  # in order: a later override of the same key wins, as on any command line
         key, sep, value = override.partition("=")
         if not sep or not key:
             raise UserError(f"override '{override}' is not key=value", "write it like train.max_steps=100")
-        set_value(config, key.strip(), yaml.safe_load(value) if value.strip() else "")
+        set_value(config, key.strip(), _parse_value(key.strip(), value))
     validate(config)
+    config.source_file = str(path.resolve())
     return config
+
+
+def _parse_value(key: str, text: str) -> Any:
+    """An override's value as YAML (1e-4, [0.9,0.95], true); the empty string stays a string."""
+    if not text.strip():
+        return ""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except (yaml.YAMLError, RecursionError):
+        raise UserError(f"override {key}={text[:60]} is not a valid YAML value",
+                        "quote strings with special characters, write lists like [0.9,0.95]") from None
 
 
 def from_dict(raw: dict) -> Recipe:
@@ -216,25 +233,20 @@ def closest_key(key: str) -> str:
     return match[0]
 
 
+ATTENTION = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
 def validate(config: Recipe) -> None:
-    """Cross-field checks that types alone cannot express."""
-    positive = {
-        "data.seq_len": config.data.seq_len, "train.micro_batch_size": config.train.micro_batch_size,
-        "train.grad_accum_steps": config.train.grad_accum_steps, "train.max_steps": config.train.max_steps,
-        "train.log_every": config.train.log_every, "checkpoint.keep_last": config.checkpoint.keep_last,
-        "parallel.ep_size": config.parallel.ep_size, "parallel.dp_replicate_size": config.parallel.dp_replicate_size,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise UserError(f"{key} must be >= 1, got {value}", f"set {key}=1 or more")
-    if config.checkpoint.every_steps < 0:
-        raise UserError("checkpoint.every_steps must be >= 0", "use 0 to save only at the end")
-    if not config.model.name_or_path:
-        raise UserError("model.name_or_path is empty", "set model.name_or_path=<hub id or local dir>")
-    if not config.data.train_path:
-        raise UserError("data.train_path is empty", "set data.train_path=<file.jsonl>")
+    """Every field in its range (`trainer.recipe_ranges`), and cross-field checks that types alone cannot express."""
+    from trainer.recipe_ranges import check_ranges
+
     if len(config.optim.betas) != 2:
         raise UserError(f"optim.betas needs two values, got {config.optim.betas}", "write optim.betas=[0.9,0.95]")
+    check_ranges(config)
+    attn = config.model.attn_implementation
+    if attn.removeprefix("paged|") not in ATTENTION and "/" not in attn:  # org/repo: a kernel from the Hub
+        raise UserError(f"model.attn_implementation must be one of {'|'.join(ATTENTION)} (or a Hub kernel "
+                        f"org/name), got {attn!r}", "set model.attn_implementation=auto")
     validate_perf(config)
 
 
@@ -274,13 +286,39 @@ def _find_recipe_file(recipe: str) -> Path:
     raise UserError(f"recipe '{recipe}' is neither a file nor a preset", hint)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, mark):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.problem_mark = key, mark
+
+
 def _read_yaml(path: Path) -> dict:
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKey as err:
+        raise UserError(f"recipe {path}:{err.problem_mark.line + 1} repeats the key '{err.key}'",
+                        "keep one of them (YAML would silently use the last)") from None
     except yaml.YAMLError as err:
         line = getattr(getattr(err, "problem_mark", None), "line", None)
         where = f"{path}:{line + 1}" if line is not None else str(path)
         raise UserError(f"recipe {where} is not valid YAML", "fix the syntax at that line") from None
+    except RecursionError:
+        raise UserError(f"recipe {path} nests too deeply to read", "a recipe is sections of key: value") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read recipe {path} ({type(err).__name__})", "check the file") from None
     if not isinstance(raw, dict):
         raise UserError(f"recipe {path} is not a mapping of sections", "start it with e.g. 'model:'")
     return raw

@@ -14,3 +14,8 @@ def fault_point(variable: str, step: int, message: str, until=None) -> None:
     print(f"fault injection: {message}", flush=True)
     while until is None or not until():
         time.sleep(0.05)
+
+
+def fault_flag(variable: str, message: str) -> None:
+    """If `$variable` == "1": print `message` and block forever (a point that has no step, such as an export)."""
+    fault_point(variable, 1, message)

@@ -8,6 +8,7 @@ state terms for hybrid models).
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 from pathlib import Path
@@ -133,11 +134,15 @@ class MetricsWriter:
             self._tb = None
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines of steps the checkpoint does not contain (they will be trained again)."""
+        """On resume, drop lines of steps the checkpoint does not contain (they will be trained again). A line that
+        is not JSON (the last one, cut short by a kill mid-write) is dropped too: it is a step being trained again."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        keep = [line for line in self.path.read_text(errors="replace").splitlines()
+                if (record := _parse(line)) is not None and record.get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)  # a kill now leaves the old file or the new one, never a half
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -152,7 +157,20 @@ class MetricsWriter:
             self._tb.close()
 
 
+def _parse(line: str) -> dict | None:
+    """One metrics line as a dict, or None for a blank, cut-short or foreign line."""
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """All records of `<run_dir>/metrics.jsonl`."""
+    """All records of `<run_dir>/metrics.jsonl` (lines that are not complete JSON objects are skipped)."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if not path.exists():
+        return []
+    return [record for line in path.read_text(errors="replace").splitlines() if (record := _parse(line)) is not None]

@@ -1,9 +1,10 @@
-"""Graceful pre-emption: SIGTERM / SIGUSR1 ask the loop to finish its step, checkpoint and exit 0.
+"""Graceful pre-emption: SIGTERM / SIGUSR1 / SIGINT ask the loop to finish its step, checkpoint and exit 0.
 
 Slurm (`#SBATCH --signal=USR1@120` or `TERM`) and Kubernetes (SIGTERM, then SIGKILL after the termination grace
-period) both warn a job before killing it. The first signal only sets a flag the loop reads at the step boundary;
-a second signal means "now": the default action runs at once (the process dies by that signal), so an operator
-is never stuck behind a long save.
+period) both warn a job before killing it, and Ctrl-C in a terminal sends SIGINT: each would otherwise lose every
+step since the last checkpoint. The first signal only sets a flag the loop reads at the step boundary; a second
+signal means "now": the default action runs at once (the process dies by that signal; for SIGINT that is what a
+second Ctrl-C does), so an operator is never stuck behind a long save.
 
     with PreemptionGuard() as guard:
         while ...:
@@ -19,7 +20,7 @@ import signal
 import sys
 import threading
 
-SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
+SIGNALS = tuple(s for s in (getattr(signal, name, None) for name in ("SIGTERM", "SIGUSR1", "SIGINT")) if s is not None)
 
 
 class PreemptionGuard:

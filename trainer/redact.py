@@ -2,9 +2,10 @@
 
 A secret is the value of any environment variable whose name contains TOKEN, KEY, SECRET or PASSWORD (HF_TOKEN,
 WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, ...). Everything the trainer prints or writes as text passes through
-`redact` / `redact_tree`, which replace each such value (and the value of any mapping key that itself looks like a
-secret name) with `REDACTED`. Values shorter than 8 characters are not treated as secrets: replacing every "1" or
-"true" would mangle the output and protect nothing.
+`redact` / `redact_tree`, which replace each such value with `REDACTED`, wherever it appears. Redaction goes by the
+secret's value, never by a key's name: `model.tokenizer` holds a path, not a token, and blanking it would leave a
+run that cannot be re-run from its own recipe.yaml. Values shorter than 8 characters are not treated as secrets:
+replacing every "1" or "true" would mangle the output and protect nothing.
 """
 
 from __future__ import annotations
@@ -33,10 +34,9 @@ def redact(text: str, environ: dict[str, str] | None = None) -> str:
 
 
 def redact_tree(obj: Any, environ: dict[str, str] | None = None) -> Any:
-    """A copy of nested dicts/lists/strings with secrets redacted; values under secret-looking keys are dropped too."""
+    """A copy of nested dicts/lists/strings with every secret value redacted (keys too, should one hold a secret)."""
     if isinstance(obj, dict):
-        return {k: REDACTED if isinstance(k, str) and SECRET_NAME.search(k) and isinstance(v, str) and v
-                else redact_tree(v, environ) for k, v in obj.items()}
+        return {redact_tree(k, environ): redact_tree(v, environ) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(redact_tree(v, environ) for v in obj)
     if isinstance(obj, str):

@@ -3,8 +3,10 @@
 - One run killed four times, resumed after each (`resume: auto`, a checkpoint every step): first with SIGKILL in
   the middle of writing a checkpoint (the half-written temporary is ignored and cleared, the previous checkpoint is
   used), then with SIGKILL at three random moments (seeded); its per-step losses equal an uninterrupted run's.
-- SIGTERM -> the step finishes, a checkpoint is written, exit 0; resuming is exact.
+- SIGTERM, or SIGINT (Ctrl-C) -> the step finishes, a checkpoint is written, exit 0; resuming is exact.
 - A second SIGTERM while the first one's checkpoint is being written -> the process dies at once.
+- A second trainer started in the directory of a running one is refused (the output.dir lock), changing nothing.
+- SIGKILL while `moe export` swaps a new export in -> the previous export is intact, the next export succeeds.
 
 Every run is the same tiny job (seq 64, 10 steps) so one uninterrupted reference serves all of them. Each process
 costs seconds of imports, so the kills share one run (9 processes in all).
@@ -94,10 +96,15 @@ class _Process:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict[int, float]:
+def reference_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     _run(run_dir, "checkpoint.every_steps=1")
-    losses = _losses(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> dict[int, float]:
+    losses = _losses(reference_run)
     assert sorted(losses) == list(range(1, STEPS + 1))
     return losses
 
@@ -133,14 +140,15 @@ def test_sigkill_during_a_save_and_at_random_moments_then_resume_auto_reproduces
     assert _losses(run_dir) == reference  # exact: same data order, weights, optimizer and schedule state
 
 
-def test_sigterm_checkpoints_at_the_step_boundary_exits_0_and_resumes_exactly(tmp_path, reference):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_or_ctrl_c_checkpoints_at_the_step_boundary_exits_0_and_resumes_exactly(tmp_path, reference, signum):
     run_dir = tmp_path / "run"
     with _Process(run_dir, "checkpoint.every_steps=0", MOE_FAULT_PAUSE_AFTER_STEP="3") as process:
         process.wait_for_line("paused after step 3")
-        process.popen.send_signal(signal.SIGTERM)
+        process.popen.send_signal(signum)
         out, _ = process.popen.communicate(timeout=TIMEOUT)
         assert process.popen.returncode == 0, out[-2000:]
-    assert "stopped by SIGTERM at step 3" in out
+    assert f"stopped by {signal.Signals(signum).name} at step 3" in out
     assert _latest(run_dir) == "step_00000003"
     assert not (run_dir / "export").exists()
 
@@ -158,3 +166,46 @@ def test_a_second_sigterm_stops_at_once_even_in_the_middle_of_the_checkpoint(tmp
         process.popen.send_signal(signal.SIGTERM)
         assert process.finish() == -signal.SIGTERM
     assert _latest(run_dir) is None  # that checkpoint never completed; nothing claims it did
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_second_trainer_in_the_directory_of_a_running_one_is_refused_and_changes_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    with _Process(run_dir, "checkpoint.every_steps=1", MOE_FAULT_PAUSE_AFTER_STEP="2") as first:
+        first.wait_for_line("paused after step 2")
+        before = _files(run_dir)
+        second = subprocess.run(_command(run_dir, "checkpoint.every_steps=1"), env=_env(), cwd=REPO,
+                                capture_output=True, text=True, timeout=TIMEOUT)
+        assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+        assert second.stderr.strip().startswith("error: output.dir") and "is in use by another trainer" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+        assert _files(run_dir) == before
+        first.popen.send_signal(signal.SIGTERM)
+        assert first.finish() == 0
+
+
+def test_a_kill_while_an_export_is_swapped_in_keeps_the_previous_export(tmp_path, reference_run):
+    out = tmp_path / "export"
+    export = [sys.executable, "-m", "trainer.cli", "export", str(reference_run / f"checkpoints/step_{STEPS - 1:08d}"), str(out)]
+    assert subprocess.run(export, env=_env(), cwd=REPO, capture_output=True, timeout=TIMEOUT).returncode == 0
+    previous = _files(out)
+    latest = [*export[:4], str(reference_run), str(out), "--overwrite"]
+    killed = subprocess.Popen(latest, env=_env(MOE_FAULT_HANG_DURING_EXPORT="1"), cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in killed.stdout:
+            if "hanging before the export swap" in line:
+                break
+        killed.send_signal(signal.SIGKILL)
+        killed.communicate(timeout=TIMEOUT)
+    finally:
+        if killed.poll() is None:
+            killed.kill()
+    assert killed.returncode == -signal.SIGKILL
+    assert _files(out) == previous  # the new export was complete next to it, never half in place
+
+    assert subprocess.run(latest, env=_env(), cwd=REPO, capture_output=True, timeout=TIMEOUT).returncode == 0
+    assert _files(out) != previous and not (tmp_path / ".tmp-export").exists()

@@ -113,8 +113,12 @@ def test_moe_export_writes_a_checkpoint_transformers_loads_and_refuses_non_empty
     (tmp_path / "full/keep.txt").write_text("x")
     assert moe(["export", str(run), str(tmp_path / "full")]) == EXIT_USER_ERROR
     assert (tmp_path / "full/keep.txt").read_text() == "x"
-    assert moe(["export", str(run), str(tmp_path / "full"), "--overwrite"]) == 0
-    assert not (tmp_path / "full/keep.txt").exists()
+    # --overwrite replaces an earlier export, never a directory of someone's files
+    assert moe(["export", str(run), str(tmp_path / "full"), "--overwrite"]) == EXIT_USER_ERROR
+    assert (tmp_path / "full/keep.txt").read_text() == "x"
+    assert moe(["export", str(run / "checkpoints/step_00000001"), str(tmp_path / "latest"), "--overwrite"]) == 0
+    step_1_again = AutoModelForCausalLM.from_pretrained(tmp_path / "latest")
+    assert torch.equal(step_1_again.lm_head.weight, step_1.lm_head.weight)
     assert moe(["export", str(tmp_path / "nothing"), str(tmp_path / "out")]) == EXIT_USER_ERROR
 
 

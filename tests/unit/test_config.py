@@ -128,3 +128,69 @@ def test_cli_refuses_clipping_with_an_in_backward_optimizer_in_one_line(capsys, 
     assert code == EXIT_USER_ERROR
     assert len(err.splitlines()) == 1 and "cannot be clipped" in err and "optim.max_grad_norm=0" in err
     assert not (tmp_path / "run").exists()
+
+def _numeric_fields() -> list[str]:
+    """Every recipe key whose type is a number (or a list of numbers), outside `perf` (choices only)."""
+    import dataclasses
+    import typing
+
+    from trainer.config import Recipe
+
+    keys = []
+    for section in dataclasses.fields(Recipe):
+        if section.name == "perf":  # the perf section's values are checked by its own function
+            continue
+        hints = typing.get_type_hints(section.default_factory)
+        for name, hint in hints.items():
+            leaf = typing.get_args(hint)[0] if typing.get_origin(hint) is list else hint
+            if leaf in (int, float):
+                keys.append(f"{section.name}.{name}")
+    return keys
+
+
+def test_every_numeric_recipe_field_has_a_range():
+    from trainer.recipe_ranges import RULES
+
+    assert set(_numeric_fields()) == set(RULES)
+
+
+def _outside(key: str) -> list:
+    """Values just outside the field's range (and NaN for float fields)."""
+    from trainer.recipe_ranges import RULES
+
+    rule, values = RULES[key], []
+    if rule.low is not None:
+        values.append(rule.low - 1)
+    if rule.high is not None:
+        values.append(rule.high + 1)
+    if key in ("optim.max_grad_norm", "optim.lr", "moe.router_z_loss_coef"):
+        values += [float("nan"), float("inf")]
+    return [[v, 0.9] if key == "optim.betas" else v for v in values]
+
+
+@pytest.mark.parametrize("key", sorted(__import__("trainer.recipe_ranges", fromlist=["RULES"]).RULES))
+def test_each_range_refuses_values_outside_it_in_one_line(key):
+    assert _outside(key), key
+    for value in _outside(key):
+        with pytest.raises(UserError) as err:
+            load_recipe("tiny-moe", [f"{key}={value!r}".replace("nan", ".nan").replace("inf", ".inf")])
+        message = str(err.value)
+        assert key in message and "\n" not in message and "; set " in message, message
+
+
+def test_values_a_real_recipe_uses_are_in_range():
+    for preset in list_presets():
+        load_recipe(preset)
+    load_recipe("tiny-moe", ["optim.lr=1", "optim.betas=[0,0.999]", "train.seed=4294967295", "optim.min_lr_ratio=0",
+                             "parallel.dp_shard_size=-1", "optim.max_grad_norm=-1", "optim.weight_decay=0.1"])
+
+
+def test_a_key_given_twice_in_a_recipe_file_is_refused(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  name_or_path: x\noptim:\n  lr: 1.0e-4\ntrain:\n  max_steps: 3\noptim:\n  eps: 1.0e-8\n")
+    with pytest.raises(UserError, match=r"r\.yaml:7 repeats the key 'optim'"):
+        load_recipe(str(path))
+
+
+def test_a_later_override_of_the_same_key_wins():
+    assert load_recipe("tiny-moe", ["train.max_steps=1", "train.max_steps=5"]).train.max_steps == 5

@@ -9,12 +9,17 @@ as it was. Cases that need several processes or a server are checked at the func
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
 
@@ -109,7 +114,108 @@ TRAIN_CASES = [
          "parallel.dp_replicate_size=2 does not divide the world size 1", "choose a dp_replicate_size that divides"),
     Case("resume-not-a-checkpoint", lambda t: _train(t, f"checkpoint.resume={(t / 'in').mkdir() or t / 'in'}"),
          r".*/in is not a training checkpoint \(no meta.json\)", "pass a checkpoints/step_* directory"),
+    Case("out-of-range", lambda t: _train(t, "optim.lr=-1e-4"), r"optim.lr must be in \(0, 1\], got -0.0001",
+         "set optim.lr to a value in (0, 1]"),
+    Case("not-finite", lambda t: _train(t, "optim.max_grad_norm=.inf"), "optim.max_grad_norm must be a finite number",
+         "set optim.max_grad_norm to a value that is finite"),
+    Case("duplicate-key", lambda t: ["train", str(_write(t / "in/r.yaml", "optim:\n  lr: 1.0e-4\n  lr: 3.0e-4\n"))],
+         r"recipe .*r\.yaml:3 repeats the key 'lr'", "keep one of them"),
+    Case("usage", lambda t: _train(t, "--no-progres"), "unrecognized arguments: --no-progres",
+         "see `moe train --help`"),
+    Case("data-unknown-role", lambda t: _data(t, CHAT.replace('"assistant"', '"assitant"')),
+         r".*data\.jsonl:1 has a message with the unknown role 'assitant' \(message 2\)", "use one of system"),
+    Case("data-duplicate-key", lambda t: _data(t, '{"prompt": "a", "prompt": "b", "completion": "c"}\n'),
+         r".*data\.jsonl:1 repeats the key 'prompt'", "keep one of them"),
+    Case("data-too-deep", lambda t: _data(t, '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n"),
+         r".*data\.jsonl:1 nests too deeply to read", "a record is one flat object"),
+    Case("config-override-bad-value", lambda t: _train(t, "model.config_overrides.num_experts=many"),
+         r"model.config_overrides \{'num_experts': 'many'\} do not make a valid Qwen3MoeConfig", "fix or remove them"),
+    Case("config-override-not-positive", lambda t: _train(t, "model.config_overrides.num_hidden_layers=0"),
+         r"model.config_overrides.num_hidden_layers=0 must be positive \(the config has 2\)", "a positive value"),
+    Case("model-weights-truncated", lambda t: _model(t, _truncated), r"model file .*model\.safetensors is damaged or "
+         r"truncated \(.*file not fully covered\)", "download the checkpoint again"),
+    Case("model-shard-missing", lambda t: _model(t, _shard_missing), r"model .* is missing shard file\(s\) "
+         r"model-00002-of-\d+\.safetensors listed in model\.safetensors\.index\.json", "download the checkpoint again"),
+    Case("model-bin-only", lambda t: _model(t, _bin_only), r"model .* has only PyTorch pickle weights "
+         r"\(pytorch_model\.bin\)", "convert them to safetensors"),
+    Case("model-shape-mismatch", lambda t: _model(t, _other_shapes), r"model .* does not match its config: "
+         r"model\.layers\.0\.mlp\.experts\.down_proj is \(8, 64, 64\) in the weights but \(8, 64, 32\)",
+         "use the config.json that came with the weights"),
+    Case("model-lacks-tensor", lambda t: _model(t, _lacking), r"model .* lacks 1 tensor\(s\) the model needs: "
+         r"model\.layers\.0\.self_attn\.q_proj\.weight", "download the checkpoint again"),
+    Case("attention-unsupported", lambda t: _train(t, f"model.name_or_path={_gpt_oss_config(t)}",
+                                                   "model.attn_implementation=sdpa"),
+         r"cannot load the model .*gpt-oss: GptOssForCausalLM does not support an attention implementation through "
+         r"torch.nn.functional.scaled_dot_product_attention yet;", "model.attn_implementation (auto picks one"),
 ]
+
+
+# ---- broken model directories: one saved tiny Qwen3-MoE, damaged a different way per case ------------------------
+
+def _saved(tmp: Path, sharded: bool = False) -> Path:
+    """A tiny Qwen3-MoE (the shipped config) saved by transformers, for a case to damage."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_path("builtin:tiny-qwen3-moe")))
+    target = tmp / "in" / "model"
+    model.save_pretrained(target, **({"max_shard_size": "200KB"} if sharded else {}))
+    return target
+
+
+def _model(tmp: Path, damage) -> list[str]:
+    return _train(tmp, f"model.name_or_path={damage(tmp)}", "model.from_config=false")
+
+
+def _truncated(tmp: Path) -> Path:
+    weights = _saved(tmp) / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)  # a download cut short
+    return weights.parent
+
+
+def _shard_missing(tmp: Path) -> Path:
+    target = _saved(tmp, sharded=True)
+    next(target.glob("model-00002-of-*.safetensors")).unlink()
+    return target
+
+
+def _bin_only(tmp: Path) -> Path:
+    import torch
+    from safetensors.torch import load_file
+
+    target = _saved(tmp)
+    torch.save(load_file(target / "model.safetensors"), target / "pytorch_model.bin")
+    (target / "model.safetensors").unlink()
+    return target
+
+
+def _other_shapes(tmp: Path) -> Path:
+    target = _saved(tmp)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "moe_intermediate_size": 32}))
+    return target
+
+
+def _lacking(tmp: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    target = _saved(tmp)
+    tensors = load_file(target / "model.safetensors")
+    del tensors["model.layers.0.self_attn.q_proj.weight"]
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+def _gpt_oss_config(tmp: Path) -> Path:
+    """A tiny GPT-OSS config (attention sinks: transformers has no sdpa path for it) with the shipped vocabulary."""
+    from transformers import GptOssConfig
+
+    target = tmp / "in" / "gpt-oss"
+    GptOssConfig(vocab_size=1024, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+                 layer_types=["sliding_attention", "full_attention"], sliding_window=16).save_pretrained(target)
+    return target
 
 
 # ---- cases on an existing run (one tiny run is trained once and copied) --------------------------------------------
@@ -147,6 +253,42 @@ def _other_world_size(tmp: Path) -> list[str]:
     return _train(tmp, "train.max_steps=2")
 
 
+def _flip_a_byte(tmp: Path) -> list[str]:
+    shard = next(_checkpoint(tmp).glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one bit-rotted byte: DCP itself would load it without a word
+    shard.write_bytes(bytes(data))
+    return _train(tmp)
+
+
+def _truncated_index_without_checksums(tmp: Path) -> list[str]:
+    _edit_meta(tmp, lambda m: m.pop("files"))  # as a checkpoint written before checksums were recorded
+    index = _checkpoint(tmp) / ".metadata"
+    os.truncate(index, index.stat().st_size // 2)
+    return _train(tmp)
+
+
+def _latest_outside(tmp: Path) -> list[str]:
+    (tmp / "run/checkpoints/latest").write_text("../../elsewhere/step_00000009")
+    return _train(tmp)
+
+
+def _other_data(tmp: Path) -> list[str]:
+    data = _write(tmp / "in/sft.jsonl", Path(resolve_path("builtin:data/sft.jsonl")).read_text() + CHAT)
+    return _train(tmp, f"data.train_path={data}")
+
+
+def _users_recipe_in_the_run(tmp: Path) -> list[str]:
+    recipe = tmp / "run/recipe.yaml"
+    recipe.write_text("# my recipe, with my comments\n" + (REPO / "trainer/recipes/tiny-moe.yaml").read_text())
+    return ["train", str(recipe), *TINY, f"output.dir={tmp / 'run'}", "--no-progress"]
+
+
+def _data_inside_the_export(tmp: Path) -> list[str]:
+    data = _write(tmp / "run/export/data.jsonl", CHAT)
+    return _train(tmp, f"data.train_path={data}")
+
+
 RUN_CASES = [
     Case("output-dir-taken", lambda t: _train(t, "checkpoint.resume=never"),
          r"output.dir .*run already holds another run \(checkpoints up to step_00000001\)",
@@ -156,11 +298,36 @@ RUN_CASES = [
     Case("checkpoint-wrong-shapes", _wrong_shapes, r"checkpoint .*step_00000001 does not fit the model being trained",
          "resume with the model config it was trained with"),
     Case("checkpoint-other-model", lambda t: _train(t, "model.config_overrides.num_hidden_layers=1"),
-         r"checkpoint .*step_00000001 was trained with model.config_overrides=\{\}", "use the same model"),
+         r"checkpoint .*step_00000001 was trained with model.config_overrides=\{\}, not \{'num_hidden_layers': 1\}",
+         "resume with model.config_overrides={}"),
+    Case("checkpoint-corrupt", _flip_a_byte, r"checkpoint .*step_00000001 is corrupt: __0_0\.distcp does not match "
+         "the checksum recorded when it was written", "resume from an older checkpoint"),
+    Case("checkpoint-index-truncated", _truncated_index_without_checksums,
+         r"checkpoint .*step_00000001 has an unreadable \.metadata index", "resume from an older checkpoint"),
+    Case("latest-outside-run", _latest_outside, r".*checkpoints/latest names '\.\./\.\./elsewhere/step_00000009', "
+         r"which is not a complete checkpoint in .*checkpoints",
+         "to resume from the newest complete checkpoint (step_00000001)"),
+    Case("resume-other-data", _other_data, r"checkpoint .*step_00000001 was trained on other data: .*sft\.jsonl is "
+         r"not the file it was trained on", "resume with the data it was trained on"),
+    Case("resume-other-seq-len", lambda t: _train(t, "data.seq_len=32"),
+         r"checkpoint .*step_00000001 was trained with data.seq_len=64, not 32", "resume with data.seq_len=64"),
+    Case("users-recipe-in-output-dir", _users_recipe_in_the_run,
+         r".*run/recipe\.yaml was not written by moe train \(your own recipe file\?\)",
+         "move your file out of output.dir"),
+    Case("input-inside-outputs", _data_inside_the_export,
+         r"data.train_path .*run/export/data\.jsonl lies in .*run/export, which this run writes over",
+         "copy it out of output.dir"),
     Case("resume-other-world-size", _other_world_size,
          r"checkpoint .*step_00000001 was written by 2 processes but this run has 1", "relaunch with 2 processes"),
-    Case("export-not-empty", lambda t: ["export", str(t / "run"), str(t / "run/checkpoints")],
-         r"export directory .*checkpoints is not empty", "choose another directory or pass --overwrite"),
+    Case("export-not-empty", lambda t: ["export", str(t / "run"), str(_write(t / "in/keep.txt", "x").parent)],
+         r"export directory .*in is not empty", "choose another directory or pass --overwrite"),
+    Case("export-overwrite-foreign", lambda t: ["export", str(t / "run"), str(_write(t / "in/keep.txt", "x").parent),
+                                                "--overwrite"],
+         r"export directory .*in holds files that are not a Hugging Face export \(no config\.json\)",
+         "--overwrite only replaces an earlier export"),
+    Case("export-into-its-run", lambda t: ["export", str(t / "run"), str(t / "run"), "--overwrite"],
+         r"export directory .*run would replace .*run/checkpoints, which the export is made from",
+         "export outside the run's checkpoints/ and hf/"),
     Case("export-no-checkpoint", lambda t: ["export", str((t / "in").mkdir() or t / "in"), str(t / "out")],
          r".*/in has no checkpoint", "pass a run directory"),
 ]
@@ -183,6 +350,7 @@ def _check_one_line_error(capsys, code: int, case: Case) -> None:
 @pytest.mark.parametrize("case", TRAIN_CASES, ids=lambda c: c.id)
 def test_bad_input_to_moe_train_is_one_line_exit_2_and_leaves_nothing(case, tmp_path, capsys):
     argv = case.argv(tmp_path)
+    capsys.readouterr()  # what building the inputs printed (transformers' progress bars) is not the command's
     _check_one_line_error(capsys, moe(argv), case)
     assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
 
@@ -248,6 +416,42 @@ def _server_never_healthy():
         server.server_close()
 
 
+class _OneAnswer(BaseHTTPRequestHandler):
+    """Answers every request with `body` after `delay` seconds (a stalled server: a long delay)."""
+
+    body, delay = b"", 0.0
+
+    def _answer(self):
+        time.sleep(self.delay)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    do_GET = do_POST = _answer  # noqa: N815 - http.server's naming
+
+    def log_message(self, *args):
+        pass
+
+
+def _ask(body: bytes, delay: float = 0.0, request_timeout: float = 5.0):
+    """One greedy completion from a server that answers `body`."""
+    from eval.client import OpenAIClient, ServerCapabilities
+    from eval.parity import served_greedy
+
+    handler = type("Handler", (_OneAnswer,), {"body": body, "delay": delay})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = OpenAIClient(f"http://127.0.0.1:{server.server_port}", request_timeout=request_timeout)
+        served_greedy(client, ServerCapabilities(completions=True, completion_logprobs=False, models=[]), "hi", 4)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 FUNCTION_CASES = [
     Case("ep-not-dividing-experts", lambda t: _ep_not_dividing_experts(),
          "parallel.ep_size=3 does not divide the model's 8 experts", "choose an ep_size that divides"),
@@ -256,6 +460,13 @@ FUNCTION_CASES = [
     Case("server-never-healthy", lambda t: _server_never_healthy(),
          r"server at http://127.0.0.1:\d+ did not become healthy within 1s \(last: HTTP 503: loading\)",
          "check the server's log"),
+    Case("server-bad-json", lambda t: _ask(b"<html>502 Bad Gateway</html>"),
+         r"POST http://127.0.0.1:\d+/v1/completions answered something that is not JSON",
+         "point --base-url at an OpenAI-compatible server"),
+    Case("server-no-choices", lambda t: _ask(b'{"choices": []}'), r"/v1/completions answered without any choice",
+         "check the server's log"),
+    Case("server-stalled", lambda t: _ask(b"{}", delay=3.0, request_timeout=0.3),
+         r"POST http://127.0.0.1:\d+/v1/completions got no complete answer within 0.3s", "raise --request-timeout"),
 ]
 
 
@@ -276,7 +487,49 @@ def test_serve_port_in_use_is_one_line_exit_2(tmp_path, capsys):
     _check_one_line_error(capsys, 2, case)
 
 
-ALL_IDS = [c.id for c in TRAIN_CASES + RUN_CASES + FUNCTION_CASES] + ["serve-port-in-use"]
+def test_a_second_trainer_in_the_same_output_dir_is_one_line_exit_2(tmp_path, capsys, finished_run):
+    shutil.copytree(finished_run, tmp_path / "run")
+    holder = subprocess.Popen(  # another process holding the run's lock, as a running `moe train` does
+        [sys.executable, "-c", "import sys, time; from trainer.run_lock import lock_run_dir; "
+         "lock_run_dir(sys.argv[1], create=False); print('locked', flush=True); time.sleep(120)", str(tmp_path / "run")],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        before = _snapshot(tmp_path)
+        case = Case("output-dir-locked", None, r"output.dir .*run is in use by another trainer \(it holds the lock on "
+                    r".*run/\.lock\)", "wait for that run to finish or stop it")
+        _check_one_line_error(capsys, moe(_train(tmp_path, "train.max_steps=2")), case)
+        assert _snapshot(tmp_path) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_an_export_to_a_full_disk_is_one_line_exit_2_and_keeps_the_previous_export(tmp_path, capsys, finished_run):
+    import resource
+
+    shutil.copytree(finished_run, tmp_path / "run")
+    out = tmp_path / "out"
+    assert moe(["export", str(tmp_path / "run"), str(out)]) == 0
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+    # The kernel refuses writes past 64 KiB, as a full disk would (EFBIG, "File too large").
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, hard))
+    try:
+        code = moe(["export", str(tmp_path / "run"), str(out), "--overwrite"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    case = Case("export-disk-full", None, r"cannot write the export to .*out \(File too large\)",
+                "the run's checkpoints")
+    _check_one_line_error(capsys, code, case)
+    assert _snapshot(tmp_path) == before  # the previous export as it was, no temporary left
+
+
+ALL_IDS = [c.id for c in TRAIN_CASES + RUN_CASES + FUNCTION_CASES] + ["serve-port-in-use", "output-dir-locked",
+                                                                       "export-disk-full"]
 
 
 def test_docs_errors_table_lists_exactly_the_tested_cases():

@@ -75,3 +75,19 @@ def test_aux_free_balancer_moves_the_correction_bias_towards_balance():
         bias = router.e_score_correction_bias
         assert bias.dtype == torch.float32 and bias.abs().max().item() == pytest.approx(0.01)
     balancer.remove()
+
+
+def test_config_overrides_of_derived_nemotron_fields_apply_or_are_refused_in_one_line():
+    """`hybrid_override_pattern` is a property computed from the layer list (setting it raised AttributeError) and
+    `num_hidden_layers` has a setter that ignores the value: both go through the stored layer list instead."""
+    from trainer.models.config_overrides import apply_config_overrides
+
+    config = tiny_configs.nemotron_h()  # ME*-EM
+    shorter = apply_config_overrides(config, {"hybrid_override_pattern": "ME*"})
+    assert shorter.layers_block_type == ["linear_attention", "moe", "full_attention"]
+    assert apply_config_overrides(config, {"num_hidden_layers": 4}).hybrid_override_pattern == "ME*-"
+    assert config.hybrid_override_pattern == "ME*-EM"  # the loaded config is left as it was
+    with pytest.raises(UserError, match=r"num_hidden_layers=9 has no effect on NemotronHConfig .* stays 6"):
+        apply_config_overrides(config, {"num_hidden_layers": 9})
+    with pytest.raises(UserError, match=r"do not make a valid NemotronHConfig"):
+        apply_config_overrides(config, {"hybrid_override_pattern": "MX"})

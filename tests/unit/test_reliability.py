@@ -122,3 +122,62 @@ def test_checkpoint_byte_items_must_load_as_plain_data(tmp_path):
                     MetadataIndex("trainer.scheduler"), torch.Size([0]), torch.Size([0]))
     with pytest.raises(UserError, match="holds more than plain data"):
         dcp_module._WeightsOnlyLoadPlanner().load_bytes(item, buffer)
+
+
+def test_a_missing_latest_pointer_resumes_from_the_newest_checkpoint_not_from_step_0(tmp_path):
+    run = tmp_path / "run"
+    train(_recipe(run, "train.max_steps=2", "checkpoint.every_steps=1"), progress=False)
+    (run / "checkpoints/latest").unlink()  # lost with a crash, or deleted by hand
+    resumed = train(_recipe(run, "train.max_steps=3", "checkpoint.every_steps=1"), progress=False)
+    assert resumed.step == 3 and len(resumed.losses) == 1  # continued after step 2
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000003"]
+    assert (run / "checkpoints/latest").read_text() == "step_00000003"
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+    run = tmp_path / "run"
+    train(_recipe(run, "train.max_steps=1"), progress=False)
+    with open(run / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 2, "loss": 3.1')  # the kill came in the middle of step 2's line
+    train(_recipe(run, "train.max_steps=2"), progress=False)
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+
+
+def test_a_directory_is_replaced_in_one_swap_and_recovered_after_a_kill_between_the_fallback_renames(tmp_path,
+                                                                                                      monkeypatch):
+    from trainer.checkpoint import durable
+
+    def tree(name: str, text: str):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_text(text)
+        return tmp_path / name
+
+    target = tree("export", "old")
+    durable.replace_dir(tree(".tmp-export", "new"), target)  # renameat2(RENAME_EXCHANGE) here
+    assert (target / "model.safetensors").read_text() == "new" and not (tmp_path / ".tmp-export").exists()
+
+    monkeypatch.setattr(durable, "exchange", lambda a, b: False)  # a filesystem without the atomic exchange
+    durable.replace_dir(tree(".tmp-export", "newer"), target)
+    assert (target / "model.safetensors").read_text() == "newer" and not (tmp_path / ".old-export").exists()
+    target.rename(tmp_path / ".old-export")  # what a kill between the fallback's two renames leaves
+    durable.recover_dir(target)
+    assert (target / "model.safetensors").read_text() == "newer"
+
+
+def test_checkpoint_files_carry_checksums_that_a_resume_verifies(tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    train(_recipe(run, "train.max_steps=1"), progress=False)
+    checkpoint = run / "checkpoints/step_00000001"
+    files = json.loads((checkpoint / "meta.json").read_text())["files"]
+    assert set(files) == {p.name for p in checkpoint.iterdir() if p.name != "meta.json"}
+    assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in files.values())
+    dcp_module.verify_checkpoint(checkpoint)  # intact: passes
+    shard = checkpoint / "__0_0.distcp"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # same size, last byte changed
+    dcp_module._VERIFIED.clear()  # a new process would hash again
+    with pytest.raises(UserError, match="is corrupt: __0_0.distcp does not match the checksum"):
+        train(_recipe(run, "train.max_steps=2"), progress=False)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000001"]  # nothing pruned

@@ -21,9 +21,10 @@ def test_secret_environment_values_are_found_by_name_and_redacted():
            "SHORT_TOKEN": "abc"}  # too short to be worth redacting
     assert set(secret_values(env)) == {HF_TOKEN, WANDB_KEY, "s3cr3t-value"}
     assert redact(f"url https://x:{HF_TOKEN}@hub", env) == f"url https://x:{REDACTED}@hub"
-    tree = {"model": {"name_or_path": f"dir/{WANDB_KEY}", "api_key": "anything-at-all"}, "n": 3, "l": [HF_TOKEN]}
-    assert redact_tree(tree, env) == {"model": {"name_or_path": f"dir/{REDACTED}", "api_key": REDACTED}, "n": 3,
-                                      "l": [REDACTED]}
+    tree = {"model": {"name_or_path": f"dir/{WANDB_KEY}", "tokenizer": "builtin:tokenizer"}, "n": 3, "l": [HF_TOKEN]}
+    # by value, not by key name: a key that merely looks secret (model.tokenizer) keeps its value
+    assert redact_tree(tree, env) == {"model": {"name_or_path": f"dir/{REDACTED}", "tokenizer": "builtin:tokenizer"},
+                                      "n": 3, "l": [REDACTED]}
 
 
 def test_tokens_in_the_environment_never_reach_output_logs_metrics_or_checkpoints(tmp_path, monkeypatch, capsys):
@@ -81,3 +82,35 @@ def test_every_image_runs_as_a_non_root_user():
         assert users, f"{dockerfile.name}: the final stage sets no USER"
         name = users[-1].split(":")[0]
         assert name not in ("root", "0"), f"{dockerfile.name} runs as {users[-1]}"
+
+
+def test_a_run_keeps_its_tokenizer_in_its_record_and_re_runs_from_its_own_recipe_yaml(tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.setenv("HF_TOKEN", HF_TOKEN)  # a secret in the environment must not blank `model.tokenizer`
+    run_dir = tmp_path / "run"
+    assert moe(["train", "tiny-moe", "data.seq_len=64", "train.micro_batch_size=2", "train.max_steps=1",
+                "output.export=false", f"output.dir={run_dir}", "--no-progress"]) == 0
+    import yaml
+
+    record = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    assert record["model"]["tokenizer"] == "builtin:tokenizer"
+    meta = json.loads((run_dir / "checkpoints/step_00000001/meta.json").read_text())
+    assert meta["recipe"]["model"]["tokenizer"] == "builtin:tokenizer"
+    capsys.readouterr()
+    assert moe(["train", str(run_dir / "recipe.yaml"), "train.max_steps=2", "--no-progress"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_a_bug_prints_its_traceback_with_credentials_redacted(monkeypatch, capsys):
+    from trainer.cli import run_command
+
+    monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
+
+    def buggy(args):
+        raise RuntimeError(f"could not reach https://user:{HF_TOKEN}@hub.example")
+
+    assert run_command(buggy, None) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: could not reach https://user:<redacted>@hub.example" in err
+    assert HF_TOKEN not in err

@@ -50,3 +50,10 @@ def test_two_ranks_match_one_process_with_gradient_accumulation(tmp_path):
     assert sorted(one) == sorted(two_state)
     for key in one:
         assert two_state[key].float().allclose(one[key].float(), rtol=1e-3, atol=1e-5), key
+    # Each rank hashed its share of the files; meta.json records all of them, and a 2-rank resume verifies them
+    # (each rank its share again) before it continues.
+    recorded = json.loads((checkpoint / "meta.json").read_text())["files"]
+    assert sorted(recorded) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    resumed = subprocess.run([*launcher, *train, f"output.dir={tmp_path / 'two'}", "train.max_steps=5"], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout[-3000:] + resumed.stderr[-3000:]

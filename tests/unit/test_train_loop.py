@@ -156,9 +156,19 @@ def test_router_forwards_recomputed_in_the_backward_are_not_counted(mode):
     torch.testing.assert_close(counts[mode, False], 2 * counts["none", False], rtol=0, atol=0)  # the router ran twice
 
 
-def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_path):
-    recipe = _recipe(tmp_path / "run", "train.max_steps=10", "optim.lr=1e30", "optim.max_grad_norm=0",
-                     "optim.warmup_steps=0", "train.nonfinite_max_consecutive=2", "data.seq_len=64")
+def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_path, monkeypatch):
+    from trainer import step as step_module
+
+    real, calls = step_module.forward_loss_sum, []
+
+    def inf_after_the_first_step(model, batch, fused_ce=False):  # a recipe can no longer ask for lr=1e30
+        calls.append(1)
+        loss, aux = real(model, batch, fused_ce)
+        return (loss if len(calls) == 1 else loss * float("inf")), aux
+
+    monkeypatch.setattr(step_module, "forward_loss_sum", inf_after_the_first_step)
+    recipe = _recipe(tmp_path / "run", "train.max_steps=10", "optim.max_grad_norm=0", "optim.warmup_steps=0",
+                     "train.nonfinite_max_consecutive=2", "data.seq_len=64")
     with pytest.raises(UserError, match="NaN/inf for 2 steps in a row"):
         train(recipe, progress=False)
     records = read_metrics(tmp_path / "run")

@@ -8,7 +8,11 @@ Layout of a run directory:
 A checkpoint is written to `.tmp-step_*`, fsynced (files, then the directory), renamed into place when complete, and
 only then does `latest` move to it (atomic replace, fsynced), so a crash or power loss at any moment leaves the
 previous checkpoint intact and `latest` never points at a partial one. Before writing, the free space is checked
-against the size of the state (a full disk must not be discovered half-way through a save).
+against the size of the state (a full disk must not be discovered half-way through a save). Every file's size and
+SHA-256 go into `meta.json` and are verified before a resume or an export (`trainer.checkpoint.integrity`).
+
+`latest` is only a hint: it must name a complete `step_*` directory inside `checkpoints/` (never a path elsewhere);
+when it is missing (deleted, or lost with a crash) the newest complete checkpoint is found from the directory.
 
 Non-tensor state (schedule, data position, RNG) goes through DCP's byte items; they are read back with
 `torch.load(weights_only=True)`, so a checkpoint cannot run code through them. DCP's own `.metadata` index is a
@@ -21,8 +25,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import random
+import re
 import shutil
 import time
 import warnings
@@ -41,6 +45,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from trainer.checkpoint.durable import replace_dir, write_atomically, write_synced
+from trainer.checkpoint.integrity import checkpoint_digests, mismatched_files
 from trainer.errors import UserError
 from trainer.faults import fault_point
 
@@ -48,6 +54,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 META = "meta.json"
 SPACE_MARGIN = 1.1  # DCP adds headers and per-file overhead on top of the raw tensor bytes
+STEP_DIR = re.compile(r"step_\d{8}")
 
 
 @contextlib.contextmanager
@@ -76,20 +83,58 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run directory, or None."""
-    pointer = checkpoints_dir(run_dir) / LATEST
-    if not pointer.is_file():
-        return None
-    path = checkpoints_dir(run_dir) / pointer.read_text().strip()
-    return path if (path / META).is_file() else None
+    """The newest complete checkpoint of a run directory, or None when it has none.
+
+    `checkpoints/latest` names it; a pointer that names anything but a complete `step_*` directory of this run is a
+    UserError (it is never followed elsewhere), and a missing pointer falls back to the newest complete checkpoint.
+    """
+    root = checkpoints_dir(run_dir)
+    pointer = root / LATEST
+    if not pointer.exists() and not pointer.is_symlink():
+        found = complete_checkpoints(run_dir)
+        return found[-1] if found else None
+    try:
+        name = pointer.read_text().strip() if pointer.is_file() and not pointer.is_symlink() else None
+    except (OSError, UnicodeDecodeError):
+        name = None
+    path = root / name if name else None
+    if path is None or not STEP_DIR.fullmatch(name) or not _is_complete(path):
+        found = complete_checkpoints(run_dir)
+        fix = (f"delete {pointer} to resume from the newest complete checkpoint ({found[-1].name})" if found
+               else f"delete {pointer}; the directory holds no complete checkpoint")
+        shown = repr(name[:80]) if name else "nothing readable"
+        raise UserError(f"{pointer} names {shown}, which is not a complete checkpoint in {root}", fix)
+    return path
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's complete checkpoints (a `step_*` directory of its own with meta.json and .metadata), oldest first."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if STEP_DIR.fullmatch(p.name) and _is_complete(p))
+
+
+def _is_complete(path: Path) -> bool:
+    """A real directory directly inside checkpoints/ (no symlink out of the run) holding both index files."""
+    return (not path.is_symlink() and path.is_dir() and path.resolve().parent == path.parent.resolve()
+            and (path / META).is_file() and (path / ".metadata").is_file())
 
 
 def read_meta(checkpoint: str | Path) -> dict:
-    """meta.json of a checkpoint: {"step", "time", "recipe"}; UserError if `checkpoint` is not one."""
+    """meta.json of a checkpoint: {"step", "time", "world_size", "recipe", "inputs", "files"}; UserError if
+    `checkpoint` is not one or its meta.json cannot be read."""
     path = Path(checkpoint) / META
     if not path.is_file():
         raise UserError(f"{checkpoint} is not a training checkpoint (no {META})", "pass a checkpoints/step_* directory")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise UserError(f"checkpoint {checkpoint} has an unreadable {META} ({type(err).__name__})",
+                        _older_fix(Path(checkpoint))) from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise UserError(f"checkpoint {checkpoint} has a {META} without a step number", _older_fix(Path(checkpoint)))
+    return meta
 
 
 def rng_state() -> dict:
@@ -123,32 +168,51 @@ def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, loader, kee
                     world_size: int = 1) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, keep only the newest `keep_last`.
 
-    `recipe` must already be redacted (it is stored in meta.json). UserError before anything is written when the
-    disk cannot hold the checkpoint.
+    `recipe` must already be redacted (it is stored in meta.json); its `inputs` attribute, when it has one
+    (`trainer.run_dir.saved_recipe`), is stored next to it and checked on resume. UserError before anything is
+    written when the disk cannot hold the checkpoint, and UserError (temporary removed, previous checkpoint
+    untouched) when writing fails.
     """
     root = checkpoints_dir(run_dir)
     final, tmp = root / step_name(step), root / f".tmp-{step_name(step)}"
     state = _state(model, optimizer, scheduler, loader, step)
     check_disk_space(root, step, _all_ranks_sum(state_bytes(state)))
+    try:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        with _quiet_single_process():
+            dcp.save(state, checkpoint_id=str(tmp))  # DCP fsyncs every file it writes
+        fault_point("MOE_FAULT_HANG_DURING_SAVE", step, f"hanging while saving checkpoint {step} (in {tmp.name})")
+        files = checkpoint_digests(tmp, exclude=(META,))
+        if _rank() == 0:
+            meta = {"step": step, "time": time.time(), "world_size": world_size, "recipe": recipe,
+                    "inputs": getattr(recipe, "inputs", {}), "files": files}
+            write_synced(tmp / META, json.dumps(meta, indent=2))
+            replace_dir(tmp, final)  # fsyncs every file first; a step saved again replaces its old copy in one swap
+            write_atomically(root / LATEST, final.name)
+    except (OSError, CheckpointException) as err:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = complete_checkpoints(run_dir)
+        kept = f"{previous[-1].name} is intact" if previous else "no earlier checkpoint exists"
+        raise UserError(f"cannot write checkpoint step {step} in {root} ({_first_line(err)}); {kept}",
+                        "check free space and permissions of output.dir, then run the same command to resume") from None
     if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    with _quiet_single_process():
-        dcp.save(state, checkpoint_id=str(tmp))  # DCP fsyncs every file it writes
-    fault_point("MOE_FAULT_HANG_DURING_SAVE", step, f"hanging while saving checkpoint {step} (in {tmp.name})")
-    if _rank() == 0:
-        meta = {"step": step, "time": time.time(), "world_size": world_size, "recipe": recipe}
-        _write_synced(tmp / META, json.dumps(meta, indent=2))
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        _write_atomically(root / LATEST, final.name)
         _prune(root, keep_last)
     _barrier()
     return final
+
+
+def _first_line(err: BaseException) -> str:
+    """The OS's words for a failure (DCP wraps them in per-rank exception dumps)."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    for line in str(err).splitlines():
+        if "Error" in line and ":" in line:
+            return line.strip()[:200]
+    return type(err).__name__
 
 
 def state_bytes(state) -> int:
@@ -206,14 +270,30 @@ class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
         super().load_bytes(read_item, value)
 
 
+_VERIFIED: set[tuple[str, int]] = set()  # (checkpoint, meta.json mtime): hashed once per process, not per caller
+
+
 def verify_checkpoint(checkpoint: str | Path) -> None:
-    """UserError unless every shard file the checkpoint's index names is there and long enough."""
+    """UserError unless every file the checkpoint recorded is there with its size and SHA-256 (and, for
+    checkpoints written before checksums, every shard the index names is there and long enough)."""
     checkpoint = Path(checkpoint)
-    read_meta(checkpoint)
-    fix = "resume from an older checkpoint (checkpoint.resume=<path>) or start fresh with output.overwrite=true"
+    meta = read_meta(checkpoint)
+    fix = _older_fix(checkpoint)
+    key = (str(checkpoint.resolve()), (checkpoint / META).stat().st_mtime_ns)
+    recorded = meta.get("files")
+    if isinstance(recorded, dict) and recorded and key not in _VERIFIED:
+        bad = mismatched_files(checkpoint, recorded)
+        missing = [name for name in bad if not (checkpoint / name).is_file()]
+        if missing:
+            raise UserError(f"checkpoint {checkpoint} is missing shard file {missing[0]}", fix)
+        if bad:
+            raise UserError(f"checkpoint {checkpoint} is corrupt: {', '.join(bad[:3])} "
+                            f"{'does' if len(bad) == 1 else 'do'} not match the checksum recorded when it was written",
+                            fix)
+        _VERIFIED.add(key)
     if not (checkpoint / ".metadata").is_file():
         raise UserError(f"checkpoint {checkpoint} is incomplete (no .metadata index)", fix)
-    metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata()
+    metadata = _read_index(checkpoint)
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
@@ -225,12 +305,29 @@ def verify_checkpoint(checkpoint: str | Path) -> None:
             raise UserError(f"checkpoint {checkpoint} has a truncated shard file {name}", fix)
 
 
+def _read_index(checkpoint: Path):
+    """DCP's `.metadata` (a pickle of its dataclasses); a truncated or garbled one is a UserError, not a traceback."""
+    try:
+        return dcp.FileSystemReader(str(checkpoint)).read_metadata()
+    except Exception as err:  # EOFError, UnpicklingError, ... whatever a damaged pickle raises
+        raise UserError(f"checkpoint {checkpoint} has an unreadable .metadata index ({type(err).__name__})",
+                        _older_fix(checkpoint)) from None
+
+
+def _older_fix(checkpoint: Path) -> str:
+    """How to get past a damaged checkpoint: name the newest other complete one of the same run, if there is one."""
+    others = [p for p in complete_checkpoints(checkpoint.parent.parent) if p.name != checkpoint.name]
+    older = f"resume from {others[-1]} (checkpoint.resume={others[-1]})" if others else \
+        "resume from an older checkpoint (checkpoint.resume=<path>)"
+    return f"{older} or start fresh with output.overwrite=true"
+
+
 def load_checkpoint(checkpoint: str | Path, model, optimizer, scheduler, loader) -> int:
     """Restore everything `save_checkpoint` wrote into live objects; returns the step to continue after."""
     checkpoint = Path(checkpoint)
     verify_checkpoint(checkpoint)
     state = _state(model, optimizer, scheduler, loader, step=0)
-    saved_keys = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata.keys()
+    saved_keys = _read_index(checkpoint).state_dict_metadata.keys()
     rng_key = f"rng/rank{_rank()}"
     if not any(k.startswith(rng_key + ".") or k == rng_key for k in saved_keys):
         state.pop(rng_key)  # saved under another world size: keep this rank's fresh generators
@@ -283,46 +380,6 @@ def _prune(root: Path, keep_last: int) -> None:
     steps = sorted(p for p in root.glob("step_*") if p.is_dir())
     for old in steps[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    _write_synced(tmp, text)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsync every file under `root`, then every directory bottom-up, so the rename publishes durable data."""
-    for dirpath, _, filenames in os.walk(root, topdown=False):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a directory's entries (a rename, a new file) durable; not possible on every platform."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _as_tuples(value):

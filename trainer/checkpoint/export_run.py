@@ -24,6 +24,12 @@ def find_checkpoint(source: Path) -> Path:
     return latest
 
 
+def sources_of(checkpoint: Path) -> tuple[Path, Path]:
+    """What an export of `checkpoint` is made from, so it must never replace them: the run's checkpoints/ and hf/."""
+    run_dir = checkpoint.parent.parent
+    return run_dir / "checkpoints", run_dir / MODEL_FILES
+
+
 def export_checkpoint(source: Path, out_dir: Path, dtype: str = "auto", overwrite: bool = False) -> tuple[Path, int]:
     """Write `out_dir` as a HF checkpoint of `source` (run dir or checkpoint); returns (out_dir, step)."""
     from trainer.models import MoEAutoModelForCausalLM
@@ -39,9 +45,10 @@ def export_checkpoint(source: Path, out_dir: Path, dtype: str = "auto", overwrit
     if dtype == "auto":
         dtype = "bfloat16"
     config = AutoConfig.from_pretrained(str(model_files))
-    attn = recipe.get("model", {}).get("attn_implementation", "sdpa")
+    attn = recipe.get("model", {}).get("attn_implementation", "auto")
+    attn = None if attn == "auto" else attn  # transformers' pick, as in training (trainer.build)
     model = MoEAutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
     step = load_model_weights(checkpoint, model)
     tokenizer = AutoTokenizer.from_pretrained(str(model_files))
-    export_hf(model, tokenizer, out_dir, DTYPES[dtype], overwrite=overwrite)
+    export_hf(model, tokenizer, out_dir, DTYPES[dtype], overwrite=overwrite, keep=sources_of(checkpoint))
     return out_dir, step

@@ -17,34 +17,22 @@ import torch
 from safetensors import safe_open
 
 from trainer.checkpoint.key_tables import KeyTable
+from trainer.checkpoint.model_files import SAFE_INDEX as SAFE_WEIGHTS_INDEX_NAME
+from trainer.checkpoint.model_files import check_weight_files
 from trainer.errors import UserError
-
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 
 def checkpoint_weight_map(checkpoint_dir: str) -> dict[str, str]:
-    """disk key -> absolute shard path, from the index (sharded) or the single file. Checks shards exist."""
+    """disk key -> absolute shard path, from the index (sharded) or the single file. The files are checked first
+    (`trainer.checkpoint.model_files`): shards present, headers readable, nothing truncated."""
+    files = check_weight_files(checkpoint_dir)
     index_path = os.path.join(checkpoint_dir, SAFE_WEIGHTS_INDEX_NAME)
-    single_path = os.path.join(checkpoint_dir, SAFE_WEIGHTS_NAME)
     if os.path.isfile(index_path):
         with open(index_path, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
-        shards = {name: os.path.join(checkpoint_dir, name) for name in set(weight_map.values())}
-        missing = sorted(name for name, path in shards.items() if not os.path.isfile(path))
-        if missing:
-            raise UserError(
-                f"checkpoint {checkpoint_dir} is missing shard file(s) {', '.join(missing)} listed in {SAFE_WEIGHTS_INDEX_NAME}",
-                "download the complete checkpoint again (all files listed in the index)",
-            )
-        return {key: shards[name] for key, name in weight_map.items()}
-    if os.path.isfile(single_path):
-        with safe_open(single_path, framework="pt") as f:
-            return {key: single_path for key in f.keys()}
-    raise UserError(
-        f"no safetensors weights in {checkpoint_dir} (expected {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME})",
-        "point model.name_or_path at a Hugging Face checkpoint directory saved with safetensors",
-    )
+        return {key: os.path.join(checkpoint_dir, name) for key, name in weight_map.items()}
+    with safe_open(str(files[0]), framework="pt") as f:
+        return {key: str(files[0]) for key in f.keys()}
 
 
 def _tensors_to_fill(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -17,8 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from trainer.checkpoint.export import check_export_target
+    from trainer.checkpoint.export_run import find_checkpoint, sources_of
 
-    check_export_target(args.out_dir, args.overwrite)  # before any heavy work
+    # Before any heavy work: never into (or over) the checkpoints it reads, never over someone else's files.
+    check_export_target(args.out_dir, args.overwrite, keep=sources_of(find_checkpoint(Path(args.source))))
     from trainer.checkpoint.export_run import export_checkpoint
 
     out, step = export_checkpoint(Path(args.source), Path(args.out_dir), args.dtype, args.overwrite)

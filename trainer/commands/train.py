@@ -10,19 +10,16 @@ from trainer.config import list_presets, load_recipe
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help=f"a recipe YAML path or a preset name ({', '.join(list_presets())})")
-    # REMAINDER so flags may come after the overrides too (plain nargs="*" stops at the first flag).
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value",
-                        help="recipe overrides, e.g. optim.lr=1e-4")
+    # The CLI parses intermixed (trainer.cli), so flags may come before or after the overrides.
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. optim.lr=1e-4")
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = [o for o in args.overrides if o != "--no-progress"]
-    no_progress = args.no_progress or len(overrides) != len(args.overrides)
-    recipe = load_recipe(args.recipe, overrides)
+    recipe = load_recipe(args.recipe, args.overrides)
     from trainer.train import train  # heavy imports only once the recipe is known to be valid
 
-    result = train(recipe, progress=not no_progress)
+    result = train(recipe, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if result.preempted:

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from trainer.errors import UserError
 
 IGNORE_INDEX = -100
+# Roles chat templates know. Any other role (a typo such as "assitant", or "bot") would be rendered by most templates
+# as context or dropped, so the turn meant as the answer would silently not be trained on.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 @dataclass
@@ -114,6 +117,11 @@ def _checked_messages(record: dict) -> list[dict]:
             f"{record.get('_source', 'a record')} has malformed 'messages'",
             "write a list of {\"role\": ..., \"content\": ...} objects",
         )
+    unknown = next((i for i, m in enumerate(messages) if m["role"] not in CHAT_ROLES), None)
+    if unknown is not None:
+        raise UserError(f"{record.get('_source', 'a record')} has a message with the unknown role "
+                        f"{messages[unknown]['role'][:40]!r} (message {unknown + 1})",
+                        f"use one of {', '.join(CHAT_ROLES)}")
     if not any(m["role"] == "assistant" for m in messages):
         raise UserError(f"{record.get('_source', 'a record')} has no assistant turn", "add the answer to train on")
     return [{"role": m["role"], "content": m["content"]} for m in messages]

@@ -34,16 +34,38 @@ def _read_jsonl(file: Path) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as err:
                 raise UserError(
                     f"{file}:{line_number} is not valid JSON ({err.msg})", "fix or remove that line"
                 ) from None
+            except _DuplicateKey as err:
+                raise UserError(f"{file}:{line_number} repeats the key '{err.key}'",
+                                "keep one of them (JSON readers disagree on which one wins)") from None
+            except RecursionError:
+                raise UserError(f"{file}:{line_number} nests too deeply to read",
+                                "a record is one flat object of messages or prompt/completion") from None
             if not isinstance(record, dict):
                 raise UserError(f"{file}:{line_number} is not a JSON object", "write one {...} object per line")
             record["_source"] = f"{file}:{line_number}"
             records.append(record)
     return records
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json's object hook: a key given twice is an error (json.loads keeps the last silently)."""
+    record: dict = {}
+    for key, value in pairs:
+        if key in record:
+            raise _DuplicateKey(key)
+        record[key] = value
+    return record
 
 
 def _read_parquet(file: Path) -> list[dict]:

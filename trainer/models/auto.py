@@ -25,6 +25,7 @@ from trainer.models.base import FamilyAdapter, num_experts
 from trainer.models.families import generic_adapter
 from trainer.models.registry import adapter_for
 from trainer.moe.experts import register_fast_experts
+from trainer.quiet import quiet_transformers
 
 logger = logging.getLogger("trainer.models")
 
@@ -96,21 +97,48 @@ class MoEAutoModelForCausalLM:
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str, *, parallel=None, fast: bool = True, **hf_kwargs
+        cls, name_or_path: str, *, parallel=None, fast: bool = True, strict: bool = False, **hf_kwargs
     ) -> PreTrainedModel:
-        """Load a HF checkpoint (hub id or directory). `parallel`: a `trainer.parallel.ParallelConfig` to shard."""
-        config = _load_config(str(name_or_path), hf_kwargs)
+        """Load a HF checkpoint (hub id or directory). `parallel`: a `trainer.parallel.ParallelConfig` to shard.
+
+        strict: a tensor the model needs but the checkpoint lacks, or one of another shape, is a UserError (what
+        training wants). transformers' default, kept when strict is false, initialises such tensors at random with
+        a warning, which suits loading a backbone under a new head but trains garbage from a damaged checkpoint.
+        """
+        config = hf_kwargs.get("config") or _load_config(str(name_or_path), hf_kwargs)  # the caller's edits win
         adapter = resolve_adapter(config) if fast else None
         if parallel is not None and _world_size() > 1:
             from trainer.parallel.load import load_parallel  # FSDP2 + EP; meta-device init, rank-local reads
 
             return load_parallel(str(name_or_path), config, adapter, parallel, **hf_kwargs)
-        if adapter is None:
-            return AutoModelForCausalLM.from_pretrained(name_or_path, **hf_kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, experts_implementation=register_fast_experts(), **hf_kwargs
-        )
-        return _finish(model, adapter)
+        if adapter is not None:
+            hf_kwargs["experts_implementation"] = register_fast_experts()
+        if not strict:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, **hf_kwargs)
+        else:
+            with quiet_transformers():  # its load report would print the same facts as a table before our line
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    name_or_path, output_loading_info=True, ignore_mismatched_sizes=True, **hf_kwargs)
+            _check_loading_info(str(name_or_path), info)
+        return model if adapter is None else _finish(model, adapter)
+
+
+def _check_loading_info(name_or_path: str, info: dict) -> None:
+    """UserError for tensors transformers had to leave at their random init (missing, or of another shape)."""
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda item: item[0])  # a set of (key, disk, model)
+    if mismatched:
+        key, on_disk, in_model = mismatched[0]
+        raise UserError(f"model {name_or_path} does not match its config: {key} is {tuple(on_disk)} in the weights "
+                        f"but {tuple(in_model)} in the model the config describes"
+                        f"{f' (+{len(mismatched) - 1} more)' if len(mismatched) > 1 else ''}",
+                        "use the config.json that came with the weights (and no model.config_overrides that "
+                        "change shapes)")
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
+        raise UserError(f"model {name_or_path} lacks {len(missing)} tensor(s) the model needs: {shown}",
+                        "download the checkpoint again (a shard may be incomplete), or check that it is of this "
+                        "model family")
 
 
 def _finish(model: PreTrainedModel, adapter: FamilyAdapter) -> PreTrainedModel:

@@ -33,6 +33,7 @@ class FamilyAdapter:
     def validate(self, config) -> None:
         """Raise UserError for configs this family cannot build (before any weights are touched)."""
         num_experts = _num_experts(config)
+        config = text_config(config)
         top_k = getattr(config, "num_experts_per_tok", None)
         if num_experts is not None and top_k is not None and not 0 < top_k <= num_experts:
             raise UserError(
@@ -77,7 +78,15 @@ def pin_checkpoint_conversions(model: torch.nn.Module) -> None:
     model._weight_conversions = conversions or None
 
 
+def text_config(config):
+    """The language model's config: `config` itself, or the `text_config` of a multimodal config (Qwen3.5-MoE,
+    Llama 4), where the MoE fields live."""
+    get_text_config = getattr(config, "get_text_config", None)
+    return get_text_config() if get_text_config is not None else config
+
+
 def _num_experts(config) -> int | None:
+    config = text_config(config)
     for attr in ("num_experts", "num_local_experts", "n_routed_experts"):
         value = getattr(config, attr, None)
         if isinstance(value, int) and value > 0:
