@@ -17,8 +17,6 @@ import torch
 
 from trainer.flops import flops_per_token as config_flops_per_token
 
-PEAK_TFLOPS = 989.0
-
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     """Training FLOPs (forward + backward) per token at context `seq_len` (see trainer/flops.py)."""
@@ -37,10 +35,11 @@ class ExpertLoadTracker:
     """Counts tokens per expert per MoE layer from the routers' outputs `(router_logits, weights, indices)`.
 
     Each router gets a fixed fp32 buffer [E] (not saved with the model) that a forward hook adds its routed indices
-    into with `index_add_`: no host synchronisation (`torch.bincount` reads the indices' range back on CUDA) and a
-    fixed address, so the hook runs inside compiled layers and their CUDA graphs. `snapshot()` queues a copy of the
-    counts since the last snapshot (and zeroes them) on the device; `add(counts_LE)` adds a step's copy, once it is
-    on the host, to the run's total. `recomputes`: the model recomputes router forwards in the backward (activation
+    into with `index_add_`: no host synchronisation (`torch.bincount` reads the indices' range back on CUDA). The hook
+    runs outside torch.compile (`torch.compiler.disable`: a compiled layer calls it between two graphs), so no
+    compiled graph or CUDA graph mutates the counts. `snapshot()` queues a copy of the counts since the last snapshot
+    (and zeroes them) on the device; `add(counts_LE)` adds a step's copy, once it is on the host, to the run's
+    total. `recomputes`: the model recomputes router forwards in the backward (activation
     checkpointing); those calls are then not counted (a check that stays out of the hook otherwise, since torch.compile
     cannot trace it).
     """
@@ -57,7 +56,7 @@ class ExpertLoadTracker:
             weight = next(router.parameters())
             router.register_buffer("_moe_expert_counts_E", torch.zeros(_num_experts_of(router), device=weight.device),
                                    persistent=False)
-        hook = _count_hook_outside_backward if recomputes else _count_hook
+        hook = torch.compiler.disable(_count_hook_outside_backward if recomputes else _count_hook)
         self._handles = [r.register_forward_hook(hook) for r in self.routers]
 
     def snapshot(self) -> torch.Tensor | None:

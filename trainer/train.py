@@ -31,7 +31,8 @@ from trainer.data import StatefulLoader, build_dataset
 from trainer.errors import UserError
 from trainer.faults import fault_point
 from trainer.loss import forward_loss_sum
-from trainer.metrics import PEAK_TFLOPS, ExpertLoadTracker, MetricsWriter, flops_per_token, imbalance, peak_memory_gib
+from trainer.flops import PEAK_TFLOPS
+from trainer.metrics import ExpertLoadTracker, MetricsWriter, flops_per_token, imbalance, peak_memory_gib
 from trainer.moe.balance import balancer_for
 from trainer.moe.z_loss import z_loss_for
 from trainer.optim import build_optimizer, build_scheduler

@@ -352,3 +352,21 @@ def test_perf_auto_keeps_the_recipes_semantics_and_picks_cuda_graphs_only_beside
     cpu = resolve_perf(PerfConfig(), torch.device("cpu"))
     assert (cpu.fused_ce, cpu.fused_experts, cpu.compile, cpu.adamw, cpu.prefetch) == (True, False, "off", "torch",
                                                                                        False)
+
+
+def test_compiled_layers_count_routed_tokens_like_eager_layers():
+    """The expert-load hooks run outside torch.compile (between two graphs of a compiled layer), so compiled layers
+    count every routed token once per chosen expert, exactly as the eager model does (same routing: fp32, the
+    router's top-k on the same logits up to summation order; the counts are integers)."""
+    from trainer.metrics import ExpertLoadTracker
+
+    counts = {}
+    for compile_mode in ("off", "layers"):
+        torch._dynamo.reset()
+        model = _model()
+        tracker = ExpertLoadTracker(model)  # before compiling, as `moe train` does
+        apply_optimizations(model, perf_options("fused_experts=on", f"compile={compile_mode}"))
+        forward_loss_sum(model, BATCH)[0].backward()
+        counts[compile_mode] = tracker.snapshot()
+    assert counts["layers"].sum() == counts["off"].sum() == IDS.numel() * 2 * model.config.num_hidden_layers
+    torch.testing.assert_close(counts["layers"], counts["off"], rtol=0, atol=0)

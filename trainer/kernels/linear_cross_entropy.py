@@ -8,15 +8,13 @@ alive until backward, which just scales them by the incoming gradient.
 
     loss_sum = linear_cross_entropy_sum(h_ND, w_VD, targets_N)     # fp32 [], sum over targets != ignore_index
 
-Backends: the chunked torch implementation below (any device; on CUDA each chunk's loss and logit gradient run as
-one torch.compile'd function), or Liger's Triton kernel (`LigerFusedLinearCrossEntropyLoss`) on request: with
-~1,700-row chunks instead of Liger's ~256 the head-weight gradient is accumulated 10x less often.
-`reference_linear_cross_entropy_sum` is the plain formula both are tested against.
+The chunked torch implementation below runs on any device; on CUDA each chunk's loss and logit gradient run as one
+torch.compile'd function. With ~1,700-row chunks (Liger's fused kernel uses ~256) the head-weight gradient is
+accumulated 10x less often. `reference_linear_cross_entropy_sum` is the plain formula it is tested against.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 
@@ -142,25 +140,6 @@ def chunked_linear_cross_entropy_sum(
     return _ChunkedLinearCrossEntropy.apply(h_ND, w_VD, targets_N, ignore_index, rows, accum_fp32, compiled)
 
 
-@functools.lru_cache(maxsize=None)
-def liger_available() -> bool:
-    """Whether Liger's fused linear cross-entropy can be imported (it needs triton and a CUDA device)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss  # noqa: F401
-    except Exception:  # ImportError, or a triton that does not match this torch
-        return False
-    return True
-
-
-@functools.lru_cache(maxsize=None)
-def _liger_loss(ignore_index: int):
-    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-
-    return LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, reduction="sum")
-
-
 def linear_cross_entropy_sum(
     h_ND: torch.Tensor,
     w_VD: torch.Tensor,
@@ -171,15 +150,11 @@ def linear_cross_entropy_sum(
     """Summed token cross-entropy [] (fp32) of the LM head applied to h_ND [N, D], never forming [N, V] logits.
 
     backend: "chunked" (torch; on CUDA each chunk's loss and logit gradient is one compiled function), "auto" (=
-    chunked: measured faster than Liger's kernel on B1, docs/BENCHMARKS.md), "liger" (Liger's Triton kernel; raises
-    if unavailable), "reference" (full logits, for tests and ablations).
+    chunked: measured faster than Liger's fused kernel on B1 in an earlier set, which is why that one is gone),
+    "reference" (full logits, for tests).
     """
     if backend == "reference":
         return reference_linear_cross_entropy_sum(h_ND, w_VD, targets_N, ignore_index)
-    if backend == "liger":
-        if not liger_available():
-            raise RuntimeError("liger_kernel is not importable here (needs liger-kernel, triton and a CUDA device)")
-        return _liger_loss(ignore_index)(w_VD, h_ND, targets_N).float()
     if backend not in ("auto", "chunked"):
         raise ValueError(f"unknown linear cross-entropy backend {backend!r}")
     return chunked_linear_cross_entropy_sum(h_ND, w_VD, targets_N, ignore_index)
