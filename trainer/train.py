@@ -140,9 +140,8 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
                 finish(*pending)
             pending = (step, out)
             checkpoint_due = recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0
-            stop = guard.should_stop(rt.any_rank)
             # on the CPU the step ran as it was queued: nothing to overlap, and each step's time is its own
-            if checkpoint_due or stop or step == recipe.train.max_steps or rt.device.type != "cuda":
+            if checkpoint_due or step == recipe.train.max_steps or rt.device.type != "cuda":
                 finish(*pending)
                 pending = None
             if checkpoint_due:
@@ -151,7 +150,10 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
                 fault_point("MOE_FAULT_HANG_AFTER_CHECKPOINT", step, f"hanging after checkpoint {step}")
             fault_point("MOE_FAULT_PAUSE_AFTER_STEP", step, f"paused after step {step}",
                         until=lambda: guard.received is not None)
-            if stop:
+            if guard.should_stop(rt.any_rank):
+                if pending is not None:
+                    finish(*pending)
+                    pending = None
                 preempted = guard.signal_name or "a signal on another rank"
                 break
         bar.close()
