@@ -55,7 +55,9 @@ class StepOutput:
         if device.type != "cuda":
             self._host = {k: v.detach() for k, v in values.items()}
             return
-        self._host = {k: v.detach().to("cpu", non_blocking=True) for k, v in values.items()}
+        # into pinned buffers: a device-to-host copy is asynchronous only into page-locked memory
+        self._host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v.detach(), non_blocking=True)
+                      for k, v in values.items()}
         self._ready = torch.cuda.Event()
         self._ready.record(torch.cuda.current_stream(device))
 

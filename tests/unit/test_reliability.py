@@ -67,16 +67,16 @@ def test_a_second_signal_exits_at_once():
 
 def test_a_non_finite_step_is_skipped_without_touching_weights_or_optimizer_state(tmp_path, monkeypatch):
     one = train(_recipe(tmp_path / "one", "train.max_steps=1"), progress=False)
-    from trainer import train as train_module
+    from trainer import step as step_module
 
-    real, calls = train_module.forward_loss_sum, []
+    real, calls = step_module.forward_loss_sum, []
 
     def nan_on_second_step(model, batch, fused_ce=False):
         calls.append(1)
         loss, aux = real(model, batch, fused_ce)
         return (loss * float("nan") if len(calls) == 2 else loss), aux
 
-    monkeypatch.setattr(train_module, "forward_loss_sum", nan_on_second_step)
+    monkeypatch.setattr(step_module, "forward_loss_sum", nan_on_second_step)
     two = train(_recipe(tmp_path / "two", "train.max_steps=2"), progress=False)
     records = read_metrics(tmp_path / "two")
     assert records[1].get("skipped") and not records[0].get("skipped")
