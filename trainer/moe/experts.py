@@ -23,6 +23,7 @@ import os
 import torch
 
 from trainer.kernels.fused_expert_mlp import OP_ACTIVATIONS, activation_for, fused_expert_mlp
+from trainer.lora.experts import adapters_of, with_adapter
 from trainer.moe.dispatch import LOCAL_DISPATCHER
 from trainer.moe.grouped_gemm import grouped_mm
 from trainer.moe.permute import make_plan, permute_tokens, unpermute_and_combine
@@ -51,20 +52,23 @@ def _expert_of_row(plan, num_local_experts: int) -> torch.Tensor:
 
 
 def expert_mlp(module: torch.nn.Module, x_SD: torch.Tensor, plan) -> torch.Tensor:
-    """Run the local experts on rows grouped by expert. [S, H] -> [S, H]."""
+    """Run the local experts on rows grouped by expert. [S, H] -> [S, H]. LoRA adapters of the expert weights
+    (`trainer.lora.experts`) are added on the same rows, after each frozen grouped GEMM."""
     offsets_E = plan.offsets_E
     has_gate = getattr(module, "has_gate", True)
     has_bias = getattr(module, "has_bias", False)
     is_transposed = getattr(module, "is_transposed", False)
     up_EHF = _as_kn(_local(module.gate_up_proj if has_gate else module.up_proj), is_transposed)
     down_EFH = _as_kn(_local(module.down_proj), is_transposed)
+    adapters = adapters_of(module)
 
-    h_SF = grouped_mm(x_SD, up_EHF, offsets_E)
+    h_SF = with_adapter(adapters, "gate_up_proj" if has_gate else "up_proj", x_SD,
+                        grouped_mm(x_SD, up_EHF, offsets_E), offsets_E)
     if has_bias:
         expert_S = _expert_of_row(plan, up_EHF.shape[0])
         h_SF = h_SF + _local(module.gate_up_proj_bias if has_gate else module.up_proj_bias)[expert_S]
     h_SF = module._apply_gate(h_SF) if has_gate else module.act_fn(h_SF)
-    y_SD = grouped_mm(h_SF, down_EFH, offsets_E)
+    y_SD = with_adapter(adapters, "down_proj", h_SF, grouped_mm(h_SF, down_EFH, offsets_E), offsets_E)
     if has_bias:
         y_SD = y_SD + _local(module.down_proj_bias)[expert_S]
     if y_SD.shape[0] == 0:  # no rows here (expert parallelism): still give the weights a (zero) gradient, so every
@@ -76,7 +80,8 @@ def _fused_enabled(module: torch.nn.Module) -> bool:
     flag = getattr(module, "moe_fused_experts", None)
     if flag is None:
         flag = os.environ.get(FUSED_ENV, "0") == "1"
-    return bool(flag) and not getattr(module, "has_bias", False)
+    # the fused expert MLP has no adapter terms: LoRA experts take the grouped-GEMM path of `expert_mlp`
+    return bool(flag) and not getattr(module, "has_bias", False) and adapters_of(module) is None
 
 
 def set_fused_experts(model: torch.nn.Module, enabled: bool = True, activation_backend: str = "torch") -> int:
