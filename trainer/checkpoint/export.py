@@ -50,12 +50,13 @@ def check_export_target(out_dir: str | Path, overwrite: bool, keep: tuple[Path, 
 
 
 def export_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype, overwrite: bool = False,
-              keep: tuple[Path, ...] = ()) -> Path:
+              keep: tuple[Path, ...] = (), state: dict | None = None) -> Path:
     """model (+ tokenizer) -> `out_dir` with config.json, generation_config.json, *.safetensors, tokenizer files.
 
     Collective under torchrun: a sharded (FSDP2/EP) model is written by `save_sharded_pretrained`, which streams
     one safetensors file at a time to rank 0, so no rank ever holds the full model. A full or read-only disk is a
-    UserError; the previous export, if any, is untouched.
+    UserError; the previous export, if any, is untouched. `state` (one process only): the tensors to write instead
+    of the model's own (a LoRA run's merged weights, `trainer.lora.export`).
     """
     out = Path(out_dir)
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -75,7 +76,8 @@ def export_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype, overwri
             save_sharded_pretrained(model, str(tmp), dtype=dtype)
         else:
             # Cast copies, never the live model: its fp32 master weights must survive an export in bf16.
-            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+            state = {k: v.to(dtype) if v.is_floating_point() else v
+                     for k, v in (model.state_dict() if state is None else state).items()}
             with quiet_transformers():
                 model.save_pretrained(str(tmp), state_dict=state)
         if is_main:

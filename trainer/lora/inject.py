@@ -38,7 +38,11 @@ def apply_lora(model: torch.nn.Module, cfg, config=None) -> torch.nn.Module:
     Afterwards only the adapter weights have requires_grad; every base parameter is frozen and untouched (the
     adapted forward reads it, nothing writes it). Returns the model.
     """
-    from peft import inject_adapter_in_model
+    try:
+        from peft import inject_adapter_in_model
+    except ImportError:
+        raise UserError("lora.enabled=true needs PEFT, which is not installed",
+                        "pip install 'moe-stack[lora]' (or pip install peft)") from None
 
     config = config if config is not None else peft_config(model, cfg)
     try:
