@@ -115,3 +115,16 @@ def test_only_adapters_reach_the_optimizer_and_merge_leaves_base_untouched(tmp_p
 def test_bad_lora_recipes_are_one_line_errors(tmp_path, overrides, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         train(_recipe(tmp_path / "run", "train.max_steps=1", *overrides), progress=False)
+
+
+@pytest.mark.parametrize("preset, family", [("qwen3-30b-a3b-lora", "qwen3_moe"), ("nemotron-3-nano-lora", "nemotron_h")])
+def test_lora_presets_target_every_group_of_their_family(preset, family):
+    import tiny_configs
+    from trainer.lora.targets import resolve_targets
+    from trainer.models import MoEAutoModelForCausalLM
+
+    recipe = load_recipe(preset)
+    assert recipe.lora.enabled and recipe.parallel.ep_size == 1 and recipe.lora.dropout == 0
+    model = MoEAutoModelForCausalLM.from_config(getattr(tiny_configs, family)())
+    modules, parameters = resolve_targets(model, recipe.lora.targets)
+    assert parameters and modules

@@ -35,8 +35,8 @@ def lora_config_of(model: torch.nn.Module):
 def apply_lora(model: torch.nn.Module, cfg, config=None) -> torch.nn.Module:
     """Inject adapters per the recipe's `lora` section (or a ready `peft.LoraConfig` as `config`), in place.
 
-    Afterwards only the adapter weights have requires_grad; every base parameter is frozen and untouched (the
-    adapted forward reads it, nothing writes it). Returns the model.
+    Afterwards only the adapter weights have requires_grad (in fp32 whatever the base dtype); every base parameter
+    is frozen and untouched (the adapted forward reads it, nothing writes it). Returns the model.
     """
     try:
         from peft import inject_adapter_in_model
@@ -53,6 +53,8 @@ def apply_lora(model: torch.nn.Module, cfg, config=None) -> torch.nn.Module:
                         f"this model: {first_line[:240]}", "drop that module from lora.targets") from None
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_" in name)
+        if ".lora_" in name and param.is_floating_point() and param.element_size() < 4:
+            param.data = param.data.float()  # the adapters train in fp32 beside a bf16 base (a few MB of state)
     _route_experts_to_rows(model)
     model.__dict__["moe_lora_config"] = config
     return model
