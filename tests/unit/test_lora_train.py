@@ -128,3 +128,14 @@ def test_lora_presets_target_every_group_of_their_family(preset, family):
     model = MoEAutoModelForCausalLM.from_config(getattr(tiny_configs, family)())
     modules, parameters = resolve_targets(model, recipe.lora.targets)
     assert parameters and modules
+
+
+@pytest.mark.parametrize("mode", ["full", "moe", "attention"])
+def test_lora_with_activation_checkpointing_trains_the_same(tmp_path, mode):
+    plain = train(_recipe(tmp_path / "a", "train.max_steps=2", "output.export=false"), progress=False)
+    recomputed = train(_recipe(tmp_path / "b", "train.max_steps=2", "output.export=false",
+                               f"parallel.activation_checkpointing={mode}"), progress=False)
+    assert recomputed.losses == pytest.approx(plain.losses, rel=1e-6)
+    for (name, p), q in zip(plain.model.named_parameters(), recomputed.model.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
