@@ -139,3 +139,14 @@ def test_lora_with_activation_checkpointing_trains_the_same(tmp_path, mode):
     for (name, p), q in zip(plain.model.named_parameters(), recomputed.model.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_adapter_directory_is_never_written_over_someones_files(tmp_path):
+    from trainer.lora.export import check_adapter_target
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="adapter directory .* is not empty"):
+        check_adapter_target(tmp_path / "a", overwrite=False)
+    with pytest.raises(UserError, match=r"not a PEFT adapter \(no adapter_config.json\)"):
+        check_adapter_target(tmp_path / "a", overwrite=True)

@@ -40,12 +40,18 @@ def check_export_target(out_dir: str | Path, overwrite: bool, keep: tuple[Path, 
             raise UserError(f"export directory {out} would replace {path}, which the export is made from",
                             "export outside the run's checkpoints/ and hf/ (e.g. <output.dir>/export or another "
                             "directory)")
+    check_replaceable(out, overwrite, EXPORT_MARKER, "export", "a Hugging Face export")
+
+
+def check_replaceable(out: Path, overwrite: bool, marker: str, kind: str, what: str) -> None:
+    """UserError unless `out` is new or empty, or (with `overwrite`) an earlier output of this kind: one holding
+    `marker` (anything else is someone's files)."""
     if not (out.is_dir() and any(out.iterdir())):
         return
     if not overwrite:
-        raise UserError(f"export directory {out} is not empty", "choose another directory or pass --overwrite")
-    if not (out / EXPORT_MARKER).is_file():
-        raise UserError(f"export directory {out} holds files that are not a Hugging Face export (no {EXPORT_MARKER})",
+        raise UserError(f"{kind} directory {out} is not empty", "choose another directory or pass --overwrite")
+    if not (out / marker).is_file():
+        raise UserError(f"{kind} directory {out} holds files that are not {what} (no {marker})",
                         "--overwrite only replaces an earlier export: choose an empty or new directory")
 
 

@@ -34,14 +34,9 @@ def adapter_dir_for(export_dir: str | Path) -> Path:
 
 def check_adapter_target(out_dir: str | Path, overwrite: bool) -> None:
     """UserError unless `out_dir` is empty, new, or (with overwrite) an earlier adapter export."""
-    out = Path(out_dir)
-    if not (out.is_dir() and any(out.iterdir())):
-        return
-    if not overwrite:
-        raise UserError(f"adapter directory {out} is not empty", "choose another export directory or pass --overwrite")
-    if not (out / ADAPTER_CONFIG).is_file():
-        raise UserError(f"adapter directory {out} holds files that are not a PEFT adapter (no {ADAPTER_CONFIG})",
-                        "move them away or export to another directory")
+    from trainer.checkpoint.export import check_replaceable
+
+    check_replaceable(Path(out_dir), overwrite, ADAPTER_CONFIG, "adapter", "a PEFT adapter")
 
 
 def adapter_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
