@@ -84,3 +84,23 @@ def test_only_adapters_train_and_base_weights_stay_bit_identical():
         if name in base_before:
             assert torch.equal(param, base_before[name]), name
     assert any(not torch.equal(p, q) for p, q in zip(trainable, adapters_before))
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_fused_expert_mlp_with_adapters_matches_peft_reference(family):
+    """`perf.fused_experts`: the memory-lean expert MLP (custom op, explicit backward) with the adapter terms."""
+    from trainer.moe.experts import set_fused_experts
+
+    fast, reference = _pair(family)
+    assert set_fused_experts(fast) > 0
+    batch = _batch()
+    fast_out, ref_out = fast(**batch), reference(**batch)
+    assert (fast_out.logits - ref_out.logits).abs().max().item() <= TOLERANCE
+    fast_out.loss.backward()
+    ref_out.loss.backward()
+    ref_params = dict(reference.named_parameters())
+    for name, param in fast.named_parameters():
+        if param.requires_grad:
+            assert relative(param.grad, ref_params[name].grad) <= TOLERANCE, name
+        else:
+            assert param.grad is None, name

@@ -10,6 +10,8 @@ for every expert on every forward. Here the same adapter runs on the rows that r
 as two grouped GEMMs ([S, in] x [E, in, r] -> [S, r], then [S, r] x [E, r, out] -> [S, out]) next to the frozen
 one: O(S * r * (in + out)) work instead of O(E * in * out), and no [E, out, in] delta ever exists. Autograd gives
 dA and dB through the grouped GEMMs (`trainer.moe.grouped_gemm`); the frozen W gets no weight gradient at all.
+The memory-lean fused expert MLP (`trainer.kernels.fused_expert_mlp`, `perf.fused_experts`) takes the same factors
+(`row_lora`) and computes the same terms with an explicit backward.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.kernels.fused_expert_mlp import NO_LORA, RowLora
 from trainer.moe.grouped_gemm import grouped_mm
 
 ADAPTER = "default"  # PEFT's name for the one adapter a model trains
@@ -62,3 +65,13 @@ def with_adapter(adapters: dict[str, ExpertAdapter] | None, name: str, rows: tor
     """`out` (the frozen grouped GEMM of `rows`) plus the adapter of parameter `name`, if it has one."""
     adapter = adapters.get(name) if adapters else None
     return out if adapter is None else out + adapter.delta_rows(rows, offsets_E).to(out.dtype)
+
+
+def row_lora(adapters: dict[str, ExpertAdapter] | None, up_name: str) -> RowLora:
+    """The adapters as the fused expert MLP takes them (`trainer.kernels.fused_expert_mlp.RowLora`)."""
+    if not adapters:
+        return NO_LORA
+    up, down = adapters.get(up_name), adapters.get("down_proj")
+    up_a, up_b, up_scale = up.factors() if up is not None else (None, None, 0.0)
+    down_a, down_b, down_scale = down.factors() if down is not None else (None, None, 0.0)
+    return RowLora(up_a, up_b, up_scale, down_a, down_b, down_scale)

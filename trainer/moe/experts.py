@@ -23,7 +23,7 @@ import os
 import torch
 
 from trainer.kernels.fused_expert_mlp import OP_ACTIVATIONS, activation_for, fused_expert_mlp
-from trainer.lora.experts import adapters_of, with_adapter
+from trainer.lora.experts import adapters_of, row_lora, with_adapter
 from trainer.moe.dispatch import LOCAL_DISPATCHER
 from trainer.moe.grouped_gemm import grouped_mm
 from trainer.moe.permute import make_plan, permute_tokens, unpermute_and_combine
@@ -80,8 +80,7 @@ def _fused_enabled(module: torch.nn.Module) -> bool:
     flag = getattr(module, "moe_fused_experts", None)
     if flag is None:
         flag = os.environ.get(FUSED_ENV, "0") == "1"
-    # the fused expert MLP has no adapter terms: LoRA experts take the grouped-GEMM path of `expert_mlp`
-    return bool(flag) and not getattr(module, "has_bias", False) and adapters_of(module) is None
+    return bool(flag) and not getattr(module, "has_bias", False)
 
 
 def set_fused_experts(model: torch.nn.Module, enabled: bool = True, activation_backend: str = "torch") -> int:
@@ -122,6 +121,7 @@ def _fused_local_forward(module, hidden_states, top_k_index, top_k_weights) -> t
         hidden_states, top_k_weights, _local(module.gate_up_proj if has_gate else module.up_proj),
         _local(module.down_proj), plan, activation,
         is_transposed=getattr(module, "is_transposed", False),
+        lora=row_lora(adapters_of(module), "gate_up_proj" if has_gate else "up_proj"),
     )
     return out_TD.to(hidden_states.dtype)
 
