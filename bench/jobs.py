@@ -3,7 +3,9 @@
 B1-*  Qwen3-30B-A3B shapes with 12 layers (8.1B parameters), seq 4096, micro-batch 1/2/4, one GPU.
 B2    the B1 shape on two GPUs of one host (torchrun), EP=2 + FSDP2, micro-batch 4 per GPU.
 B3    Nemotron-3-Nano shapes, 6 layers [mamba, moe, mamba, moe, attention, moe], seq 4096, one GPU.
-smoke a tiny Qwen3-MoE (CPU, seconds): checks the whole pipeline, numbers meaningless.
+B4-lora  the full Qwen3-30B-A3B shape (48 layers), LoRA r=16 on attention + routed experts, seq 4096, bs1, one GPU;
+         native is transformers + PEFT (`get_peft_model`, target_parameters on grouped_mm experts).
+smoke a tiny Qwen3-MoE (CPU, seconds): checks the whole pipeline, numbers meaningless (smoke-lora: with LoRA).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Job:
     gpus: int = 1
     description: str = ""
     words: tuple[int, int] = (200, 1200)  # words per generated conversation (bench/chat_data.py)
+    recipe_overrides: tuple[str, ...] = ()  # part of the job's recipe, so both sides read them (the lora section)
 
 
 def _config_path(file_name: str) -> str:
@@ -41,6 +44,7 @@ _QWEN = "qwen3-30b-a3b.json"
 _NEMOTRON = "nemotron-3-nano-30b-a3b.json"
 _B1 = {"num_hidden_layers": 12}
 _B3 = {"hybrid_override_pattern": "MEME*E", "num_hidden_layers": 6}
+_LORA = ("lora.enabled=true", "lora.rank=16", "lora.alpha=32", "lora.targets=[attention,experts]")
 SMOKE_OVERRIDES = dict(
     vocab_size=1024, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
@@ -54,7 +58,11 @@ JOBS = {
     "B1-8L-bs1": Job("B1-8L-bs1", _QWEN, {"num_hidden_layers": 8}, 1, 4096, 1, "Qwen3-30B-A3B shape, 8 layers, bs1"),
     "B2": Job("B2", _QWEN, _B1, 4, 4096, 2, "B1 shape on 2 GPUs, EP=2 + FSDP2, bs4 per GPU"),
     "B3": Job("B3", _NEMOTRON, _B3, 1, 4096, 1, "Nemotron-3-Nano shapes, 6 layers MEME*E, bs1, seq 4096"),
+    "B4-lora": Job("B4-lora", _QWEN, {}, 1, 4096, 1, "Qwen3-30B-A3B shape, 48 layers, LoRA r=16 attention + experts, "
+                   "bs1, seq 4096", recipe_overrides=_LORA),
     "smoke": Job("smoke", _QWEN, SMOKE_OVERRIDES, 2, 64, 1, "tiny Qwen3-MoE on CPU (pipeline check)", (8, 20)),
+    "smoke-lora": Job("smoke-lora", _QWEN, SMOKE_OVERRIDES, 2, 64, 1, "tiny Qwen3-MoE, LoRA (pipeline check)",
+                      (8, 20), _LORA),
     "smoke-ep2": Job("smoke-ep2", _QWEN, SMOKE_OVERRIDES, 2, 64, 2, "tiny Qwen3-MoE, 2 processes, EP=2 + FSDP2",
                      (8, 20)),
 }
@@ -107,13 +115,14 @@ def write_job_recipe(job: Job, out_dir: str, steps: int, overrides: list[str] | 
     The recipe is what `moe train` runs for every "ours" row and what the native baseline reads: random init from
     the job's config (bf16 weights, bf16 AdamW states, as the native baseline keeps them), the generated chat data
     packed to the job's sequence length, `steps` optimizer steps at a constant lr with clipping at 1.0, no
-    checkpoint, no export. `overrides` (e.g. parallel.ep_size=2 for a two-GPU job) are written into it."""
+    checkpoint, no export. The job's own `recipe_overrides`, then `overrides` (e.g. parallel.ep_size=2 for a
+    two-GPU job), are written into it."""
     import yaml
 
     from bench.chat_data import write_chat_data
     from trainer.config import load_recipe
 
-    gpu_job = job.name[:2] in ("B1", "B2", "B3")
+    gpu_job = job.name[:2] in ("B1", "B2", "B3", "B4")
     folder = os.path.join(out_dir, job.name)
     model_dir = os.path.join(folder, "model")
     os.makedirs(model_dir, exist_ok=True)
@@ -137,6 +146,7 @@ def write_job_recipe(job: Job, out_dir: str, steps: int, overrides: list[str] | 
     path = os.path.join(folder, "recipe.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(recipe, f, sort_keys=False)
+    overrides = [*job.recipe_overrides, *(overrides or [])]
     if overrides:
         merged = load_recipe(path, overrides).to_dict()
         with open(path, "w") as f:

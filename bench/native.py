@@ -8,7 +8,9 @@ the same optimizer hyper-parameters and clipping. The model is transformers' own
 the recipe's attention (`trainer.build.attention_implementation`, as `moe train` settles it),
 `experts_implementation="grouped_mm"` (the v5 default), bf16 parameters, the loss from
 `labels` (the trainer's shifted targets unshifted) with `output_router_logits=True`, `torch.optim.AdamW` (fused on
-CUDA, its fastest kernel), `clip_grad_norm_` when the recipe clips. On several GPUs (torchrun) the model goes through
+CUDA, its fastest kernel) over the trainable parameters, `clip_grad_norm_` when the recipe clips. With the recipe's
+`lora.enabled`, the model is PEFT's `get_peft_model` with the same targets, rank and alpha (`trainer.lora.targets`):
+routed experts through `target_parameters`, i.e. PEFT's dense W + B A per expert beside `grouped_mm`. On several GPUs (torchrun) the model goes through
 HF's own `DistributedConfig`. Timing: CUDA-synchronised wall time per optimizer step, median after warm-up; peak
 memory: `torch.cuda.max_memory_allocated` over the whole run.
 """
@@ -88,6 +90,17 @@ def _build_distributed(config, device, layout: str, kwargs: dict, notes: list[st
     return model
 
 
+def _with_peft_lora(model, lora_cfg, notes: list[str]):
+    """The transformers + PEFT way: `get_peft_model` (adapters in fp32 over the bf16 base, the rest frozen)."""
+    from peft import get_peft_model
+
+    from trainer.lora.targets import peft_config
+
+    model = get_peft_model(model, peft_config(model, lora_cfg))
+    notes.append(f"native LoRA: PEFT get_peft_model, r={lora_cfg.rank}, targets {','.join(lora_cfg.targets)}")
+    return model
+
+
 def run_native(recipe_path: str, warmup: int, steps: int, layout: str = "fsdp") -> dict:
     """Train the recipe's job natively for warmup + steps optimizer steps; returns a JSON-able result (an "error"
     key instead of numbers if it failed)."""
@@ -119,9 +132,12 @@ def _measure(recipe, device: torch.device, warmup: int, steps: int, layout: str,
                             data.packing, data.shuffle, recipe.train.seed, rank, world)
     attention = attention_implementation(recipe.model, device, data.packing, config)
     model = _build(config, device, layout, attention, result["notes"]).train()
+    if recipe.lora.enabled:
+        model = _with_peft_lora(model, recipe.lora, result["notes"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
     optim = recipe.optim
     fused = {"fused": True} if device.type == "cuda" and world == 1 else {"foreach": world == 1}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+    optimizer = torch.optim.AdamW(trainable, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                                   weight_decay=optim.weight_decay, **fused)
     kwargs = {"output_router_logits": True} if hasattr(model.config, "output_router_logits") else {}
     aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
@@ -139,7 +155,7 @@ def _measure(recipe, device: torch.device, warmup: int, steps: int, layout: str,
             ce = out.loss.detach() - (aux_coef * aux.detach() if aux is not None else 0.0)
             loss_sum = loss_sum + ce / len(batches)
         if optim.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(trainable, optim.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss_sum))

@@ -133,6 +133,20 @@ class MoEConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters instead of full fine-tuning (`trainer.lora`, docs/LORA.md): base weights frozen, only the
+    adapters train, checkpoint and export (PEFT's format)."""
+
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 32.0  # the update is scaled by alpha / rank (PEFT's lora_alpha)
+    dropout: float = 0.0  # on the adapter's input; PEFT has none for routed experts, so 0 when "experts" is a target
+    # groups: attention (q/k/v/o projections), experts (routed experts' fused 3-D weights), shared_experts,
+    # mamba (Mamba2 in_proj; PEFT refuses out_proj there); any other entry is a module name suffix (PEFT's target_modules)
+    targets: list[str] = field(default_factory=lambda: ["attention", "experts"])
+
+
+@dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -143,6 +157,7 @@ class Recipe:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -248,6 +263,25 @@ def validate(config: Recipe) -> None:
         raise UserError(f"model.attn_implementation must be one of {'|'.join(ATTENTION)} (or a Hub kernel "
                         f"org/name), got {attn!r}", "set model.attn_implementation=auto")
     validate_perf(config)
+    validate_lora(config)
+
+
+def validate_lora(config: Recipe) -> None:
+    """What the LoRA path cannot do yet, refused before anything is built (`trainer.lora.targets` checks the names
+    against the model once it exists)."""
+    from trainer.lora.targets import check_recipe_targets
+
+    lora = config.lora
+    if not lora.enabled:
+        return
+    check_recipe_targets(lora.targets)
+    if lora.dropout > 0 and "experts" in lora.targets:
+        raise UserError(f"lora.dropout={lora.dropout:g} cannot apply to the routed experts (PEFT's adapter for fused "
+                        "expert weights has no dropout)", "set lora.dropout=0 or drop experts from lora.targets")
+    if config.parallel.ep_size > 1:
+        raise UserError(f"lora.enabled=true does not run with expert parallelism yet "
+                        f"(parallel.ep_size={config.parallel.ep_size})",
+                        "set parallel.ep_size=1 (the frozen experts can stay replicated or FSDP-sharded)")
 
 
 def validate_perf(config: Recipe) -> None:

@@ -66,6 +66,9 @@ RULES: dict[str, Range] = {
     "parallel.dp_replicate_size": AT_LEAST_ONE,
     "moe.aux_free_bias_rate": Range(0, 1),
     "moe.router_z_loss_coef": NOT_NEGATIVE,
+    "lora.rank": AT_LEAST_ONE,
+    "lora.alpha": Range(0, low_open=True),
+    "lora.dropout": Range(0, 1, high_open=True),
 }
 
 # Strings that must not be empty: an empty path or mode is never what the user meant.

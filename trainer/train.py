@@ -41,7 +41,8 @@ from trainer.perf import apply_optimizations, disable_compile, resolve_perf
 from trainer.preemption import PreemptionGuard
 from trainer.profiling import StepProfiler
 from trainer.redact import redact
-from trainer.run_dir import create_run_dir, resolve_resume, save_model_files, saved_recipe
+from trainer.lora import run as lora_run
+from trainer.run_dir import MODEL_FILES, create_run_dir, resolve_resume, save_model_files, saved_recipe
 from trainer.runtime import Runtime, accelerator_memory_gib, parallelize, setup_runtime
 from trainer.step import Prefetcher, TrainStep, step_stream
 
@@ -71,6 +72,9 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
     check_layout(recipe, rt)
     model = build_model(recipe.model, rt.param_dtype, rt.device, recipe.parallel if rt.world_size > 1 else None,
                         packing=data.packing)
+    if recipe.lora.enabled:  # a random-init base is the one the run saved (trainer.lora.run); the rest is frozen
+        saved_base = Path(recipe.output.dir) / MODEL_FILES if resume_from and recipe.model.from_config else None
+        model = lora_run.adapted(model, recipe.lora, saved_base)
     model = parallelize(model, recipe.parallel, rt)
     perf = resolve_perf(recipe.perf, rt.device, rt.world_size)
     # the expert-load hooks exist before torch.compile traces the layers, so the compiled layers count too
@@ -94,6 +98,8 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
         _say(rt, f"resumed from {resume_from} at step {step}")
     if rt.is_main:
         save_model_files(run_dir, model, tokenizer)
+        if recipe.lora.enabled and recipe.model.from_config and not resume_from:
+            lora_run.save_base(model, run_dir / MODEL_FILES)
 
     def save() -> None:
         optimizer.flush()  # held-back (deferred) updates belong to the saved step
@@ -165,7 +171,11 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
         if recipe.output.export and not preempted:
             optimizer.flush()
             # The start-up check refused an output.dir holding another run's export, so this one is ours to replace.
-            export_dir = export_hf(model, tokenizer, run_dir / "export", export_dtype(recipe, rt), overwrite=True)
+            if recipe.lora.enabled:  # export-adapter/ (PEFT) and export/ (merged)
+                export_dir = lora_run.export_lora(model, tokenizer, run_dir / "export", export_dtype(recipe, rt),
+                                                  overwrite=True, base_model=lora_run.base_model_name(recipe.model))
+            else:
+                export_dir = export_hf(model, tokenizer, run_dir / "export", export_dtype(recipe, rt), overwrite=True)
             _say(rt, f"exported a Hugging Face checkpoint to {export_dir}")
     if writer is not None:
         writer.close()
@@ -213,6 +223,9 @@ def check_layout(recipe: Recipe, rt: Runtime) -> None:
         raise UserError(f"parallel.ep_size={parallel.ep_size} needs as many processes, this is one",
                         "launch with torchrun --nproc-per-node N or set parallel.ep_size=1")
     mesh_sizes(ParallelConfig.from_any(parallel), rt.world_size, num_experts(config))
+    if recipe.lora.enabled and rt.world_size > 1:
+        raise UserError(f"lora.enabled=true runs in one process for now ({rt.world_size} were launched)",
+                        "launch a single process (python -m trainer.cli train ...), or train without lora")
     memory_gib = accelerator_memory_gib(rt)
     if memory_gib is not None and parallel.check_memory:
         from trainer.planner import check_fits

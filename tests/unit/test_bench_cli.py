@@ -141,3 +141,16 @@ def test_report_keeps_only_the_chosen_runs(tmp_path, capsys):
     assert "ours[b]" in out and "ours[a]" not in out and "| B1-bs1 | native |" in out
 
 
+
+
+def test_lora_job_runs_peft_natively_and_moe_train_on_the_same_recipe(tmp_path):
+    code = compare.main(["--jobs", "smoke-lora", "--variants", "default", "--steps", "2", "--warmup", "1",
+                         "--out", str(tmp_path)])
+    assert code == 0
+    native, ours = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert "error" not in native and "error" not in ours, (native.get("traceback"), ours.get("log_tail"))
+    assert any("native LoRA: PEFT get_peft_model" in note for note in native["notes"])
+    assert yaml.safe_load(open(ours["recipe"]))["lora"]["enabled"] is True
+    # same base init, same batches, adapters starting at zero delta: the same first loss; later ones track
+    assert abs(ours["losses"][0] - native["losses"][0]) <= 1e-4 * abs(native["losses"][0])
+    assert ours["losses"][-1] == pytest.approx(native["losses"][-1], rel=1e-3)

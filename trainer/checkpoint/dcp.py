@@ -39,6 +39,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -155,9 +156,27 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _model_state(model) -> dict:
+    """The model part of a checkpoint: everything, or for a LoRA run (`trainer.lora`) the trainable state only (the
+    adapters, plus buffers); the frozen base comes from the model's own files, never from a checkpoint."""
+    return get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=_trainable_only(model)))
+
+
+def _set_model_state(model, state: dict) -> None:
+    trainable_only = _trainable_only(model)  # DCP has loaded exactly the keys of `_model_state`; the rest is frozen
+    set_model_state_dict(model, state, options=StateDictOptions(ignore_frozen_params=trainable_only,
+                                                                strict=not trainable_only))
+
+
+def _trainable_only(model) -> bool:
+    from trainer.lora.inject import is_lora_model
+
+    return is_lora_model(model)
+
+
 def _state(model, optimizer, scheduler, loader, step: int) -> dict:
     return {
-        "model": get_model_state_dict(model),
+        "model": _model_state(model),
         "optim": get_optimizer_state_dict(model, optimizer),
         "trainer": {"step": step, "scheduler": scheduler.state_dict(), "loader": loader.state_dict()},
         f"rng/rank{_rank()}": rng_state(),  # one entry per rank: each rank has its own generators
@@ -332,7 +351,7 @@ def load_checkpoint(checkpoint: str | Path, model, optimizer, scheduler, loader)
     if not any(k.startswith(rng_key + ".") or k == rng_key for k in saved_keys):
         state.pop(rng_key)  # saved under another world size: keep this rank's fresh generators
     _load(state, checkpoint)
-    set_model_state_dict(model, state["model"])
+    _set_model_state(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     scheduler.load_state_dict(state["trainer"]["scheduler"])
     loader.load_state_dict(state["trainer"]["loader"])
@@ -345,9 +364,9 @@ def load_model_weights(checkpoint: str | Path, model) -> int:
     """Only the model part of a checkpoint (for export); returns its step."""
     meta = read_meta(checkpoint)
     verify_checkpoint(checkpoint)
-    state = {"model": get_model_state_dict(model)}
+    state = {"model": _model_state(model)}
     _load(state, checkpoint)
-    set_model_state_dict(model, state["model"])
+    _set_model_state(model, state["model"])
     return int(meta["step"])
 
 

@@ -40,22 +40,29 @@ def check_export_target(out_dir: str | Path, overwrite: bool, keep: tuple[Path, 
             raise UserError(f"export directory {out} would replace {path}, which the export is made from",
                             "export outside the run's checkpoints/ and hf/ (e.g. <output.dir>/export or another "
                             "directory)")
+    check_replaceable(out, overwrite, EXPORT_MARKER, "export", "a Hugging Face export")
+
+
+def check_replaceable(out: Path, overwrite: bool, marker: str, kind: str, what: str) -> None:
+    """UserError unless `out` is new or empty, or (with `overwrite`) an earlier output of this kind: one holding
+    `marker` (anything else is someone's files)."""
     if not (out.is_dir() and any(out.iterdir())):
         return
     if not overwrite:
-        raise UserError(f"export directory {out} is not empty", "choose another directory or pass --overwrite")
-    if not (out / EXPORT_MARKER).is_file():
-        raise UserError(f"export directory {out} holds files that are not a Hugging Face export (no {EXPORT_MARKER})",
+        raise UserError(f"{kind} directory {out} is not empty", "choose another directory or pass --overwrite")
+    if not (out / marker).is_file():
+        raise UserError(f"{kind} directory {out} holds files that are not {what} (no {marker})",
                         "--overwrite only replaces an earlier export: choose an empty or new directory")
 
 
 def export_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype, overwrite: bool = False,
-              keep: tuple[Path, ...] = ()) -> Path:
+              keep: tuple[Path, ...] = (), state: dict | None = None) -> Path:
     """model (+ tokenizer) -> `out_dir` with config.json, generation_config.json, *.safetensors, tokenizer files.
 
     Collective under torchrun: a sharded (FSDP2/EP) model is written by `save_sharded_pretrained`, which streams
     one safetensors file at a time to rank 0, so no rank ever holds the full model. A full or read-only disk is a
-    UserError; the previous export, if any, is untouched.
+    UserError; the previous export, if any, is untouched. `state` (one process only): the tensors to write instead
+    of the model's own (a LoRA run's merged weights, `trainer.lora.export`).
     """
     out = Path(out_dir)
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -75,7 +82,8 @@ def export_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype, overwri
             save_sharded_pretrained(model, str(tmp), dtype=dtype)
         else:
             # Cast copies, never the live model: its fp32 master weights must survive an export in bf16.
-            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+            state = {k: v.to(dtype) if v.is_floating_point() else v
+                     for k, v in (model.state_dict() if state is None else state).items()}
             with quiet_transformers():
                 model.save_pretrained(str(tmp), state_dict=state)
         if is_main:

@@ -47,8 +47,40 @@ def export_checkpoint(source: Path, out_dir: Path, dtype: str = "auto", overwrit
     config = AutoConfig.from_pretrained(str(model_files))
     attn = recipe.get("model", {}).get("attn_implementation", "auto")
     attn = None if attn == "auto" else attn  # transformers' pick, as in training (trainer.build)
-    model = MoEAutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
+    lora = recipe.get("lora", {})
+    if lora.get("enabled"):
+        model = _lora_base(recipe, config, model_files, attn)
+    else:
+        model = MoEAutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
     step = load_model_weights(checkpoint, model)
     tokenizer = AutoTokenizer.from_pretrained(str(model_files))
-    export_hf(model, tokenizer, out_dir, DTYPES[dtype], overwrite=overwrite, keep=sources_of(checkpoint))
+    if lora.get("enabled"):
+        from trainer.lora import run as lora_run
+
+        lora_run.export_lora(model, tokenizer, out_dir, DTYPES[dtype], overwrite=overwrite, keep=sources_of(checkpoint),
+                             base_model=lora_run.base_model_name(_model_config(recipe)))
+    else:
+        export_hf(model, tokenizer, out_dir, DTYPES[dtype], overwrite=overwrite, keep=sources_of(checkpoint))
     return out_dir, step
+
+
+def _model_config(recipe: dict):
+    from trainer.config import ModelConfig
+
+    return ModelConfig(**recipe.get("model", {}))
+
+
+def _lora_base(recipe: dict, config, model_files: Path, attn):
+    """A LoRA run's model for export: its frozen base (saved in the run for a random-init base, else the recipe's
+    model.name_or_path) with the run's adapters, whose trained values the checkpoint then provides."""
+    from trainer.build import build_model
+    from trainer.config import LoraConfig
+    from trainer.lora import run as lora_run
+    from trainer.models import MoEAutoModelForCausalLM
+
+    lora = LoraConfig(**recipe["lora"])
+    if lora_run.has_saved_base(model_files):
+        model = MoEAutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
+        return lora_run.adapted(model, lora, model_files)
+    model = build_model(_model_config(recipe), torch.float32, torch.device("cpu"))
+    return lora_run.adapted(model, lora)

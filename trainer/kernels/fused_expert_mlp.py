@@ -28,6 +28,7 @@ Function (eager only).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -151,45 +152,98 @@ def activation_for(module: torch.nn.Module, backend: str = "torch") -> Activatio
     return Activation("module", module, backend)
 
 
+# ---- LoRA adapters of the expert weights, on the same rows (`trainer.lora.experts`) ---------------------------------
+
+class RowLora(NamedTuple):
+    """Adapters of the up and down projections in grouped-GEMM layout: a [E, in, r], b [E, r, out] (None: that
+    projection has none), each pair adding scale * (rows @ a[e]) @ b[e]. The frozen expert weights then get no weight
+    gradient (`weight_grads` false)."""
+
+    up_a: torch.Tensor | None
+    up_b: torch.Tensor | None
+    up_scale: float
+    down_a: torch.Tensor | None
+    down_b: torch.Tensor | None
+    down_scale: float
+
+
+NO_LORA = RowLora(None, None, 0.0, None, None, 0.0)
+
+
+def _low_rank(rows_SK, a_EKr, b_ERN, offsets_E, scale: float) -> torch.Tensor:
+    """scale * (rows @ a[e]) @ b[e] for rows grouped by expert: [S, K] -> [S, N]."""
+    low_Sr = grouped_mm(rows_SK, a_EKr.to(rows_SK.dtype), offsets_E)
+    return grouped_mm(low_Sr, b_ERN.to(rows_SK.dtype), offsets_E) * scale
+
+
+def _low_rank_backward(rows_SK, grad_SN, a_EKr, b_ERN, offsets_E, scale: float):
+    """-> (grad of rows [S, K] through the adapter, grad a [E, K, r], grad b [E, r, N]), the low-rank rows
+    recomputed (one [S, K] x [E, K, r] GEMM) rather than saved."""
+    dtype = rows_SK.dtype
+    a, b = a_EKr.to(dtype), b_ERN.to(dtype)
+    num_experts = a.shape[0]
+    low_Sr = grouped_mm(rows_SK, a, offsets_E)
+    grad_b = grouped_mm_weight_grad(low_Sr, grad_SN, offsets_E, num_experts) * scale
+    grad_low_Sr = grouped_mm(grad_SN, b.transpose(-2, -1), offsets_E) * scale
+    grad_a = grouped_mm_weight_grad(rows_SK, grad_low_Sr, offsets_E, num_experts)
+    grad_rows = grouped_mm(grad_low_Sr, a.transpose(-2, -1), offsets_E)
+    return grad_rows, grad_a.to(a_EKr.dtype), grad_b.to(b_ERN.dtype)
+
+
 # ---- the expert MLP on rows grouped by expert: forward and backward as plain functions ------------------------------
 
 def _forward(x_SD, up_w, down_w, offsets_E, activation: Activation, is_transposed: bool, compute_dtype,
-             bounded: bool = False):
+             bounded: bool = False, lora: RowLora = NO_LORA):
     """-> (y_SD, pre_SF): the rows' expert outputs and the pre-activation the backward needs. `bounded`: rows past
     the last offset are never needed (the all-gather dispatcher's), so row-wise work stops there."""
     # grouped GEMM wants [E, in, out]; HF stores [E, out, in] unless is_transposed
     up_EHF = (up_w if is_transposed else up_w.transpose(-2, -1)).to(compute_dtype)
     down_EIH = (down_w if is_transposed else down_w.transpose(-2, -1)).to(compute_dtype)
-    pre_SF = grouped_mm(x_SD.to(compute_dtype), up_EHF, offsets_E)
+    x_SD = x_SD.to(compute_dtype)
+    pre_SF = grouped_mm(x_SD, up_EHF, offsets_E)
+    if lora.up_a is not None:
+        pre_SF = pre_SF + _low_rank(x_SD, lora.up_a, lora.up_b, offsets_E, lora.up_scale)
     h_SI = activation.forward(pre_SF, offsets_E[-1:] if bounded else None)
     y_SD = grouped_mm(h_SI, down_EIH, offsets_E)
+    if lora.down_a is not None:
+        y_SD = y_SD + _low_rank(h_SI, lora.down_a, lora.down_b, offsets_E, lora.down_scale)
     return y_SD, pre_SF
 
 
 def _backward(grad_y_SD, x_TD, up_w, down_w, perm_S, offsets_E, pre_SF, top_k: int, activation: Activation,
-              is_transposed: bool, dtype, in_place: bool, bounded: bool = False):
-    """-> (grad_x_SD, grad_up, grad_down). The input rows are gathered again from the tokens x_TD (not saved).
-    With `in_place`, pre_SF may be overwritten."""
+              is_transposed: bool, dtype, in_place: bool, bounded: bool = False, lora: RowLora = NO_LORA,
+              weight_grads: bool = True):
+    """-> (grad_x_SD, grad_up, grad_down, lora grads (up a, up b, down a, down b; None where absent)). The input rows
+    are gathered again from the tokens x_TD (not saved). With `in_place`, pre_SF may be overwritten. Without
+    `weight_grads` (frozen experts) grad_up and grad_down are None and their GEMMs are skipped."""
     grad_y_SD = grad_y_SD.to(dtype)
     up_EHF = (up_w if is_transposed else up_w.transpose(-2, -1)).to(dtype)
     down_EIH = (down_w if is_transposed else down_w.transpose(-2, -1)).to(dtype)
+    lora_grads = [None, None, None, None]
 
     bound = offsets_E[-1:] if bounded else None
-    # down projection: y = h @ Wd[e]
+    # down projection: y = h @ Wd[e] (+ adapter)
     h_SI = activation.forward(pre_SF, bound)
-    grad_down = _weight_grad(h_SI, grad_y_SD, offsets_E, is_transposed, down_w)
-    del h_SI
+    grad_down = _weight_grad(h_SI, grad_y_SD, offsets_E, is_transposed, down_w) if weight_grads else None
     grad_h_SI = grouped_mm(grad_y_SD, down_EIH.transpose(-2, -1), offsets_E)
-    del grad_y_SD
+    if lora.down_a is not None:
+        grad_h_lora, lora_grads[2], lora_grads[3] = _low_rank_backward(h_SI, grad_y_SD, lora.down_a, lora.down_b,
+                                                                        offsets_E, lora.down_scale)
+        grad_h_SI = grad_h_SI + grad_h_lora
+        del grad_h_lora
+    del h_SI, grad_y_SD
 
-    # activation, then up projection: pre = x @ Wu[e]
+    # activation, then up projection: pre = x @ Wu[e] (+ adapter)
     grad_pre_SF = activation.backward(pre_SF, grad_h_SI, in_place=in_place, bound=bound)
     del grad_h_SI, pre_SF
     x_SD = _rows_of(x_TD.to(dtype), token_of_row(perm_S, top_k), bound)
-    grad_up = _weight_grad(x_SD, grad_pre_SF, offsets_E, is_transposed, up_w)
-    del x_SD
+    grad_up = _weight_grad(x_SD, grad_pre_SF, offsets_E, is_transposed, up_w) if weight_grads else None
     grad_x_SD = grouped_mm(grad_pre_SF, up_EHF.transpose(-2, -1), offsets_E)
-    return grad_x_SD, grad_up, grad_down
+    if lora.up_a is not None:
+        grad_x_lora, lora_grads[0], lora_grads[1] = _low_rank_backward(x_SD, grad_pre_SF, lora.up_a, lora.up_b,
+                                                                        offsets_E, lora.up_scale)
+        grad_x_SD = grad_x_SD + grad_x_lora
+    return grad_x_SD, grad_up, grad_down, tuple(lora_grads)
 
 
 def _rows_of(x_TD: torch.Tensor, token_S: torch.Tensor, bound: torch.Tensor | None) -> torch.Tensor:
@@ -204,18 +258,24 @@ def _rows_of(x_TD: torch.Tensor, token_S: torch.Tensor, bound: torch.Tensor | No
 class _ExpertMLPRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_SD, x_TD, up_w, down_w, perm_S, offsets_E, top_k: int, activation: Activation,
-                is_transposed: bool, compute_dtype):
-        y_SD, pre_SF = _forward(x_SD, up_w, down_w, offsets_E, activation, is_transposed, compute_dtype)
-        ctx.save_for_backward(x_TD, up_w, down_w, perm_S, offsets_E, pre_SF)
+                is_transposed: bool, compute_dtype, up_a, up_b, up_scale: float, down_a, down_b, down_scale: float):
+        lora = RowLora(up_a, up_b, up_scale, down_a, down_b, down_scale)
+        y_SD, pre_SF = _forward(x_SD, up_w, down_w, offsets_E, activation, is_transposed, compute_dtype, lora=lora)
+        ctx.save_for_backward(x_TD, up_w, down_w, perm_S, offsets_E, pre_SF, up_a, up_b, down_a, down_b)
         ctx.top_k, ctx.activation, ctx.is_transposed, ctx.compute_dtype = top_k, activation, is_transposed, compute_dtype
+        ctx.scales = (up_scale, down_scale)
         return y_SD
 
     @staticmethod
     def backward(ctx, grad_y_SD):
-        x_TD, up_w, down_w, perm_S, offsets_E, pre_SF = ctx.saved_tensors
-        grad_x_SD, grad_up, grad_down = _backward(grad_y_SD, x_TD, up_w, down_w, perm_S, offsets_E, pre_SF, ctx.top_k,
-                                                  ctx.activation, ctx.is_transposed, ctx.compute_dtype, in_place=True)
-        return grad_x_SD, None, grad_up, grad_down, None, None, None, None, None, None
+        x_TD, up_w, down_w, perm_S, offsets_E, pre_SF, up_a, up_b, down_a, down_b = ctx.saved_tensors
+        lora = RowLora(up_a, up_b, ctx.scales[0], down_a, down_b, ctx.scales[1])
+        grad_x_SD, grad_up, grad_down, lora_grads = _backward(
+            grad_y_SD, x_TD, up_w, down_w, perm_S, offsets_E, pre_SF, ctx.top_k, ctx.activation, ctx.is_transposed,
+            ctx.compute_dtype, in_place=True, lora=lora, weight_grads=ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
+        d_up_a, d_up_b, d_down_a, d_down_b = lora_grads
+        return (grad_x_SD, None, grad_up, grad_down, None, None, None, None, None, None,
+                d_up_a, d_up_b, None, d_down_a, d_down_b, None)
 
 
 # ---- as a custom op pair (SwiGLU / relu^2): opaque to torch.compile, so a compiled layer needs no graph break -----
@@ -226,14 +286,16 @@ OP_ACTIVATIONS = ("swiglu", "relu2")
 @torch.library.custom_op("moe_stack::expert_mlp_rows", mutates_args=())
 def _rows_op(x_SD: torch.Tensor, x_TD: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor, perm_S: torch.Tensor,
              offsets_E: torch.Tensor, top_k: int, activation: str, backend: str, is_transposed: bool,
-             compute_dtype: torch.dtype, bounded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+             compute_dtype: torch.dtype, bounded: bool, up_a: torch.Tensor | None, up_b: torch.Tensor | None,
+             up_scale: float, down_a: torch.Tensor | None, down_b: torch.Tensor | None, down_scale: float,
+             weight_grads: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(x_SD, up_w, down_w, offsets_E, Activation(activation, None, backend), is_transposed, compute_dtype,
-                    bounded)
+                    bounded, RowLora(up_a, up_b, up_scale, down_a, down_b, down_scale))
 
 
 @_rows_op.register_fake
 def _(x_SD, x_TD, up_w, down_w, perm_S, offsets_E, top_k, activation, backend, is_transposed, compute_dtype,
-      bounded):
+      bounded, up_a, up_b, up_scale, down_a, down_b, down_scale, weight_grads):
     rows, hidden = x_SD.shape
     pre_width = up_w.shape[-1] if is_transposed else up_w.shape[-2]
     return x_SD.new_empty(rows, hidden, dtype=compute_dtype), x_SD.new_empty(rows, pre_width, dtype=compute_dtype)
@@ -241,31 +303,48 @@ def _(x_SD, x_TD, up_w, down_w, perm_S, offsets_E, top_k, activation, backend, i
 
 @torch.library.custom_op("moe_stack::expert_mlp_rows_backward", mutates_args=())
 def _rows_op_backward(grad_y_SD: torch.Tensor, x_TD: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor,
-                      perm_S: torch.Tensor, offsets_E: torch.Tensor, pre_SF: torch.Tensor, top_k: int, activation: str,
-                      backend: str, is_transposed: bool, compute_dtype: torch.dtype, bounded: bool
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      perm_S: torch.Tensor, offsets_E: torch.Tensor, pre_SF: torch.Tensor, up_a: torch.Tensor | None,
+                      up_b: torch.Tensor | None, down_a: torch.Tensor | None, down_b: torch.Tensor | None, top_k: int,
+                      activation: str, backend: str, is_transposed: bool, compute_dtype: torch.dtype, bounded: bool,
+                      up_scale: float, down_scale: float, weight_grads: bool) -> list[torch.Tensor]:
+    """-> [grad_x, grad_up, grad_down, grad up_a, up_b, down_a, down_b]; absent ones as empty tensors (an op
+    returns tensors only)."""
     # not in place: a custom op must leave its inputs (here the saved pre-activation) as they were
-    return _backward(grad_y_SD, x_TD, up_w, down_w, perm_S, offsets_E, pre_SF, top_k,
-                     Activation(activation, None, backend), is_transposed, compute_dtype, in_place=False,
-                     bounded=bounded)
+    grad_x, grad_up, grad_down, lora_grads = _backward(
+        grad_y_SD, x_TD, up_w, down_w, perm_S, offsets_E, pre_SF, top_k, Activation(activation, None, backend),
+        is_transposed, compute_dtype, in_place=False, bounded=bounded,
+        lora=RowLora(up_a, up_b, up_scale, down_a, down_b, down_scale), weight_grads=weight_grads)
+    return [g if g is not None else grad_y_SD.new_empty(0) for g in (grad_x, grad_up, grad_down, *lora_grads)]
 
 
 @_rows_op_backward.register_fake
-def _(grad_y_SD, x_TD, up_w, down_w, perm_S, offsets_E, pre_SF, top_k, activation, backend, is_transposed,
-      compute_dtype, bounded):
-    return torch.empty_like(grad_y_SD), torch.empty_like(up_w), torch.empty_like(down_w)
+def _(grad_y_SD, x_TD, up_w, down_w, perm_S, offsets_E, pre_SF, up_a, up_b, down_a, down_b, top_k, activation,
+      backend, is_transposed, compute_dtype, bounded, up_scale, down_scale, weight_grads):
+    weights = [torch.empty_like(up_w), torch.empty_like(down_w)] if weight_grads else [grad_y_SD.new_empty(0)] * 2
+    lora = [torch.empty_like(t) if t is not None else grad_y_SD.new_empty(0) for t in (up_a, up_b, down_a, down_b)]
+    return [torch.empty_like(grad_y_SD), *weights, *lora]
+
+
+_OPTIONS = ("top_k", "activation", "backend", "is_transposed", "compute_dtype", "bounded")
 
 
 def _op_setup_context(ctx, inputs, output):
-    x_SD, x_TD, up_w, down_w, perm_S, offsets_E, *options = inputs
+    (x_SD, x_TD, up_w, down_w, perm_S, offsets_E, top_k, activation, backend, is_transposed, compute_dtype, bounded,
+     up_a, up_b, up_scale, down_a, down_b, down_scale, weight_grads) = inputs
     _, pre_SF = output
-    ctx.save_for_backward(x_TD, up_w, down_w, perm_S, offsets_E, pre_SF)
-    ctx.options = options  # top_k, activation, backend, is_transposed, compute_dtype, bounded
+    ctx.save_for_backward(x_TD, up_w, down_w, perm_S, offsets_E, pre_SF, up_a, up_b, down_a, down_b)
+    ctx.options = (top_k, activation, backend, is_transposed, compute_dtype, bounded, up_scale, down_scale,
+                   weight_grads)
+    ctx.present = tuple(t is not None for t in (up_a, up_b, down_a, down_b))
 
 
 def _op_backward(ctx, grad_y_SD, _grad_pre):
-    grad_x_SD, grad_up, grad_down = _rows_op_backward(grad_y_SD, *ctx.saved_tensors, *ctx.options)
-    return grad_x_SD, None, grad_up, grad_down, None, None, None, None, None, None, None, None
+    grads = _rows_op_backward(grad_y_SD, *ctx.saved_tensors, *ctx.options)
+    grad_x_SD, grad_up, grad_down, *lora_grads = grads
+    weight_grads = ctx.options[-1]
+    d_up_a, d_up_b, d_down_a, d_down_b = (g if present else None for g, present in zip(lora_grads, ctx.present))
+    return (grad_x_SD, None, grad_up if weight_grads else None, grad_down if weight_grads else None,
+            None, None, None, None, None, None, None, None, d_up_a, d_up_b, None, d_down_a, d_down_b, None, None)
 
 
 _rows_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -290,6 +369,7 @@ def fused_expert_mlp(
     activation: Activation,
     is_transposed: bool = False,
     keep_TK: torch.Tensor | None = None,
+    lora: RowLora = NO_LORA,
 ) -> torch.Tensor:
     """Routed expert MLP with weighted combine. Returns [T, H] in the compute dtype.
 
@@ -297,7 +377,8 @@ def fused_expert_mlp(
     (or [E, H, F] / [E, I, H] when is_transposed); plan: the routing plan (`trainer.moe.permute.make_plan`);
     keep_TK: which (token, k) pairs are computed here (None: all; the others sort past the plan's last offset, as in
     `trainer.parallel.allgather`). Under autocast the GEMMs run in the autocast dtype and weight gradients come back
-    in the parameters' dtype.
+    in the parameters' dtype. `lora`: adapters of the two projections on the same rows (`RowLora`); expert weights
+    that do not require grad get no weight-gradient GEMMs.
     """
     compute_dtype = up_w.dtype
     if torch.is_autocast_enabled(x_TD.device.type):
@@ -306,9 +387,11 @@ def fused_expert_mlp(
         x_SD = permute_tokens(x_TD.to(compute_dtype), plan, keep_TK)
         x_saved = x_TD.detach()  # the backward gathers the rows again from the tokens instead of keeping x_SD
         if activation.kind in OP_ACTIVATIONS:
+            weight_grads = up_w.requires_grad or down_w.requires_grad
             y_SD = _rows_op(x_SD, x_saved, up_w, down_w, plan.perm_S, plan.offsets_E, plan.top_k, activation.kind,
-                            activation.backend, is_transposed, compute_dtype, keep_TK is not None)[0]
+                            activation.backend, is_transposed, compute_dtype, keep_TK is not None, *lora,
+                            weight_grads)[0]
         else:
             y_SD = _ExpertMLPRows.apply(x_SD, x_saved, up_w, down_w, plan.perm_S, plan.offsets_E, plan.top_k,
-                                        activation, is_transposed, compute_dtype)
+                                        activation, is_transposed, compute_dtype, *lora)
         return unpermute_and_combine(y_SD, weights_TK, plan, keep_TK)

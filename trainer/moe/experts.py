@@ -23,6 +23,7 @@ import os
 import torch
 
 from trainer.kernels.fused_expert_mlp import OP_ACTIVATIONS, activation_for, fused_expert_mlp
+from trainer.lora.experts import adapters_of, row_lora, with_adapter
 from trainer.moe.dispatch import LOCAL_DISPATCHER
 from trainer.moe.grouped_gemm import grouped_mm
 from trainer.moe.permute import make_plan, permute_tokens, unpermute_and_combine
@@ -51,20 +52,23 @@ def _expert_of_row(plan, num_local_experts: int) -> torch.Tensor:
 
 
 def expert_mlp(module: torch.nn.Module, x_SD: torch.Tensor, plan) -> torch.Tensor:
-    """Run the local experts on rows grouped by expert. [S, H] -> [S, H]."""
+    """Run the local experts on rows grouped by expert. [S, H] -> [S, H]. LoRA adapters of the expert weights
+    (`trainer.lora.experts`) are added on the same rows, after each frozen grouped GEMM."""
     offsets_E = plan.offsets_E
     has_gate = getattr(module, "has_gate", True)
     has_bias = getattr(module, "has_bias", False)
     is_transposed = getattr(module, "is_transposed", False)
     up_EHF = _as_kn(_local(module.gate_up_proj if has_gate else module.up_proj), is_transposed)
     down_EFH = _as_kn(_local(module.down_proj), is_transposed)
+    adapters = adapters_of(module)
 
-    h_SF = grouped_mm(x_SD, up_EHF, offsets_E)
+    h_SF = with_adapter(adapters, "gate_up_proj" if has_gate else "up_proj", x_SD,
+                        grouped_mm(x_SD, up_EHF, offsets_E), offsets_E)
     if has_bias:
         expert_S = _expert_of_row(plan, up_EHF.shape[0])
         h_SF = h_SF + _local(module.gate_up_proj_bias if has_gate else module.up_proj_bias)[expert_S]
     h_SF = module._apply_gate(h_SF) if has_gate else module.act_fn(h_SF)
-    y_SD = grouped_mm(h_SF, down_EFH, offsets_E)
+    y_SD = with_adapter(adapters, "down_proj", h_SF, grouped_mm(h_SF, down_EFH, offsets_E), offsets_E)
     if has_bias:
         y_SD = y_SD + _local(module.down_proj_bias)[expert_S]
     if y_SD.shape[0] == 0:  # no rows here (expert parallelism): still give the weights a (zero) gradient, so every
@@ -117,6 +121,7 @@ def _fused_local_forward(module, hidden_states, top_k_index, top_k_weights) -> t
         hidden_states, top_k_weights, _local(module.gate_up_proj if has_gate else module.up_proj),
         _local(module.down_proj), plan, activation,
         is_transposed=getattr(module, "is_transposed", False),
+        lora=row_lora(adapters_of(module), "gate_up_proj" if has_gate else "up_proj"),
     )
     return out_TD.to(hidden_states.dtype)
 

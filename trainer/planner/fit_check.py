@@ -43,7 +43,8 @@ class PlanRequest:
 def request_from_recipe(recipe: Any, world_size: int, model_config: Any = None, gpu: GPU | None = None,
                         capacity_factor: float | None = None) -> PlanRequest:
     """Read only the keys the planner needs: model, data.seq_len, train.{micro_batch_size, grad_accum_steps,
-    precision}, parallel.{ep_size, dp_shard_size, dp_replicate_size, dispatcher, activation_checkpointing}."""
+    precision}, parallel.{ep_size, dp_shard_size, dp_replicate_size, dispatcher, activation_checkpointing},
+    lora.{enabled, rank, targets}."""
     if model_config is None:
         name = recipe_value(recipe, "model.name_or_path", "")
         model_config = load_model_config(name, recipe_value(recipe, "model.config_overrides", {}) or {})
@@ -83,8 +84,21 @@ def request_from_recipe(recipe: Any, world_size: int, model_config: Any = None, 
         precision=str(recipe_value(recipe, "train.precision", "auto")),
         grad_accum_steps=int(recipe_value(recipe, "train.grad_accum_steps", 1)),
         capacity_factor=capacity_factor if capacity_factor is not None else PlanOptions.capacity_factor,
+        adapter_params=_adapter_params(recipe, model_config),
     )
     return PlanRequest(shape, layout, options, layout_error)
+
+
+def _adapter_params(recipe: Any, model_config: Any) -> int | None:
+    """LoRA's adapter parameter count for the recipe's `lora` section (None when it is off)."""
+    if not _as_bool(recipe_value(recipe, "lora.enabled", False)):
+        return None
+    from trainer.config import LoraConfig
+    from trainer.lora.plan import adapter_params
+
+    lora = LoraConfig(rank=int(recipe_value(recipe, "lora.rank", LoraConfig.rank)),
+                      targets=list(recipe_value(recipe, "lora.targets", None) or LoraConfig().targets))
+    return adapter_params(model_config, lora)
 
 
 def _as_bool(value) -> bool:

@@ -83,7 +83,10 @@ class PlanOptions:
     keep_outputs: the training loop still holds the model outputs (logits) during backward and the optimizer step
         (the trainer drops them; HF-style loops that keep `outputs` pay for the logits);
     fsdp: apply FSDP2 (None: when dp_shard > 1 or the precision keeps fp32 masters, which FSDP2 casts);
-    deepep_buffer_gib: the DeepEP NVLink buffer allocated once per rank.
+    deepep_buffer_gib: the DeepEP NVLink buffer allocated once per rank;
+    adapter_params: LoRA (`lora.enabled`): the adapter parameters of the whole model (`trainer.lora.plan`); the base
+        is then frozen (its weights only, in the precision's param dtype) and the adapters train in fp32 with fp32
+        AdamW states. None: a full fine-tune.
     """
 
     precision: str = "bf16-mixed"
@@ -93,3 +96,4 @@ class PlanOptions:
     keep_outputs: bool = False
     fsdp: bool | None = None
     deepep_buffer_gib: float = 1.0
+    adapter_params: int | None = None

@@ -80,6 +80,12 @@ def estimate_memory(shape: ModelShape, layout: Layout, options: PlanOptions | No
     optimizer = prec.state_bytes * n_params
     grads_all = prec.grad_bytes * n_params
     step_temp = optimizer_temp_bytes(prec, options.optimizer_fused) * n_params
+    lora = options.adapter_params is not None
+    if lora:  # frozen base (weights only) + fp32 adapters with fp32 gradients and AdamW moments
+        adapters = options.adapter_params / layout.dp_shard
+        params += 4 * adapters
+        optimizer, grads_all = 8 * adapters, 4 * adapters
+        step_temp = (0 if options.optimizer_fused else 4) * adapters
 
     # Activations per layer: saved (kept to the backward), recomputed (rebuilt during that layer's backward).
     saved, recompute, workspace = [], [], []
@@ -131,7 +137,7 @@ def estimate_memory(shape: ModelShape, layout: Layout, options: PlanOptions | No
         "comm": persistent_comm + max(fsdp_gather, sum(kept)) + fsdp_root, "workspace": 0.0,
     }
     best_layer: dict[str, float] | None = None
-    grads_above = prec.grad_bytes * root_params
+    grads_above = grads_all if lora else prec.grad_bytes * root_params  # adapters: all of them, an upper bound
     for i in reversed(range(len(shape.layers))):
         candidate = {
             "params": params, "grads": max(grads_during, grads_above), "optimizer": optimizer,
@@ -141,7 +147,7 @@ def estimate_memory(shape: ModelShape, layout: Layout, options: PlanOptions | No
         }
         if best_layer is None or sum(candidate.values()) > sum(best_layer.values()):
             best_layer = candidate
-        grads_above += prec.grad_bytes * layer_params[i]
+        grads_above += 0.0 if lora else prec.grad_bytes * layer_params[i]
     if best_layer is not None:
         phases["layer"] = best_layer
     phases["step"] = {
