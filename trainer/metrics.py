@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from trainer.flops import flops_per_token as config_flops_per_token
+from trainer.moe.z_loss import in_backward
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
@@ -95,8 +96,6 @@ def _num_experts_of(router: torch.nn.Module) -> int:
 
 
 def _count_hook_outside_backward(module: torch.nn.Module, inputs, output) -> None:
-    from trainer.moe.z_loss import in_backward
-
     if not in_backward():
         _count_hook(module, inputs, output)
 

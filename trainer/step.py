@@ -1,6 +1,6 @@
 """One training step: forward, loss, backward, gradient norm and clipping, skip, AdamW, LR schedule.
 
-    step = TrainStep(model, optimizer, scheduler, recipe, rt, options)
+    step = TrainStep(model, optimizer, scheduler, rt, options, recipe.optim.max_grad_norm, tracker, balancer, z_loss)
     out = step(micro_batches)        # queued on the device; nothing is read back to the host
     values = out.fetch()             # later (after the next step is queued): floats, one wait for this step only
 
@@ -77,7 +77,7 @@ class StepOutput:
 class TrainStep:
     """The training step of a built, parallelized, optimized model (see the module docstring).
 
-    `extras`: optional (tracker, balancer, z_loss) hooks of `trainer.metrics` / `trainer.moe`: expert counts are
+    `tracker`, `balancer`, `z_loss` (optional hooks of `trainer.metrics` / `trainer.moe`): expert counts are
     snapshotted into the step's output, the aux-free balancer's update is applied on finite steps only, and the
     z-loss is added to each micro-batch's loss.
     """
@@ -113,23 +113,24 @@ class TrainStep:
         mean_loss = rt.all_reduce_sum(loss_sum) / denominator
         if self.optimizer.in_backward:
             grad_norm, finite = None, torch.isfinite(mean_loss)
+            not_finite = (~finite).float()  # reported only: the update is applied already
             self.optimizer.step()
         else:
             grad_norm = total_grad_norm(self.model.parameters()).to(mean_loss.device)
             finite = torch.isfinite(mean_loss) & torch.isfinite(grad_norm)
+            not_finite = (~finite).float()
             # clipping as torch's clip_grad_norm_ (scale max_norm / (norm + 1e-6) where below 1), folded into the
             # update kernels as a divisor: no pass over the gradients of its own, nothing read on the host
             scale = (grad_norm.float() + 1e-6) / self.max_grad_norm if self.max_grad_norm > 0 else None
-            self.optimizer.step(found_inf=(~finite).float(),
-                                grad_scale=None if scale is None else scale.clamp(min=1.0))
+            self.optimizer.step(found_inf=not_finite, grad_scale=None if scale is None else scale.clamp(min=1.0))
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
         if self.balancer is not None:
-            self.balancer.step(apply=finite.float())
+            self.balancer.step(apply=1.0 - not_finite)
         counts = self.tracker.snapshot() if self.tracker is not None else None
         tokens = sum(b["input_ids"].numel() for b in micro_batches) * rt.world_size
-        out = StepOutput(mean_loss, grad_norm, (~finite).float(), counts, tokens, lr)
+        out = StepOutput(mean_loss, grad_norm, not_finite, counts, tokens, lr)
         out.queue_host_copy()
         return out
 
