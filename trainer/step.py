@@ -58,8 +58,16 @@ class StepOutput:
         # into pinned buffers: a device-to-host copy is asynchronous only into page-locked memory
         self._host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v.detach(), non_blocking=True)
                       for k, v in values.items()}
-        self._ready = torch.cuda.Event()
+        self._ready = torch.cuda.Event(enable_timing=True)
         self._ready.record(torch.cuda.current_stream(device))
+
+    def seconds_since(self, earlier: StepOutput | None) -> float | None:
+        """Device time from the end of `earlier` to the end of this step (both fetched), or None off CUDA or without
+        an earlier step. Unlike the host's clock between two reads, it charges host work done between queueing
+        the steps (a profiler writing its trace, a checkpoint) to the step the device waited in, not the one after."""
+        if earlier is None or self._ready is None or earlier._ready is None:
+            return None
+        return earlier._ready.elapsed_time(self._ready) / 1e3
 
     def fetch(self) -> dict:
         """{"loss", "grad_norm" (None in-backward), "skipped" (bool), "expert_counts_LE" (CPU tensor or None),

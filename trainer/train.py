@@ -114,13 +114,15 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
     flops_tok = flops_per_token(model, data.seq_len)
     bar = tqdm(total=recipe.train.max_steps, initial=step, disable=not (progress and rt.is_main), desc="train")
     losses, saved_step, preempted = [], step, ""
-    clock = {"last": time.perf_counter(), "nonfinite_in_a_row": 0}
+    clock = {"last": time.perf_counter(), "last_out": None, "nonfinite_in_a_row": 0}
 
     def finish(done_step: int, out) -> None:
         """Read a queued step's values (after the next one is queued, so the device never waits), log them."""
         values = out.fetch()
         now = time.perf_counter()
-        seconds, clock["last"] = now - clock["last"], now
+        device_seconds = out.seconds_since(clock["last_out"])
+        seconds = device_seconds if device_seconds is not None else now - clock["last"]
+        clock["last"], clock["last_out"] = now, out
         nonfinite = values["skipped"]
         record = _record(done_step, values, seconds, flops_tok, rt, tracker, skipped=nonfinite,
                          applied=optimizer.in_backward)

@@ -25,6 +25,8 @@ export PYTHONPATH="$REPO:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+# results.tgz is rewritten after every stage, so a call cut short by its time limit still brings back what finished.
+pack() { tar czf "$DEST/results.tgz" -C "$R" --exclude='*/model/*' --exclude='*/data/*' . 2>/dev/null; }
 step() { echo; echo "=== $* ($(date +%T))"; }
 
 for wheel in .whl/*.whl; do
@@ -48,6 +50,7 @@ if has tests; then
   step "GPU tests"
   timeout 420 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/gpu > "$R/gpu-tests.log" 2>&1
   echo "exit $?"; tail -15 "$R/gpu-tests.log"
+  pack
 fi
 
 PROFILE_ARGS=()
@@ -69,13 +72,14 @@ while IFS='|' read -r job variants; do
   timeout "${JOB_BUDGET:-560}" python3 -m bench.compare --jobs "$job" --variants "$variants" --steps "${STEPS:-20}" \
     --set "${SET:-}" \
     --warmup "${WARMUP:-5}" --out "$R/bench/$job" "${PROFILE_ARGS[@]}" 2>&1 | grep -v "^\s*$" | grep -v "^job \|^---\|^wrote" | tail -8
+  pack
 done <<< "$PLAN"
 
 if [ -n "$BUILD" ]; then  # built but not used by this plan: still bring the wheels back
   wait "$BUILD"; echo "build exit $?"
   for wheel in /tmp/mwheels/*.whl; do (cd "$DEST" && split -b 15M "$wheel" "$(basename "$wheel").part-"); done
 fi
-tar czf "$DEST/results.tgz" -C "$R" --exclude='*/model/*' --exclude='*/data/*' .
+pack
 if has bench; then
   step "summary"
   python3 -m bench.report "$R"/bench/*/results.json --text
