@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import statistics
+import signal
 import subprocess
 import sys
 import time
@@ -82,8 +83,6 @@ def _python_cmd(gpus: int, module_args: list[str]) -> list[str]:
 
 def _run(cmd: list[str], timeout: float, log_path: str) -> tuple[int | None, str]:
     """Run `cmd` in its own session (a timeout kills its whole tree); returns (exit code or None on timeout, output)."""
-    import signal
-
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -167,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         return _native_worker(json.loads(argv[1]))
     parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.splitlines()[0])
     add_arguments(parser)
+    # SIGTERM (a job budget's `timeout`) unwinds like Ctrl-C, so the run in progress is killed with its whole
+    # session instead of living on and sharing the GPU with the next run
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         return run(parser.parse_args(argv))
     except UserError as err:
