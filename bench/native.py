@@ -6,7 +6,8 @@ The same recipe `moe train` runs for the "ours" rows (bench/jobs.py writes it): 
 seed), the same batches from the trainer's own data pipeline (chat template, loss mask, packing with position ids),
 the same optimizer hyper-parameters and clipping. The model is transformers' own: `AutoModelForCausalLM` with
 the recipe's attention (`trainer.build.attention_implementation`, as `moe train` settles it),
-`experts_implementation="grouped_mm"` (the v5 default), bf16 parameters, the loss from
+`experts_implementation="grouped_mm"` (the v5 default), weights and autocast as the trainer resolves the recipe's
+precision (`trainer.runtime.resolve_precision`: bf16 in the GPU jobs, fp32 in the CPU smoke), the loss from
 `labels` (the trainer's shifted targets unshifted) with `output_router_logits=True`, `torch.optim.AdamW` (fused on
 CUDA, its fastest kernel) over the trainable parameters, `clip_grad_norm_` when the recipe clips. With the recipe's
 `lora.enabled`, the model is PEFT's `get_peft_model` with the same targets, rank and alpha (`trainer.lora.targets`):
@@ -17,6 +18,7 @@ memory: `torch.cuda.max_memory_allocated` over the whole run.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import statistics
@@ -29,7 +31,7 @@ from trainer import flops
 from trainer.build import attention_implementation, load_model_config, load_tokenizer
 from trainer.config import load_recipe, resolve_path
 from trainer.data import IGNORE_INDEX, StatefulLoader, build_dataset
-from trainer.runtime import seed_everything
+from trainer.runtime import resolve_precision, seed_everything
 
 
 def _device() -> torch.device:
@@ -51,7 +53,7 @@ def native_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "labels": labels}
 
 
-def _build(config, device: torch.device, layout: str, attention: str, notes: list[str]):
+def _build(config, device: torch.device, layout: str, attention: str, notes: list[str], dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     if getattr(config, "model_type", None) == "nemotron_h":  # native uses mamba_ssm/causal_conv1d when installed
@@ -59,7 +61,7 @@ def _build(config, device: torch.device, layout: str, attention: str, notes: lis
 
         used = mamba.expose_to_transformers()
         notes.append(f"native Mamba2 path: {'mamba_ssm + causal_conv1d kernels' if used else 'torch'}")
-    kwargs = dict(dtype=torch.bfloat16, attn_implementation=attention, experts_implementation="grouped_mm")
+    kwargs = dict(dtype=dtype, attn_implementation=attention, experts_implementation="grouped_mm")
     notes.append(f"attention: {attention}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -78,7 +80,7 @@ def _build_distributed(config, device, layout: str, kwargs: dict, notes: list[st
     folder = os.path.join(os.environ.get("BENCH_CKPT_DIR", "/tmp/bench-ckpt"), f"{config.model_type}-{world}")
     if dist.get_rank() == 0 and not os.path.exists(os.path.join(folder, "config.json")):
         with torch.device(device):
-            AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
+            AutoModelForCausalLM.from_config(config, dtype=kwargs["dtype"]).save_pretrained(folder)
         gc.collect()
         torch.cuda.empty_cache()
     dist.barrier()
@@ -131,7 +133,10 @@ def _measure(recipe, device: torch.device, warmup: int, steps: int, layout: str,
     loader = StatefulLoader(dataset, data.seq_len, recipe.train.micro_batch_size, tokenizer.pad_token_id,
                             data.packing, data.shuffle, recipe.train.seed, rank, world)
     attention = attention_implementation(recipe.model, device, data.packing, config)
-    model = _build(config, device, layout, attention, result["notes"]).train()
+    precision, dtype = resolve_precision(recipe, device)  # the trainer's resolution of precision and model.dtype
+    model = _build(config, device, layout, attention, result["notes"], dtype).train()
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed"
+                else contextlib.nullcontext())
     if recipe.lora.enabled:
         model = _with_peft_lora(model, recipe.lora, result["notes"])
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -149,7 +154,8 @@ def _measure(recipe, device: torch.device, warmup: int, steps: int, layout: str,
         started = time.perf_counter()
         loss_sum = 0.0
         for batch in batches:
-            out = model(**batch, use_cache=False, **kwargs)
+            with autocast:
+                out = model(**batch, use_cache=False, **kwargs)
             (out.loss / len(batches)).backward()
             aux = getattr(out, "aux_loss", None)
             ce = out.loss.detach() - (aux_coef * aux.detach() if aux is not None else 0.0)

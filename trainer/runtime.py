@@ -61,17 +61,24 @@ def setup_runtime(recipe: Recipe) -> Runtime:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
 
+    precision, param_dtype = resolve_precision(recipe, device)
+    seed_everything(recipe.train.seed)
+    control = None
+    if world_size > 1:
+        control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+    return Runtime(device, rank, world_size, precision, param_dtype, control)
+
+
+def resolve_precision(recipe: Recipe, device: torch.device) -> tuple[str, torch.dtype]:
+    """(train.precision with auto resolved, the weights' dtype): auto is bf16-mixed on CUDA (fp32 weights, bf16
+    autocast) and fp32 elsewhere; model.dtype auto follows the precision (bfloat16 only for precision bf16)."""
     precision = recipe.train.precision
     if precision == "auto":
         precision = "bf16-mixed" if device.type == "cuda" else "fp32"
     dtype_name = recipe.model.dtype
     if dtype_name == "auto":
         dtype_name = "bfloat16" if precision == "bf16" else "float32"
-    seed_everything(recipe.train.seed)
-    control = None
-    if world_size > 1:
-        control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
-    return Runtime(device, rank, world_size, precision, getattr(torch, dtype_name), control)
+    return precision, getattr(torch, dtype_name)
 
 
 def accelerator_memory_gib(rt: Runtime) -> float | None:
