@@ -1,11 +1,14 @@
 """Turn one SFT record into token ids and next-token targets, with loss only on the answer.
 
-Two record formats:
+Records of every schema `trainer.data.schemas` knows (ShareGPT, Alpaca, content as a list of parts, ...) are first
+mapped onto one of three kinds:
   chat               {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]}
                      rendered with the tokenizer's chat template; every assistant turn (with its end-of-turn
                      token) is trained on, everything else is context.
   prompt_completion  {"prompt": ..., "completion": ...}: prompt tokens, then completion tokens and EOS;
                      only the completion and EOS are trained on.
+  text               {"text": ...} (continued pre-training): BOS if the tokenizer adds one, the text, EOS; every
+                     token is trained on.
 
 The result is already shifted: `targets[t]` is the token the model must predict after reading `input_ids[: t + 1]`,
 or -100 (ignored). Shifting per sample here, not in the loop, is what lets packed samples stay independent.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trainer.data.schemas import canonical
 from trainer.errors import UserError
 
 IGNORE_INDEX = -100
@@ -37,29 +41,25 @@ class TokenizedSample:
         return shifted + [IGNORE_INDEX]
 
 
-def detect_format(record: dict) -> str:
-    """'chat' or 'prompt_completion' from the record's keys."""
-    if "messages" in record:
-        return "chat"
-    if "prompt" in record and "completion" in record:
-        return "prompt_completion"
-    keys = sorted(k for k in record if k != "_source")
-    raise UserError(
-        f"{record.get('_source', 'a record')} has neither 'messages' nor 'prompt'/'completion' (keys: {keys})",
-        "use chat records with 'messages' or 'prompt'/'completion' pairs",
-    )
-
-
-def render_record(record: dict, tokenizer, data_format: str = "auto") -> TokenizedSample:
-    """Tokenize one record (see the module docstring for the formats)."""
-    fmt = detect_format(record) if data_format == "auto" else data_format
-    if fmt == "chat":
+def render_record(record: dict, tokenizer, data_format: str = "auto", columns: dict | None = None) -> TokenizedSample:
+    """Tokenize one record (see the module docstring; `data_format` is a schema name or auto)."""
+    kind, record = canonical(record, data_format, columns)
+    if kind == "chat":
         return render_chat(_checked_messages(record), tokenizer)
+    if kind == "text":
+        return render_text(record["text"], tokenizer)
     prompt, completion = record.get("prompt"), record.get("completion")
     if not isinstance(prompt, str) or not isinstance(completion, str):
         source = record.get("_source", "a record")
         raise UserError(f"{source} needs string 'prompt' and 'completion'", "fix that record")
     return render_prompt_completion(prompt, completion, tokenizer)
+
+
+def render_text(text: str, tokenizer) -> TokenizedSample:
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    return TokenizedSample(ids, [True] * len(ids))
 
 
 def render_prompt_completion(prompt: str, completion: str, tokenizer) -> TokenizedSample:
