@@ -38,11 +38,16 @@ class StatefulLoader:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         for _ in range(self.dp_rank):  # micro-batches that belong to the ranks before this one
-            self._next_micro_batch()
+            self._skip_micro_batch()
         batch = self._next_micro_batch()
         for _ in range(self.dp_world_size - self.dp_rank - 1):
-            self._next_micro_batch()
+            self._skip_micro_batch()
         return batch
+
+    def _skip_micro_batch(self) -> None:
+        """Advance past another rank's micro-batch: positions only, no tokens copied."""
+        for _ in range(self.micro_batch_size):
+            self.next_row_indices()
 
     def _next_micro_batch(self) -> dict[str, torch.Tensor]:
         rows = [self._next_row() for _ in range(self.micro_batch_size)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from trainer.data.render import IGNORE_INDEX, TokenizedSample
@@ -40,8 +41,9 @@ def collate(rows: list[Row], length: int, pad_id: int) -> dict[str, torch.Tensor
     """Stack rows padded to `length` -> {"input_ids", "targets", "position_ids"}: LongTensor [B, length] each."""
     for row in rows:
         row.pad_to(length, pad_id)
+    # through numpy: several times faster than torch.tensor on nested lists, the same LongTensors
     return {
-        "input_ids": torch.tensor([r.input_ids for r in rows], dtype=torch.long),
-        "targets": torch.tensor([r.targets for r in rows], dtype=torch.long),
-        "position_ids": torch.tensor([r.position_ids for r in rows], dtype=torch.long),
+        "input_ids": torch.from_numpy(np.array([r.input_ids for r in rows], dtype=np.int64)),
+        "targets": torch.from_numpy(np.array([r.targets for r in rows], dtype=np.int64)),
+        "position_ids": torch.from_numpy(np.array([r.position_ids for r in rows], dtype=np.int64)),
     }

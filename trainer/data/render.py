@@ -16,6 +16,7 @@ or -100 (ignored). Shifting per sample here, not in the loop, is what lets packe
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 from trainer.data.schemas import canonical
@@ -85,7 +86,8 @@ def render_chat(messages: list[dict], tokenizer) -> TokenizedSample:
         if message["role"] != "assistant":
             continue
         before = _apply_template(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        through = _apply_template(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        through = text if i == len(messages) - 1 else _apply_template(tokenizer, messages[: i + 1],
+                                                                        add_generation_prompt=False)
         if text.startswith(through) and through.startswith(before) and len(through) > len(before) >= cursor:
             start, end = len(before), len(through)
         else:
@@ -98,9 +100,25 @@ def render_chat(messages: list[dict], tokenizer) -> TokenizedSample:
                 end += len(eos)
         spans.append((start, end))
         cursor = end
+    ids, offsets = _encode_with_offsets(tokenizer, text)
+    # spans are sorted and disjoint: the one that may hold a token is the last starting at or before it
+    starts, ends = [s for s, _ in spans], [e for _, e in spans]
+    mask = []
+    for char_start, _ in offsets:
+        i = bisect.bisect_right(starts, char_start) - 1
+        mask.append(i >= 0 and char_start < ends[i])
+    return TokenizedSample(ids, mask)
+
+
+def _encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets of `text` without special tokens; straight through the Rust tokenizer when
+    there is one (the same encoding `tokenizer(text, add_special_tokens=False)` returns, without its overhead)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        encoding = backend.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    mask = [any(s <= char_start < e for s, e in spans) for char_start, _ in encoded["offset_mapping"]]
-    return TokenizedSample(list(encoded["input_ids"]), mask)
+    return list(encoded["input_ids"]), encoded["offset_mapping"]
 
 
 def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
