@@ -118,6 +118,12 @@ def test_hub_name_offline_is_one_line_naming_hf_hub_offline(tmp_path, tokenizer,
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import datasets
+    import huggingface_hub
+
+    # both libraries read the variables when imported (this process imported them already): as a fresh CLI sees them
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
     with pytest.raises(UserError, match=r"cannot load the dataset 'nobody-here/no-such-set' \(split train\) from the "
                                         r"Hugging Face Hub .*HF_HUB_OFFLINE is set") as err:
         prepare_data(_data(tmp_path, "nobody-here/no-such-set"), tokenizer)

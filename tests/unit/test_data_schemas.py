@@ -61,7 +61,8 @@ def test_column_mapping_renames_a_dataset_own_columns(tokenizer):
 def _prepare(tmp_path, tokenizer, records, **data):
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    overrides = [f"data.train_path={path}", f"data.cache_dir={tmp_path / 'cache'}", "data.seq_len=128"]
+    overrides = [f"data.train_path={path}", f"data.cache_dir={tmp_path / 'cache'}", "data.seq_len=128",
+                 "data.format=auto"]
     recipe = load_recipe("tiny-moe", overrides + [f"data.{k}={v}" for k, v in data.items()])
     return prepare_data(recipe.data, tokenizer)
 

@@ -129,7 +129,7 @@ TRAIN_CASES = [
     Case("data-unknown-role", lambda t: _data(t, CHAT.replace('"assistant"', '"assitant"')),
          r".*data\.jsonl:1 has a message with the unknown role 'assitant' \(message 2\)", "use one of system"),
     Case("data-unknown-speaker", lambda t: _data(t, '{"conversations": [{"from": "human", "value": "hi"}, '
-                                                 '{"from": "bot", "value": "hello"}]}\n'),
+                                                 '{"from": "bot", "value": "hello"}]}\n', "data.format=auto"),
          r".*data\.jsonl:1 has a turn from the unknown speaker 'bot' \(turn 2\)", "use one of human, user, gpt"),
     Case("data-content-part", lambda t: _data(t, '{"messages": [{"role": "user", "content": [{"type": "image"}]}, '
                                               '{"role": "assistant", "content": "a cat"}]}\n'),

@@ -101,13 +101,23 @@ def render_chat(messages: list[dict], tokenizer) -> TokenizedSample:
         spans.append((start, end))
         cursor = end
     ids, offsets = _encode_with_offsets(tokenizer, text)
-    # spans are sorted and disjoint: the one that may hold a token is the last starting at or before it
-    starts, ends = [s for s, _ in spans], [e for _, e in spans]
+    return TokenizedSample(ids, _mask_of_spans([start for start, _ in offsets], spans))
+
+
+def _mask_of_spans(token_starts: list[int], spans: list[tuple[int, int]]) -> list[bool]:
+    """True for each token whose first character lies in one of the sorted, disjoint character `spans`."""
+    if token_starts == sorted(token_starts):  # the usual case: a span is one slice of tokens
+        mask = [False] * len(token_starts)
+        for start, end in spans:
+            a, b = bisect.bisect_left(token_starts, start), bisect.bisect_left(token_starts, end)
+            mask[a:b] = [True] * (b - a)
+        return mask
+    span_starts, span_ends = [s for s, _ in spans], [e for _, e in spans]
     mask = []
-    for char_start, _ in offsets:
-        i = bisect.bisect_right(starts, char_start) - 1
-        mask.append(i >= 0 and char_start < ends[i])
-    return TokenizedSample(ids, mask)
+    for char_start in token_starts:
+        i = bisect.bisect_right(span_starts, char_start) - 1
+        mask.append(i >= 0 and char_start < span_ends[i])
+    return mask
 
 
 def _encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
