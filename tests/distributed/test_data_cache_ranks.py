@@ -68,5 +68,5 @@ def test_ranks_share_one_cache_and_get_disjoint_shards(tmp_path):
     results = [json.loads(open(o).read()) for o in outs]
     assert [len(r["built"]) for r in results] == [1, 0]  # local rank 0 tokenized, rank 1 waited and read
     assert results[0]["cache"] == results[1]["cache"] and len(os.listdir(tmp_path / "cache")) == 1
-    rows = [set(r["rows"]) for r in results]
+    rows = [set(map(tuple, r["rows"])) for r in results]
     assert rows[0] and rows[1] and not rows[0] & rows[1]

@@ -31,6 +31,6 @@ def test_offline_run_logs_train_and_eval_metrics(tmp_path, monkeypatch):
                                       "output.export=false", "data.eval_fraction=0.05", "train.eval_every=2",
                                       "tracking.wandb=true", "tracking.wandb_mode=offline", f"output.dir={run}"])
     train(recipe, progress=False)
-    runs = list((run / "wandb" / "wandb").glob("offline-run-*"))
+    runs = list((run / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("*.wandb"))  # the run's log, for a later `wandb sync`

@@ -1,6 +1,6 @@
 """Weights & Biases, optional: `tracking.wandb=true` logs every metrics.jsonl record to a W&B run.
 
-The run lives in <output.dir>/wandb with an id derived from output.dir, so a resumed run continues the same W&B run.
+The run lives in <output.dir>/wandb (offline: wandb/offline-run-*) with an id derived from output.dir, so a resumed run continues the same W&B run.
 `tracking.wandb_mode=offline` (or WANDB_MODE=offline) writes it locally for a later `wandb sync`; auto is online
 when an API key is configured (WANDB_API_KEY or a netrc login), else offline. Imported only when enabled.
 """
