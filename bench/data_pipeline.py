@@ -52,6 +52,18 @@ def _rss_gib(who=resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 2**20
 
 
+def _rss_parts() -> dict:
+    """Private (anonymous) and file-backed resident memory now: the mapped cache's pages are the second kind,
+    shared by every rank of the node through the page cache."""
+    parts = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("RssAnon", "RssFile"):
+                parts[f"{name.lower()}_gib"] = int(value.split()[0]) / 2**20
+    return parts
+
+
 def _rank(rank: int, world: int, port: int, args, phase: str, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -92,7 +104,7 @@ def _rank(rank: int, world: int, port: int, args, phase: str, out: str) -> None:
         result.update(pack_s=time.perf_counter() - planned, micro_batches=batches)
     dist.barrier()
     result.update(end=time.perf_counter() - start, peak_rss_gib=_rss_gib(),
-                  workers_peak_rss_gib=_rss_gib(resource.RUSAGE_CHILDREN))
+                  workers_peak_rss_gib=_rss_gib(resource.RUSAGE_CHILDREN), **_rss_parts())
     Path(out).write_text(json.dumps(result))
     dist.destroy_process_group()
 
@@ -144,6 +156,8 @@ def main(argv=None) -> dict:
         "records_per_s": args.records / (tokenize_s + pack_s), "tokenize_records_per_s": args.records / tokenize_s,
         "pack_records_per_s": args.records / pack_s, "tokenize_s": tokenize_s, "pack_s": pack_s,
         "peak_rss_gib_per_rank": [round(r["peak_rss_gib"], 3) for r in cold + warm],
+        "rss_anon_gib_per_rank": [round(r.get("rssanon_gib", 0), 3) for r in cold + warm],
+        "rss_file_gib_per_rank": [round(r.get("rssfile_gib", 0), 3) for r in cold + warm],
         "tokenizer_workers_peak_rss_gib": max(r["workers_peak_rss_gib"] for r in cold),
         "warm_startup_s": max(r["startup_s"] for r in warm), "warm_built": sum(len(r["built"]) for r in warm),
         "samples": cold[0]["samples"], "rows_per_epoch": cold[0]["rows"],

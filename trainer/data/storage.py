@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.data.dataset import DatasetStats
-from trainer.data.render import TokenizedSample, render_record
+from trainer.data.render import IGNORE_INDEX, TokenizedSample, render_record
 from trainer.data.sources import iter_jsonl
 from trainer.errors import UserError
 
@@ -293,7 +293,20 @@ class TokenStore:
         chunk = int(np.searchsorted(self._starts, index, side="right")) - 1
         local = int(index - self._starts[chunk])
         begin, end = self._offsets[chunk][local], self._offsets[chunk][local + 1]
-        return TokenizedSample(self._ids[chunk][begin:end].tolist(), self._masks[chunk][begin:end].tolist())
+        return StoredSample(self._ids[chunk][begin:end], self._masks[chunk][begin:end])
+
+
+class StoredSample(TokenizedSample):
+    """A sample read from the store: lists for the packer, the shifted targets computed in numpy once."""
+
+    def __init__(self, ids_n: np.ndarray, mask_n: np.ndarray):
+        super().__init__(ids_n.tolist(), mask_n.tolist())
+        targets_n = np.full(len(ids_n), IGNORE_INDEX, dtype=np.int64)
+        targets_n[:-1] = np.where(mask_n[1:] != 0, ids_n[1:], IGNORE_INDEX)
+        self._targets = targets_n.tolist()
+
+    def targets(self) -> list[int]:
+        return self._targets
 
 
 class SampleView:
