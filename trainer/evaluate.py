@@ -130,7 +130,7 @@ class Evaluator:
             for index in indices:
                 row.add(self.dataset.samples[index])
             built.append(row)
-        length = self.seq_len if self.packing else max(len(r.input_ids) for r in built)
+        length = self.seq_len if self.packing else max(r.length for r in built)
         return collate(built, length, self.pad_id)
 
     def _forget_hook_state(self) -> None:

@@ -91,7 +91,9 @@ def inputs_of(recipe: Recipe) -> dict[str, Path]:
     named = {"data.train_path": recipe.data.train_path, "data.eval_path": recipe.data.eval_path,
              "model.name_or_path": recipe.model.name_or_path,
              "model.tokenizer": recipe.model.tokenizer}
-    found = {key: Path(resolve_path(value)) for key, value in named.items() if value and
+    for i, source in enumerate(recipe.data.sources):
+        named[f"data.sources[{i}]"] = source.get("path")
+    found = {key: Path(resolve_path(value)) for key, value in named.items() if isinstance(value, str) and value and
              Path(resolve_path(value)).exists()}
     source = getattr(recipe, "source_file", None)
     if source:

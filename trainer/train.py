@@ -1,8 +1,9 @@
 """The training loop: recipe in, checkpoints, metrics and a Hugging Face export out.
 
-    recipe -> runtime (device, precision, seed) -> resume choice -> tokenizer, data -> layout/memory check
+    recipe -> runtime (device, precision, seed) -> resume choice -> tokenizer, data (token cache, mixing, run
+           length: `trainer.data.prepare`) -> layout/memory check
            -> model, parallelize, perf options -> AdamW + warmup/cosine -> resume state -> run dir
-           -> steps (`trainer.step.TrainStep`) -> DCP checkpoints -> export
+           -> steps (`trainer.step.TrainStep`), validation loss (`trainer.evaluate`) -> DCP checkpoints -> export
 
 Everything a user can get wrong is checked before the run directory is touched, so a refused start leaves no
 trace. SIGTERM/SIGUSR1 finish the current step, checkpoint and return (`TrainResult.preempted`); a second
@@ -81,7 +82,7 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
                         micro_batch * recipe.train.grad_accum_steps * rt.world_size)
     max_steps = run_steps(recipe.train, shape)
     _say(rt, f"data: {prepared.summary()}; {max_steps} steps cover {shape.epochs_of(max_steps):.2f} epochs "
-             f"({shape.rows} rows of {data.seq_len} tokens each)")
+             f"({shape.rows} rows of up to {data.seq_len} tokens per epoch)")
     check_layout(recipe, rt)
     model = build_model(recipe.model, rt.param_dtype, rt.device, recipe.parallel if rt.world_size > 1 else None,
                         packing=data.packing)
@@ -173,12 +174,7 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
                 pending = None
             if eval_due:
                 optimizer.flush()  # held-back (deferred) updates belong to the evaluated weights
-                result = evaluator.run(step)
-                eval_losses.append((step, result.loss))
-                if writer is not None:
-                    writer.write(result.record(evaluator.best_loss, evaluator.best_step))
-                _say(rt, f"step {step}: eval loss {result.loss:.4f}" + (" (best)" if result.improved else ""))
-                checkpoint_due = checkpoint_due or result.improved
+                checkpoint_due = _evaluate(evaluator, step, writer, rt, eval_losses) or checkpoint_due
             if checkpoint_due:
                 save()
                 saved_step = step
@@ -219,6 +215,16 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
         if hooks is not None:
             hooks.remove()
     return TrainResult(run_dir, step, losses, export_dir, model, tokenizer, preempted, eval_losses, stopped_early)
+
+
+def _evaluate(evaluator: Evaluator, step: int, writer, rt: Runtime, eval_losses: list) -> bool:
+    """The validation loss now, logged; True when it is a new best (that step is then checkpointed)."""
+    result = evaluator.run(step)
+    eval_losses.append((step, result.loss))
+    if writer is not None:
+        writer.write(result.record(evaluator.best_loss, evaluator.best_step))
+    _say(rt, f"step {step}: eval loss {result.loss:.4f}" + (" (best)" if result.improved else ""))
+    return result.improved
 
 
 def _warm_compiled_layers(model, first_batch: dict, rt: Runtime, fused_ce: bool) -> str:

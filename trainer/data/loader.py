@@ -51,7 +51,7 @@ class StatefulLoader:
 
     def _next_micro_batch(self) -> dict[str, torch.Tensor]:
         rows = [self._next_row() for _ in range(self.micro_batch_size)]
-        length = self.seq_len if self.packing else max(len(r.input_ids) for r in rows)
+        length = self.seq_len if self.packing else max(r.length for r in rows)
         batch = collate(rows, length, self.pad_id)
         batch["num_samples"] = torch.tensor(sum(r.num_samples for r in rows))
         return batch

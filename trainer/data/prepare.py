@@ -37,7 +37,7 @@ class PreparedData:
     def summary(self) -> str:
         held = f", {len(self.eval)} for validation" if self.eval is not None else ""
         mixed = (" mixed " + ":".join(f"{s.weight:g}" for s in self.sources) if len(self.sources) > 1 else "")
-        cache = f"tokenized {len(self.built)} into" if self.built else "cached in"
+        cache = f"tokenized {len(self.built)} dataset(s) into" if self.built else "read from the token cache in"
         return f"{self.stats.summary()}; {len(self.train)} for training{held}{mixed}; {cache} {self.cache_dir}"
 
 

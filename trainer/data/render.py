@@ -19,6 +19,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
+import numpy as np
+
 from trainer.data.schemas import canonical
 from trainer.errors import UserError
 
@@ -35,6 +37,10 @@ class TokenizedSample:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids [n], targets [n]) as int64 arrays, for the packer."""
+        return np.asarray(self.input_ids, dtype=np.int64), np.asarray(self.targets(), dtype=np.int64)
 
     def targets(self) -> list[int]:
         """Next-token targets [n]: input_ids[t + 1] where that token is trained on, else -100 (last is always -100)."""

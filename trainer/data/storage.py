@@ -297,16 +297,29 @@ class TokenStore:
 
 
 class StoredSample(TokenizedSample):
-    """A sample read from the store: lists for the packer, the shifted targets computed in numpy once."""
+    """A sample read from the store: numpy views into the mapped files; lists only when asked for."""
 
     def __init__(self, ids_n: np.ndarray, mask_n: np.ndarray):
-        super().__init__(ids_n.tolist(), mask_n.tolist())
-        targets_n = np.full(len(ids_n), IGNORE_INDEX, dtype=np.int64)
-        targets_n[:-1] = np.where(mask_n[1:] != 0, ids_n[1:], IGNORE_INDEX)
-        self._targets = targets_n.tolist()
+        self._ids_n, self._mask_n = ids_n, mask_n
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self._ids_n.tolist()
+
+    @property
+    def loss_mask(self) -> list[int]:
+        return self._mask_n.tolist()
+
+    def __len__(self) -> int:
+        return len(self._ids_n)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        targets_n = np.full(len(self._ids_n), IGNORE_INDEX, dtype=np.int64)
+        targets_n[:-1] = np.where(self._mask_n[1:] != 0, self._ids_n[1:], IGNORE_INDEX)
+        return self._ids_n.astype(np.int64), targets_n
 
     def targets(self) -> list[int]:
-        return self._targets
+        return self.arrays()[1].tolist()
 
 
 class SampleView:
