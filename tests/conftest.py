@@ -18,3 +18,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache(tmp_path_factory):
+    """Tokenized datasets go to a cache of the test session (and of the processes it starts), not ~/.cache."""
+    if not os.environ.get("MOE_DATA_CACHE"):
+        os.environ["MOE_DATA_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))
+    yield

@@ -45,12 +45,24 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_path: str = ""  # JSONL or Parquet file
-    format: Literal["auto", "chat", "prompt_completion"] = "auto"
+    """Where the data comes from and how it becomes token ids (docs/DATA.md, `trainer.data`)."""
+
+    # a JSONL, Parquet or Arrow file, a `save_to_disk` directory, or a Hugging Face Hub dataset name
+    train_path: str = ""
+    format: Literal["auto", "chat", "prompt_completion", "sharegpt", "alpaca", "text"] = "auto"  # trainer.data.schemas
+    columns: dict = field(default_factory=dict)  # schema name -> the dataset's column, e.g. {prompt: question}
+    # several datasets mixed by weight instead of train_path: [{path: a.jsonl, weight: 3}, {path: b, format: text}]
+    # (keys: path, weight, format, columns, split)
+    sources: list[dict] = field(default_factory=list)
+    split: str = "train"  # the split of a hub dataset or a save_to_disk DatasetDict
+    eval_path: str = ""  # a validation set (any form train_path takes), or:
+    eval_fraction: float = 0.0  # records held out of the training data, per dataset, for validation
     seq_len: int = 2048
     packing: bool = True  # several samples per sequence, positions restart per sample, no cross-sample attention
     long_samples: Literal["truncate", "drop"] = "truncate"
     shuffle: bool = True
+    cache_dir: str = ""  # tokenized datasets, shared by runs and ranks; "" = $MOE_DATA_CACHE or ~/.cache/moe-stack/data
+    num_proc: int = 0  # tokenizing processes; 0: one per CPU core (at most 8), small datasets in the trainer itself
 
 
 @dataclass
@@ -68,7 +80,13 @@ class OptimConfig:
 class TrainConfig:
     micro_batch_size: int = 1
     grad_accum_steps: int = 1
+    # how long to train: one of max_steps, epochs (passes over the training data) or max_tokens (input tokens, all
+    # ranks); setting one on the command line clears the others
     max_steps: int = 100
+    epochs: float = 0.0
+    max_tokens: int = 0
+    eval_every: int = 0  # validation loss every N optimizer steps (and at the last); needs data.eval_path/eval_fraction
+    early_stop_patience: int = 0  # stop after this many evaluations without a new best validation loss; 0: never
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"  # auto: bf16-mixed on GPU, fp32 on CPU
     log_every: int = 1
@@ -82,6 +100,16 @@ class CheckpointConfig:
     resume: str = "auto"  # auto (latest in output.dir, if any) | never | a checkpoint path
     keep_last: int = 2
     save_final: bool = True  # a checkpoint at the last step (false: only the every_steps ones, e.g. for benchmarks)
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment trackers besides metrics.jsonl and TensorBoard (`trainer.tracking`)."""
+
+    wandb: bool = False  # log to Weights & Biases (pip install wandb)
+    wandb_project: str = "moe-stack"
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"  # auto: $WANDB_MODE, else online with an API key
+    wandb_run_name: str = ""  # "" = the name of output.dir
 
 
 @dataclass
@@ -158,6 +186,7 @@ class Recipe:
     perf: PerfConfig = field(default_factory=PerfConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -188,6 +217,8 @@ def load_recipe(recipe: str, overrides: list[str] | None = None) -> Recipe:
         if not sep or not key:
             raise UserError(f"override '{override}' is not key=value", "write it like train.max_steps=100")
         set_value(config, key.strip(), _parse_value(key.strip(), value))
+        if key.strip() in RUN_LENGTH:
+            choose_run_length(config, key.strip())
     validate(config)
     config.source_file = str(path.resolve())
     return config
@@ -207,9 +238,28 @@ def _parse_value(key: str, text: str) -> Any:
 def from_dict(raw: dict) -> Recipe:
     """Build a Recipe from nested dicts, checking every key and type."""
     config = Recipe()
-    for key, value in _flatten(raw):
+    items = _flatten(raw)
+    for key, value in items:
         set_value(config, key, value)
+    given = [k for k, v in items if k in RUN_LENGTH and v]
+    if len(given) > 1:
+        raise UserError(f"the recipe sets both {given[0]} and {given[1]}",
+                        f"keep one of {', '.join(RUN_LENGTH)} (the run length is one choice)")
+    if given:
+        choose_run_length(config, given[0])
     return config
+
+
+RUN_LENGTH = ("train.max_steps", "train.epochs", "train.max_tokens")
+
+
+def choose_run_length(config: Recipe, key: str) -> None:
+    """`key` (one of RUN_LENGTH) decides how long the run is: the other two are cleared when it is set."""
+    if not getattr(config.train, key.split(".")[1]):
+        return
+    for other in RUN_LENGTH:
+        if other != key:
+            setattr(config.train, other.split(".")[1], 0)
 
 
 def set_value(config: Recipe, dotted_key: str, value: Any) -> None:
@@ -264,6 +314,30 @@ def validate(config: Recipe) -> None:
                         f"org/name), got {attn!r}", "set model.attn_implementation=auto")
     validate_perf(config)
     validate_lora(config)
+    validate_data(config)
+
+
+def validate_data(config: Recipe) -> None:
+    """Run length, validation set and datasets: the choices that only make sense together."""
+    train, data = config.train, config.data
+    if not (train.max_steps or train.epochs or train.max_tokens):
+        raise UserError("the run has no length (train.max_steps, train.epochs and train.max_tokens are all 0)",
+                        "set train.max_steps=<steps>, train.epochs=<passes> or train.max_tokens=<tokens>")
+    if data.eval_path and data.eval_fraction:
+        raise UserError(f"data.eval_path and data.eval_fraction={data.eval_fraction:g} both name a validation set",
+                        "keep one of them")
+    if train.eval_every and not (data.eval_path or data.eval_fraction):
+        raise UserError(f"train.eval_every={train.eval_every} needs a validation set",
+                        "set data.eval_path=<file> or data.eval_fraction=0.05")
+    if train.early_stop_patience and not train.eval_every:
+        raise UserError(f"train.early_stop_patience={train.early_stop_patience} counts evaluations, and there are none",
+                        "set train.eval_every=<steps> (and data.eval_path or data.eval_fraction)")
+    if data.sources and data.train_path:
+        raise UserError("data.train_path and data.sources both name the training data",
+                        "list every dataset in data.sources, or set data.sources=[]")
+    from trainer.data.mixing import check_sources
+
+    check_sources(data.sources)
 
 
 def validate_lora(config: Recipe) -> None:

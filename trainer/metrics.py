@@ -118,10 +118,12 @@ def imbalance(counts_LE: torch.Tensor) -> list[float]:
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step to metrics.jsonl, and mirrors scalars to TensorBoard if installed."""
+    """Appends one JSON object per logged step to metrics.jsonl, and mirrors scalars to TensorBoard if installed and
+    to `logger` (e.g. `trainer.tracking.open_wandb`: anything with `log(record)` and `close()`) if given."""
 
-    def __init__(self, run_dir: Path, resume_step: int = 0):
+    def __init__(self, run_dir: Path, resume_step: int = 0, logger=None):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.logger = logger
         self._truncate_after(resume_step)
         self._tb = None
         try:
@@ -149,8 +151,12 @@ class MetricsWriter:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self._tb.add_scalar(key, value, record["step"])
+        if self.logger is not None:
+            self.logger.log(record)
 
     def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
         if self._tb is not None:
             self._tb.close()
 

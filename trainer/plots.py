@@ -20,13 +20,18 @@ def _pyplot():
 
 
 def plot_loss(records: list[dict], path: Path) -> bool:
-    """loss (and lr on a second axis) against step -> PNG; False when matplotlib is missing."""
+    """loss, the validation loss where evaluated, and lr on a second axis, against step -> PNG; False when
+    matplotlib is missing."""
     plt = _pyplot()
     points = [(r["step"], r["loss"]) for r in records if "loss" in r]
     if plt is None or not points:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([s for s, _ in points], [loss for _, loss in points], label="loss")
+    ax.plot([s for s, _ in points], [loss for _, loss in points], label="train loss")
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if evals:
+        ax.plot([s for s, _ in evals], [loss for _, loss in evals], "o-", color="tab:green", label="eval loss")
+        ax.legend(loc="upper right")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     lrs = [(r["step"], r["lr"]) for r in records if "lr" in r]
@@ -34,7 +39,7 @@ def plot_loss(records: list[dict], path: Path) -> bool:
         ax2 = ax.twinx()
         ax2.plot([s for s, _ in lrs], [lr for _, lr in lrs], color="tab:orange", alpha=0.5, label="lr")
         ax2.set_ylabel("lr")
-    ax.set_title("training loss")
+    ax.set_title("training and validation loss" if evals else "training loss")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

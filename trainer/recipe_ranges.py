@@ -54,7 +54,13 @@ RULES: dict[str, Range] = {
     "optim.max_grad_norm": Range(),  # any finite number: <= 0 disables clipping
     "train.micro_batch_size": AT_LEAST_ONE,
     "train.grad_accum_steps": AT_LEAST_ONE,
-    "train.max_steps": AT_LEAST_ONE,
+    "train.max_steps": NOT_NEGATIVE,  # 0 with train.epochs or train.max_tokens (trainer.config.validate_length)
+    "train.epochs": NOT_NEGATIVE,
+    "train.max_tokens": NOT_NEGATIVE,
+    "train.eval_every": NOT_NEGATIVE,  # 0: no evaluation
+    "train.early_stop_patience": NOT_NEGATIVE,  # 0: never stop early
+    "data.eval_fraction": Range(0, 1, high_open=True),
+    "data.num_proc": NOT_NEGATIVE,  # 0: auto
     "train.seed": Range(0, 2**32 - 1),  # numpy's seed range
     "train.log_every": AT_LEAST_ONE,
     "train.nonfinite_max_consecutive": AT_LEAST_ONE,
@@ -83,6 +89,8 @@ NON_EMPTY = {
 def check_ranges(recipe) -> None:
     """UserError (one line, with the fix) for the first field outside its range."""
     for key, fix in NON_EMPTY.items():
+        if key == "data.train_path" and recipe.data.sources:  # several datasets name their own paths
+            continue
         if not str(_get(recipe, key) or "").strip():
             raise UserError(f"{key} is empty", fix)
     for key, rule in RULES.items():

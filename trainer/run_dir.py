@@ -30,7 +30,7 @@ from trainer.run_lock import lock_run_dir
 MODEL_FILES = "hf"  # config, generation config and tokenizer of the run: what `moe export` rebuilds the model from
 RECIPE_FILE = "recipe.yaml"
 RUN_OUTPUTS = ("checkpoints", "export", "metrics.jsonl", "tensorboard", "loss.png", "expert_load.png", RECIPE_FILE,
-               MODEL_FILES)
+               MODEL_FILES, "best.json", "wandb")
 # First line of the recipe.yaml the trainer writes: how it tells its own record from a user's file of that name.
 RECIPE_HEADER = "# moe train: the resolved recipe of this run; `moe train <this file>` resumes it"
 

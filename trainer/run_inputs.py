@@ -21,10 +21,11 @@ from trainer.redact import redact_tree
 
 # Recipe fields a resume must keep: they decide the architecture or the tokenized sample list the loader indexes.
 SAME_ON_RESUME = ("model.name_or_path", "model.config_overrides", "data.format", "data.seq_len", "data.packing",
-                  "data.long_samples")
+                  "data.long_samples", "data.sources", "data.columns", "data.split", "data.eval_fraction")
 # What the trainer writes in output.dir on every run (RUN_OUTPUTS minus `hf`, which only ever holds its own copy of
 # the model's config and tokenizer): a user's file there would be pruned, replaced or overwritten.
-WRITTEN = ("checkpoints", "export", "metrics.jsonl", "tensorboard", "loss.png", "expert_load.png", "recipe.yaml")
+WRITTEN = ("checkpoints", "export", "metrics.jsonl", "tensorboard", "loss.png", "expert_load.png", "recipe.yaml",
+           "best.json", "wandb")
 
 _digests: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256: each save reuses the first hash
 
@@ -87,9 +88,12 @@ def check_same_inputs(checkpoint: Path, meta: dict, recipe: Recipe) -> None:
 
 def inputs_of(recipe: Recipe) -> dict[str, Path]:
     """Local files and directories the run reads, by the recipe key that names them."""
-    named = {"data.train_path": recipe.data.train_path, "model.name_or_path": recipe.model.name_or_path,
+    named = {"data.train_path": recipe.data.train_path, "data.eval_path": recipe.data.eval_path,
+             "model.name_or_path": recipe.model.name_or_path,
              "model.tokenizer": recipe.model.tokenizer}
-    found = {key: Path(resolve_path(value)) for key, value in named.items() if value and
+    for i, source in enumerate(recipe.data.sources):
+        named[f"data.sources[{i}]"] = source.get("path")
+    found = {key: Path(resolve_path(value)) for key, value in named.items() if isinstance(value, str) and value and
              Path(resolve_path(value)).exists()}
     source = getattr(recipe, "source_file", None)
     if source:

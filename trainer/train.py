@@ -1,8 +1,9 @@
 """The training loop: recipe in, checkpoints, metrics and a Hugging Face export out.
 
-    recipe -> runtime (device, precision, seed) -> resume choice -> tokenizer, data -> layout/memory check
+    recipe -> runtime (device, precision, seed) -> resume choice -> tokenizer, data (token cache, mixing, run
+           length: `trainer.data.prepare`) -> layout/memory check
            -> model, parallelize, perf options -> AdamW + warmup/cosine -> resume state -> run dir
-           -> steps (`trainer.step.TrainStep`) -> DCP checkpoints -> export
+           -> steps (`trainer.step.TrainStep`), validation loss (`trainer.evaluate`) -> DCP checkpoints -> export
 
 Everything a user can get wrong is checked before the run directory is touched, so a refused start leaves no
 trace. SIGTERM/SIGUSR1 finish the current step, checkpoint and return (`TrainResult.preempted`); a second
@@ -16,8 +17,9 @@ prefetched to the GPU meanwhile (`trainer.step`). Runs identically on one CPU an
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,9 +28,12 @@ from tqdm.auto import tqdm
 from trainer.build import build_model, load_model_config, load_tokenizer
 from trainer.checkpoint.dcp import load_checkpoint, save_checkpoint
 from trainer.checkpoint.export import DTYPES, export_hf
-from trainer.config import Recipe, resolve_path
-from trainer.data import StatefulLoader, build_dataset
+from trainer.config import Recipe
+from trainer.data import StatefulLoader
+from trainer.data.budget import epoch_shape, run_steps
+from trainer.data.prepare import prepare_data
 from trainer.errors import UserError
+from trainer.evaluate import Evaluator
 from trainer.faults import fault_point
 from trainer.loss import forward_loss_sum
 from trainer.flops import PEAK_TFLOPS
@@ -45,6 +50,7 @@ from trainer.lora import run as lora_run
 from trainer.run_dir import MODEL_FILES, create_run_dir, resolve_resume, save_model_files, saved_recipe
 from trainer.runtime import Runtime, accelerator_memory_gib, parallelize, setup_runtime
 from trainer.step import Prefetcher, TrainStep, step_stream
+from trainer.tracking import check_wandb, open_wandb
 
 
 @dataclass
@@ -56,6 +62,8 @@ class TrainResult:
     model: torch.nn.Module
     tokenizer: object
     preempted: str = ""  # the signal's name (SIGTERM, SIGUSR1) when the run stopped early at a checkpoint
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss) of this call
+    stopped_early: bool = False  # train.early_stop_patience evaluations without a new best
 
 
 def train(recipe: Recipe, progress: bool = True) -> TrainResult:
@@ -65,10 +73,16 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
     resume_from = resolve_resume(recipe)
     if resume_from:
         check_resume_world_size(resume_from, rt.world_size)  # any mesh layout, but the same number of processes
+    check_wandb(recipe.tracking)
     tokenizer = load_tokenizer(recipe.model)
-    data = recipe.data
-    dataset = build_dataset(resolve_path(data.train_path), tokenizer, data.seq_len, data.format, data.long_samples)
-    _say(rt, f"data: {dataset.stats.summary()}")
+    data, micro_batch = recipe.data, recipe.train.micro_batch_size
+    prepared = prepare_data(data, tokenizer, recipe.train.seed, rt.any_rank, int(os.environ.get("LOCAL_RANK", "0")))
+    dataset = prepared.train
+    shape = epoch_shape(dataset, data.seq_len, micro_batch, data.packing, data.shuffle, recipe.train.seed,
+                        micro_batch * recipe.train.grad_accum_steps * rt.world_size)
+    max_steps = run_steps(recipe.train, shape)
+    _say(rt, f"data: {prepared.summary()}; {max_steps} steps cover {shape.epochs_of(max_steps):.2f} epochs "
+             f"({shape.rows} rows of up to {data.seq_len} tokens per epoch)")
     check_layout(recipe, rt)
     model = build_model(recipe.model, rt.param_dtype, rt.device, recipe.parallel if rt.world_size > 1 else None,
                         packing=data.packing)
@@ -82,14 +96,14 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
     apply_optimizations(model, perf)
 
     def new_loader() -> StatefulLoader:
-        return StatefulLoader(dataset, data.seq_len, recipe.train.micro_batch_size, tokenizer.pad_token_id,
+        return StatefulLoader(dataset, data.seq_len, micro_batch, tokenizer.pad_token_id,
                               data.packing, data.shuffle, recipe.train.seed, rt.rank, rt.world_size)
 
     if perf.compile != "off":
         perf.notes.append(_warm_compiled_layers(model, next(new_loader()), rt, perf.fused_ce))
     loader = Prefetcher(new_loader(), rt.device, recipe.train.grad_accum_steps, perf.prefetch)
     optimizer = build_optimizer(model, recipe.optim, perf)
-    scheduler = build_scheduler(optimizer, recipe.optim, recipe.train.max_steps)
+    scheduler = build_scheduler(optimizer, recipe.optim, max_steps)
     for note in perf.notes:
         _say(rt, f"perf: {note}")
     step = load_checkpoint(resume_from, model, optimizer, scheduler, loader) if resume_from else 0
@@ -104,16 +118,23 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
     def save() -> None:
         optimizer.flush()  # held-back (deferred) updates belong to the saved step
         save_checkpoint(run_dir, step, model, optimizer, scheduler, loader, recipe.checkpoint.keep_last,
-                        saved_recipe(recipe), rt.world_size)
+                        saved_recipe(recipe), rt.world_size, keep=evaluator.keep() if evaluator else ())
+        if evaluator is not None:
+            evaluator.saved(step)
 
     tracker.snapshot()  # drop what the compile warm-up counted
-    writer = MetricsWriter(run_dir, step) if rt.is_main else None
+    writer = MetricsWriter(run_dir, step, open_wandb(recipe.tracking, run_dir, dict(saved_recipe(recipe)))
+                           ) if rt.is_main else None
     train_step = TrainStep(model, optimizer, scheduler, rt, perf, recipe.optim.max_grad_norm, tracker,
                            balancer_for(model, recipe.moe.aux_free_bias_rate),
                            z_loss_for(model, recipe.moe.router_z_loss_coef))
+    evaluator = None if prepared.eval is None or not recipe.train.eval_every else Evaluator(
+        model, prepared.eval, rt, seq_len=data.seq_len, micro_batch_size=micro_batch, pad_id=tokenizer.pad_token_id,
+        packing=data.packing, fused_ce=perf.fused_ce, every=recipe.train.eval_every,
+        patience=recipe.train.early_stop_patience, run_dir=run_dir, resume_step=step, hooks=train_step)
     flops_tok = flops_per_token(model, data.seq_len)
-    bar = tqdm(total=recipe.train.max_steps, initial=step, disable=not (progress and rt.is_main), desc="train")
-    losses, saved_step, preempted = [], step, ""
+    bar = tqdm(total=max_steps, initial=step, disable=not (progress and rt.is_main), desc="train")
+    losses, eval_losses, saved_step, preempted, stopped_early = [], [], step, "", False
     clock = {"last": time.perf_counter(), "last_out": None, "nonfinite_in_a_row": 0}
 
     def finish(done_step: int, out) -> None:
@@ -140,7 +161,7 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
 
     with PreemptionGuard() as guard, step_stream(perf, rt.device):
         pending = None
-        while step < recipe.train.max_steps:
+        while step < max_steps:
             with StepProfiler(run_dir, rt.is_main and step + 1 == recipe.train.profile_step):
                 out = train_step(next(loader))
             step += 1
@@ -148,10 +169,14 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
                 finish(*pending)
             pending = (step, out)
             checkpoint_due = recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0
+            eval_due = evaluator is not None and evaluator.due(step, max_steps)
             # on the CPU the step ran as it was queued: nothing to overlap, and each step's time is its own
-            if checkpoint_due or step == recipe.train.max_steps or rt.device.type != "cuda":
+            if checkpoint_due or eval_due or step == max_steps or rt.device.type != "cuda":
                 finish(*pending)
                 pending = None
+            if eval_due:
+                optimizer.flush()  # held-back (deferred) updates belong to the evaluated weights
+                checkpoint_due = _evaluate(evaluator, step, writer, rt, eval_losses) or checkpoint_due
             if checkpoint_due:
                 save()
                 saved_step = step
@@ -163,6 +188,11 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
                     finish(*pending)
                     pending = None
                 preempted = guard.signal_name or "a signal on another rank"
+                break
+            if evaluator is not None and evaluator.should_stop:
+                stopped_early = True
+                _say(rt, f"early stop at step {step}: no better eval loss in {evaluator.patience} evaluations "
+                         f"(best {evaluator.best_loss:.4f} at step {evaluator.best_step})")
                 break
         bar.close()
         if saved_step != step and (recipe.checkpoint.save_final or preempted):
@@ -186,7 +216,17 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
     for hooks in (train_step.balancer, train_step.z_loss):
         if hooks is not None:
             hooks.remove()
-    return TrainResult(run_dir, step, losses, export_dir, model, tokenizer, preempted)
+    return TrainResult(run_dir, step, losses, export_dir, model, tokenizer, preempted, eval_losses, stopped_early)
+
+
+def _evaluate(evaluator: Evaluator, step: int, writer, rt: Runtime, eval_losses: list) -> bool:
+    """The validation loss now, logged; True when it is a new best (that step is then checkpointed)."""
+    result = evaluator.run(step)
+    eval_losses.append((step, result.loss))
+    if writer is not None:
+        writer.write(result.record(evaluator.best_loss, evaluator.best_step))
+    _say(rt, f"step {step}: eval loss {result.loss:.4f}" + (" (best)" if result.improved else ""))
+    return result.improved
 
 
 def _warm_compiled_layers(model, first_batch: dict, rt: Runtime, fused_ce: bool) -> str:

@@ -64,8 +64,8 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, tokenizer):
 
 
 def test_record_without_a_known_format_names_its_line(tmp_path, tokenizer):
-    path = _write_jsonl(tmp_path / "odd.jsonl", [{"prompt": "a", "completion": "b"}, {"text": "no format"}])
-    with pytest.raises(UserError, match=r"odd\.jsonl:2 has neither 'messages' nor 'prompt'/'completion'"):
+    path = _write_jsonl(tmp_path / "odd.jsonl", [{"prompt": "a", "completion": "b"}, {"body": "no format"}])
+    with pytest.raises(UserError, match=r"odd\.jsonl:2 matches no known schema \(keys: \['body'\]\)"):
         build_dataset(path, tokenizer, SEQ_LEN)
 
 

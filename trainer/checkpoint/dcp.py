@@ -184,8 +184,9 @@ def _state(model, optimizer, scheduler, loader, step: int) -> dict:
 
 
 def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, loader, keep_last: int, recipe: dict,
-                    world_size: int = 1) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it, keep only the newest `keep_last`.
+                    world_size: int = 1, keep: tuple[int, ...] = ()) -> Path:
+    """Write checkpoint `step` atomically, point `latest` at it, keep only the newest `keep_last` (and the steps in
+    `keep`: the best one by validation loss).
 
     `recipe` must already be redacted (it is stored in meta.json); its `inputs` attribute, when it has one
     (`trainer.run_dir.saved_recipe`), is stored next to it and checked on resume. UserError before anything is
@@ -219,7 +220,7 @@ def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, loader, kee
         raise UserError(f"cannot write checkpoint step {step} in {root} ({_first_line(err)}); {kept}",
                         "check free space and permissions of output.dir, then run the same command to resume") from None
     if _rank() == 0:
-        _prune(root, keep_last)
+        _prune(root, keep_last, keep)
     _barrier()
     return final
 
@@ -395,10 +396,12 @@ def remove_stale_temporaries(run_dir) -> None:
     _barrier()
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def _prune(root: Path, keep_last: int, keep: tuple[int, ...] = ()) -> None:
     steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    kept = {step_name(s) for s in keep}
     for old in steps[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name not in kept:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _as_tuples(value):

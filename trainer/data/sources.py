@@ -24,32 +24,48 @@ def read_records(path: str) -> list[dict]:
 
 
 def _read_jsonl(file: Path) -> list[dict]:
-    records = []
+    return [record for record, _ in iter_jsonl(file)]
+
+
+def iter_jsonl(file: Path, start: int = 0, stop: int | None = None, first_line: int = 1):
+    """(record, "file:line") for each non-blank line whose first byte lies in [start, stop); `start` must be a line
+    start and `first_line` its line number. The record carries its "_source" too. One-line UserError for a line
+    that is not UTF-8, not JSON, not an object, repeats a key or nests too deeply."""
     with open(file, "rb") as f:
-        for line_number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{file}:{line_number} is not UTF-8 text", "re-save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line, object_pairs_hook=_unique_keys)
-            except json.JSONDecodeError as err:
-                raise UserError(
-                    f"{file}:{line_number} is not valid JSON ({err.msg})", "fix or remove that line"
-                ) from None
-            except _DuplicateKey as err:
-                raise UserError(f"{file}:{line_number} repeats the key '{err.key}'",
-                                "keep one of them (JSON readers disagree on which one wins)") from None
-            except RecursionError:
-                raise UserError(f"{file}:{line_number} nests too deeply to read",
-                                "a record is one flat object of messages or prompt/completion") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{file}:{line_number} is not a JSON object", "write one {...} object per line")
-            record["_source"] = f"{file}:{line_number}"
-            records.append(record)
-    return records
+        f.seek(start)
+        position, line_number = start, first_line
+        for raw in f:
+            if stop is not None and position >= stop:
+                break
+            position += len(raw)
+            record = parse_line(file, line_number, raw)
+            if record is not None:
+                yield record, record["_source"]
+            line_number += 1
+
+
+def parse_line(file: Path, line_number: int, raw: bytes) -> dict | None:
+    """One JSONL line as a dict (None for a blank line), or a UserError naming file and line."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{file}:{line_number} is not UTF-8 text", "re-save the file as UTF-8") from None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{file}:{line_number} is not valid JSON ({err.msg})", "fix or remove that line") from None
+    except _DuplicateKey as err:
+        raise UserError(f"{file}:{line_number} repeats the key '{err.key}'",
+                        "keep one of them (JSON readers disagree on which one wins)") from None
+    except RecursionError:
+        raise UserError(f"{file}:{line_number} nests too deeply to read",
+                        "a record is one flat object of messages or prompt/completion") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{file}:{line_number} is not a JSON object", "write one {...} object per line")
+    record["_source"] = f"{file}:{line_number}"
+    return record
 
 
 class _DuplicateKey(ValueError):
