@@ -60,6 +60,8 @@ $(PINNED_STAMP): $(PINNED_LOCKS) pyproject.toml
 	@test -x $(PINNED_VENV)/bin/python || $(PINNED_PYTHON) -m venv $(PINNED_VENV)
 	$(PINNED_VENV)/bin/python -m pip install -q --no-deps --require-hashes $(addprefix -r ,$(PINNED_LOCKS))
 	$(PINNED_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	@# The pins must fit together; triton alone is absent on purpose (torch's own pin, CPU runs never import it).
+	@! $(PINNED_VENV)/bin/python -m pip check 2>/dev/null | grep -v ' requires triton, which is not installed'
 	@rm -f $(PINNED_VENV)/.installed-*; touch $@
 
 test-pinned: $(PINNED_STAMP) ## run the CPU suite (unit, parity, distributed) on the trainer image's pins: torch 2.7.1

@@ -15,10 +15,9 @@ fi
 # --no-deps pip would install none of them itself.
 python - <<'PY'
 import importlib.util, sys
-missing = [m for m in ("cmake", "onnx", "onnxscript", "einops", "pydantic") if importlib.util.find_spec(m) is None]
-if importlib.util.find_spec("nvidia") is None or not any(
-        importlib.util.find_spec(n) for n in ("nvidia.mathdx", "mathdx")):
-    missing.append("nvidia-mathdx")
+modules = {"cmake": "cmake", "nvidia.mathdx": "nvidia-mathdx", "onnx": "onnx", "onnxscript": "onnxscript",
+           "einops": "einops", "pydantic": "pydantic"}
+missing = [package for module, package in modules.items() if importlib.util.find_spec(module) is None]
 sys.exit(f"error: TransformerEngine's build needs {', '.join(missing)} (docker/requirements-train.txt)" if missing else 0)
 PY
 export NVTE_FRAMEWORK=pytorch NVTE_CUDA_ARCHS MAX_JOBS="${MAX_JOBS:-8}"
