@@ -10,6 +10,7 @@ import json
 import statistics
 
 import pytest
+import torch
 import yaml
 
 from bench import compare, report
@@ -50,11 +51,18 @@ def test_ours_rows_are_moe_train_run_directories_and_take_their_numbers_from_its
     assert eager["perf"]["compile"] == "off" and eager["perf"]["fused_ce"] == "off"
 
 
+# Native runs bf16 with experts_implementation="grouped_mm". Without torch's grouped GEMM on CPU
+# (torch.nn.functional.grouped_mm, torch >= 2.10) transformers computes its experts with another bf16 kernel, whose
+# rounding moves the first loss by ~1.4e-3 relative (measured 1.37e-3 on torch 2.7.1); with it, 1e-4 holds.
+SAME_KERNELS = hasattr(torch.nn.functional, "grouped_mm")
+FIRST_RTOL, LAST_RTOL = (1e-4, 1e-3) if SAME_KERNELS else (3e-3, 5e-3)
+
+
 def test_native_and_ours_train_on_the_same_batches(smoke_results):
     _, payload = smoke_results
     first = {r["label"]: r["losses"][0] for r in payload["results"]}
-    # same data, same init seed -> the same first loss (fp32 on CPU; our kernels reorder sums: 1e-4 relative)
-    assert all(abs(v - first["native"]) <= 1e-4 * abs(first["native"]) for v in first.values()), first
+    # same data, same init seed -> the same first loss (our kernels reorder sums: 1e-4 relative)
+    assert all(abs(v - first["native"]) <= FIRST_RTOL * abs(first["native"]) for v in first.values()), first
 
 
 def test_report_table_has_ratios_against_native(smoke_results):
@@ -152,5 +160,5 @@ def test_lora_job_runs_peft_natively_and_moe_train_on_the_same_recipe(tmp_path):
     assert any("native LoRA: PEFT get_peft_model" in note for note in native["notes"])
     assert yaml.safe_load(open(ours["recipe"]))["lora"]["enabled"] is True
     # same base init, same batches, adapters starting at zero delta: the same first loss; later ones track
-    assert abs(ours["losses"][0] - native["losses"][0]) <= 1e-4 * abs(native["losses"][0])
-    assert ours["losses"][-1] == pytest.approx(native["losses"][-1], rel=1e-3)
+    assert abs(ours["losses"][0] - native["losses"][0]) <= FIRST_RTOL * abs(native["losses"][0])
+    assert ours["losses"][-1] == pytest.approx(native["losses"][-1], rel=LAST_RTOL)
