@@ -17,6 +17,11 @@ PINNED_VENV ?= .venv-pinned
 PINNED_LOCKS := constraints/pinned-torch.txt docker/requirements-train.txt constraints/pinned-test.txt
 PINNED_STAMP := $(PINNED_VENV)/.installed-$(shell cat $(PINNED_LOCKS) pyproject.toml | cksum | cut -d' ' -f1)
 PINNED_TESTS ?= tests/unit tests/parity tests/distributed
+# Left to `make test` (they run the same code on either stack, and CI time is what they would double): the bench
+# harness's native-vs-ours runs, the parity suites re-run under another CPU capability, and the one compiled
+# replicate variant that takes a minute (compiled layers stay covered by tests/unit/test_perf.py).
+PINNED_SKIP ?= --ignore=tests/unit/test_bench_cli.py --ignore=tests/unit/test_portable_tolerances.py \
+	--deselect "tests/distributed/test_replicate.py::test_replicas_with_split_experts_train_like_one_process_and_keep_their_experts_only[fused_experts=on+optimizer=overlap+compile=layers-allgather]"
 
 MODEL ?= tiny-moe
 GPUS ?= 8
@@ -65,7 +70,7 @@ $(PINNED_STAMP): $(PINNED_LOCKS) pyproject.toml
 	@rm -f $(PINNED_VENV)/.installed-*; touch $@
 
 test-pinned: $(PINNED_STAMP) ## run the CPU suite (unit, parity, distributed) on the trainer image's pins: torch 2.7.1
-	$(PINNED_VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=10 $(PINNED_TESTS)
+	$(PINNED_VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=10 $(PINNED_TESTS) $(PINNED_SKIP)
 
 demo: $(STAMP) ## the whole chain on a tiny MoE on CPU: train -> export -> reload -> generate
 	$(VPY) -m trainer.demo
