@@ -8,6 +8,7 @@ MASTER_ADDR ?= localhost
 BUILD_ARGS ?=
 TRAINER_IMAGE ?= moe-stack/trainer:$(IMAGE_TAG)
 SERVE_IMAGE ?= moe-stack/serve:$(IMAGE_TAG)
+SERVE_CPU_IMAGE ?= moe-stack/serve-cpu:$(IMAGE_TAG)
 # compose.yaml reads these for the commands it starts itself (serve, `up`); the run targets also pass them explicitly.
 COMPOSE_RUN = MODEL=$(MODEL) GPUS=$(GPUS) NODES=$(NODES) PORT=$(PORT) IMAGE_TAG=$(IMAGE_TAG) $(COMPOSE) --profile $(PROFILE)
 CPU_SUFFIX = $(if $(filter cpu,$(PROFILE)),-cpu,)
@@ -19,10 +20,11 @@ need_docker = @$(DOCKER) info >/dev/null 2>&1 || { echo "make $@: no Docker engi
 
 .PHONY: images doctor train export serve validate smoke
 
-images: ## build the trainer and serving images (BUILD_ARGS="--build-arg KEY=VALUE ...")
+images: ## build the trainer and serving images, GPU and CPU (BUILD_ARGS="--build-arg KEY=VALUE ...")
 	$(call need_docker,docker build .)
 	$(DOCKER) build $(BUILD_ARGS) -t $(TRAINER_IMAGE) -f Dockerfile .
 	$(DOCKER) build -t $(SERVE_IMAGE) -f docker/serve.Dockerfile .
+	$(DOCKER) build -t $(SERVE_CPU_IMAGE) -f docker/serve-cpu.Dockerfile .
 
 doctor: ## show which backends the trainer image has on this host's GPUs
 	$(call need_docker,moe doctor)
@@ -47,7 +49,7 @@ validate: ## check the served model against transformers on the export; report i
 	$(call need_docker,python -m eval validate --export $(EXPORT) --base-url http://127.0.0.1:$(PORT) --report $(RUN)/validate.json)
 	$(COMPOSE_RUN) run --rm --no-deps validate python -m eval validate $(VALIDATE_ARGS)
 
-smoke: ## the whole chain train -> export -> serve -> validate (PROFILE=cpu: tiny model, transformers serve)
+smoke: ## the whole chain train -> export -> serve -> validate (PROFILE=cpu: tiny model, vLLM CPU)
 	$(call need_docker,make demo)
 	$(COMPOSE_RUN) build
 	$(COMPOSE_RUN) run --rm validate$(CPU_SUFFIX); status=$$?; $(COMPOSE_RUN) stop; exit $$status

@@ -31,14 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--min-accuracy", type=float, default=0.0)
     v.add_argument("--api", choices=["auto", "chat"], default="auto",
                    help="auto: /v1/completions where the server has it, else chat; chat: always chat")
-    v.add_argument("--device", default="auto", help="device for the transformers reference (auto: cuda if present)")
+    v.add_argument("--device", default="auto", help="device for the transformers reference (auto: spread over the GPUs' free memory, then "
+                   "host memory, when CUDA is present; else cpu)")
     v.add_argument("--dtype", default="auto", help="dtype for the transformers reference (auto: as exported)")
 
-    s = sub.add_parser("serve", help="serve an export with `transformers serve` (CPU stand-in for vLLM)")
+    s = sub.add_parser("serve", help="serve an export with vLLM where it can, else `transformers serve`")
     s.add_argument("--export", required=True)
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--engine", choices=["auto", "vllm", "transformers"], default="auto",
+                   help="auto: vLLM where it serves the model family and is installed, else transformers serve")
+    s.add_argument("--served-model-name", default="moe-export", help="the model name vLLM answers to")
+    s.add_argument("--vllm-python", default=None,
+                   help="interpreter with vllm (default: $MOE_VLLM_PYTHON, .venv-vllm, or this one)")
+    s.add_argument("--max-model-len", type=int, default=None, help="vLLM context length (default 2048 on CPU)")
     t = sub.add_parser("tiny-export", help="write a random tiny Qwen3-MoE export (smoke-tests a server, no training)")
     t.add_argument("out_dir")
     t.add_argument("--seed", type=int, default=0)
@@ -49,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from eval.serve import serve
 
-        return serve(args.export, args.port, host=args.host, device=args.device)
+        return serve(args.export, args.port, host=args.host, device=args.device, engine=args.engine,
+                     served_model_name=args.served_model_name, vllm_python_path=args.vllm_python,
+                     max_model_len=args.max_model_len)
 
     if args.command == "tiny-export":
         from eval.tiny import write_tiny_export

@@ -2,10 +2,10 @@
 
 The servers differ in what they return, so the client probes once and records it in `ServerCapabilities`:
 
-| server | /v1/completions | completion logprobs / echo | /v1/chat/completions |
-|---|---|---|---|
-| vLLM (>= 0.6) | yes | yes (`logprobs`, `echo`, `text_offset`) | yes |
-| transformers serve (5.17) | yes | no (accepted, ignored: `logprobs` is absent from the answer) | yes |
+| server | /v1/completions | completion logprobs / echo | generated token ids | /v1/chat/completions |
+|---|---|---|---|---|
+| vLLM (>= 0.10.2) | yes | yes (`logprobs`, `echo`, `text_offset`) | yes (`return_token_ids`) | yes |
+| transformers serve (5.17) | yes | no (accepted, ignored: `logprobs` is absent from the answer) | no | yes |
 
 Everything downstream asks the capabilities instead of the server's name.
 """
@@ -28,6 +28,7 @@ class ServerCapabilities:
     completions: bool  # /v1/completions exists
     completion_logprobs: bool  # it returns per-token logprobs (+ echo for prompt tokens)
     models: list[str]  # ids from /v1/models (may be empty: transformers serve lists only its hub cache)
+    token_ids: bool = False  # completions carry the generated token ids (`return_token_ids`, vLLM)
 
 
 class HTTPError(RuntimeError):
@@ -144,42 +145,61 @@ class OpenAIClient:
         if guessed:
             self.model = models[0]
         try:
-            answer = self.complete("Hello", max_tokens=1, logprobs=1, echo=True)
+            answer = self._probe_completion()
         except HTTPError as err:
             if guessed and err.status == 400:  # the listed model is not the one served (transformers serve)
                 self.model = None
                 return self.probe_without_listing(models)
             if err.status in (404, 405):
                 return ServerCapabilities(completions=False, completion_logprobs=False, models=models)
-            raise
+            raise self._probe_failed(err) from None
         return self._capabilities(answer, models)
 
     def probe_without_listing(self, models: list[str]) -> ServerCapabilities:
         try:
-            answer = self.complete("Hello", max_tokens=1, logprobs=1, echo=True)
+            answer = self._probe_completion()
         except HTTPError as err:
             if err.status in (404, 405):
                 return ServerCapabilities(completions=False, completion_logprobs=False, models=models)
-            raise
+            raise self._probe_failed(err) from None
         return self._capabilities(answer, models)
+
+    def _probe_completion(self) -> dict:
+        """One-token completion asking for everything; again without `return_token_ids` where that is refused."""
+        try:
+            return self.complete("Hello", max_tokens=1, logprobs=1, echo=True, token_ids=True)
+        except HTTPError as err:
+            if err.status not in (400, 422):  # a server with a strict schema refuses the unknown field
+                raise
+        return self.complete("Hello", max_tokens=1, logprobs=1, echo=True)
+
+    def _probe_failed(self, err: HTTPError) -> UserError:
+        return UserError(f"{self.base_url}/v1/completions refused the probe request ({err})",
+                         "check the server's log and that --model names the served model")
 
     @staticmethod
     def _capabilities(answer: dict, models: list[str]) -> ServerCapabilities:
         logprobs = first_choice(answer, "/v1/completions").get("logprobs") or {}
         has_logprobs = bool(logprobs.get("token_logprobs")) and bool(logprobs.get("text_offset"))
-        return ServerCapabilities(completions=True, completion_logprobs=has_logprobs, models=models)
+        has_ids = isinstance(first_choice(answer, "/v1/completions").get("token_ids"), list)
+        return ServerCapabilities(completions=True, completion_logprobs=has_logprobs, models=models, token_ids=has_ids)
 
     # ----- endpoints -----
 
     def complete(
-        self, prompt: str, max_tokens: int, logprobs: int | None = None, echo: bool = False
+        self, prompt: str, max_tokens: int, logprobs: int | None = None, echo: bool = False, token_ids: bool = False
     ) -> dict:
-        """POST /v1/completions with greedy decoding (temperature 0); returns the raw JSON answer."""
+        """POST /v1/completions with greedy decoding (temperature 0); returns the raw JSON answer.
+
+        token_ids: ask for the generated token ids (vLLM's `return_token_ids`; the choice's `token_ids`).
+        """
         body: dict = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
         if logprobs is not None:
             body["logprobs"] = logprobs
         if echo:
             body["echo"] = True
+        if token_ids:
+            body["return_token_ids"] = True
         return self._request("POST", "/v1/completions", self._with_model(body))
 
     def chat(self, messages: list[dict], max_tokens: int) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eval.client import OpenAIClient, ServerCapabilities, first_choice
+from eval.client import HTTPError, OpenAIClient, ServerCapabilities, first_choice
 from eval.jsonl import read_objects
 from eval.reference import Reference
 from trainer.errors import UserError
@@ -54,16 +54,23 @@ def evaluate(
 ) -> dict:
     """Score every item locally and, where the server returns logprobs, through the server.
 
-    Returns {'items', 'local_accuracy', 'server_accuracy' (None if unavailable), 'agreement' (None if unavailable)}.
+    Returns {'items', 'local_accuracy', 'server_accuracy' (None if unavailable), 'agreement' (None if unavailable),
+    'errors' (items the server failed to score: they count as disagreements), 'first_error'}.
     """
     through_server = client is not None and caps is not None and caps.completion_logprobs
-    local_correct = server_correct = agree = 0
+    local_correct = server_correct = agree = errors = 0
+    first_error = None
     for row in rows:
         local = [reference.loglikelihood(row["question"], " " + c) for c in row["choices"]]
         local_pick = argmax(local)
         local_correct += local_pick == row["answer"]
         if through_server:
-            served = [served_loglikelihood(client, row["question"], " " + c) for c in row["choices"]]
+            try:
+                served = [served_loglikelihood(client, row["question"], " " + c) for c in row["choices"]]
+            except (HTTPError, UserError) as err:
+                errors += 1
+                first_error = first_error or f"{row['question']!r}: {str(err).splitlines()[0]}"
+                continue
             served_pick = argmax(served)
             server_correct += served_pick == row["answer"]
             agree += served_pick == local_pick
@@ -73,4 +80,6 @@ def evaluate(
         "local_accuracy": local_correct / n,
         "server_accuracy": server_correct / n if through_server else None,
         "agreement": agree / n if through_server else None,
+        "errors": errors,
+        "first_error": first_error,
     }

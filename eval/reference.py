@@ -32,12 +32,16 @@ class Reference:
         export_dir = Path(export_dir)
         if not (export_dir / "config.json").is_file():
             raise UserError(f"{export_dir} is not an exported checkpoint (no config.json)", "pass the directory that `moe export` wrote")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(export_dir)
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch_dtype).to(device).eval()
+        if device == "auto" and torch.cuda.is_available():
+            # Beside a server on the same GPUs: spread the layers over what each GPU has free, then host memory,
+            # so a 30B export fits where one GPU next to vLLM could not hold it (accelerate's device_map).
+            self.model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch_dtype, device_map="auto").eval()
+            self.device = str(self.model.get_input_embeddings().weight.device)
+        else:
+            self.device = "cpu" if device == "auto" else device
+            self.model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch_dtype).to(self.device).eval()
 
     def _generate(self, inputs: dict, max_new_tokens: int) -> Generation:
         import torch

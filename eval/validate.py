@@ -1,7 +1,10 @@
 """`python -m eval validate`: wait for the server, compare it with transformers on the export, write a report.
 
 Checks (each one named in the report, the run fails if any fails):
-- greedy_exact_match: share of prompts whose served greedy text equals transformers' (>= --min-exact-match)
+- server_errors: requests the server failed (HTTP 4xx/5xx, a reset connection); each is recorded on its item and
+  counts as a mismatch, and any failure fails the run (the validator itself never crashes on one)
+- greedy_exact_match: share of prompts whose served greedy tokens equal transformers' (>= --min-exact-match):
+  token ids where the server returns them (vLLM), else the texts (a trailing partial UTF-8 character forgiven)
 - logprobs: largest |served - reference| token logprob on the common prefix (<= --logprob-tolerance), when the
   server returns logprobs; skipped otherwise
 - mc_agreement: share of multiple-choice items where the server's log-likelihood pick equals the local pick
@@ -48,8 +51,12 @@ def check(name: str, value: float | None, passed: bool | None, detail: str) -> d
 
 
 def run_checks(greedy: dict, mc: dict, limits: Thresholds) -> list[dict]:
+    errors = greedy.get("errors", 0) + mc.get("errors", 0)
+    rows = [check("server_errors", errors, errors == 0, "failed requests == 0")] if errors else []
     rate = greedy["exact_match_rate"]
-    rows = [check("greedy_exact_match", rate, rate >= limits.min_exact_match, f">= {limits.min_exact_match:g}")]
+    compared = "token ids" if "token_ids" in (greedy.get("compared") or []) else "text"
+    rows.append(check("greedy_exact_match", rate, rate >= limits.min_exact_match,
+                      f">= {limits.min_exact_match:g} ({compared})"))
     diff = greedy["max_abs_logprob_diff"]
     rows.append(
         check("logprobs", diff, None, "server returns no logprobs")
@@ -104,6 +111,7 @@ def validate(
             "model": client.model,
             "api": "completions" if caps.completions else "chat",
             "logprobs": caps.completion_logprobs,
+            "token_ids": caps.token_ids,
             "seconds_to_healthy": round(health_seconds, 2),
         },
         "max_tokens": max_tokens,
@@ -131,8 +139,15 @@ def summary(report: dict) -> str:
         status = "skip" if c["passed"] is None else ("ok" if c["passed"] else "FAIL")
         value = "-" if c["value"] is None else f"{c['value']:.4g}"
         lines.append(f"  {status:4s} {c['name']:20s} {value:>8s}  {c['detail']}")
+    failed = [item for item in report["greedy"]["items"] if item.get("error")]
+    if failed:
+        lines.append(f"  server failed {len(failed)} of {len(report['greedy']['items'])} prompts; first: "
+                     f"{failed[0]['prompt']!r}: {failed[0]['error'][:120]}")
+    if report.get("multiple_choice", {}).get("first_error"):
+        lines.append(f"  server failed {report['multiple_choice']['errors']} multiple-choice items; first: "
+                     f"{report['multiple_choice']['first_error'][:120]}")
     for item in report["greedy"]["items"]:
-        if not item["match"]:
+        if not item["match"] and not item.get("error"):
             lines.append(
                 f"  first divergence on {item['prompt']!r}: token {item['first_divergence_token']}, "
                 f"char {item['first_divergence_char']}"

@@ -10,11 +10,13 @@ is split into a per-rank partial sum and a sum over ranks), which moves float32 
 from __future__ import annotations
 
 import pytest
+import torch
 
 import ep_workers
 from harness import run_ranks
 
 STEPS = ["random", "few_experts", "skewed"]
+TORCH = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 TOL = 1e-5
 
 pytestmark = pytest.mark.distributed
@@ -44,8 +46,9 @@ def test_fsdp2_only_with_and_without_resharding_after_forward_matches_one_proces
 
 
 def test_ep4_ep2_x_fsdp2_and_hsdp_on_four_processes_match_one_process():
-    layouts = [{"ep_size": 4}, {"ep_size": 2}, {"ep_size": 2, "dp_replicate_size": 2},
-               {"ep_size": 4, "dispatcher": "allgather"}]
+    layouts = [{"ep_size": 4}, {"ep_size": 2}, {"ep_size": 4, "dispatcher": "allgather"}]
+    if TORCH >= (2, 8):  # torch 2.7's FSDP2 cannot all-reduce CPU gradients (HSDP): refused in one line there
+        layouts.insert(2, {"ep_size": 2, "dp_replicate_size": 2})
     results = run_ranks(ep_workers.ep_parity_many, 4, layouts, STEPS, timeout=150)
     for per_rank in results:
         for layout, result in zip(layouts, per_rank):

@@ -101,10 +101,36 @@ def test_gpu_training_gets_all_gpus_host_ipc_and_unlimited_locked_memory():
     assert any(v["source"] == "runs" and v["type"] == "volume" for v in train["volumes"])
 
 
-def test_gpu_chain_serves_with_the_vllm_image_and_cpu_chain_with_transformers_serve():
+def test_both_chains_serve_with_vllm_the_gpu_image_and_the_cpu_build():
     assert services("gpu")["serve"]["build"]["dockerfile"] == "docker/serve.Dockerfile"
-    assert services("cpu")["serve-cpu"]["command"][:4] == ["python", "-m", "eval", "serve"]
-    assert "tiny-moe" in " ".join(services("cpu")["train-cpu"]["command"])
+    serve_cpu = services("cpu")["serve-cpu"]
+    assert serve_cpu["build"]["dockerfile"] == "docker/serve-cpu.Dockerfile"
+    assert serve_cpu["environment"]["MODEL_DIR"] == "/runs/tiny-moe/export"
+    train_cpu = " ".join(services("cpu")["train-cpu"]["command"])
+    assert "tiny-moe" in train_cpu and "model.config_overrides.head_dim=32" in train_cpu  # vLLM CPU: head_dim >= 32
+    assert "--model moe-export" in " ".join(services("cpu")["validate-cpu"]["command"])
+
+
+@pytest.mark.parametrize("service", ["train", "train-cpu"])
+def test_training_gets_time_to_write_its_sigterm_checkpoint(service):
+    grace = services("gpu" if service == "train" else "cpu")[service]["stop_grace_period"]
+    minutes, _, seconds = grace.removesuffix("s").partition("m")
+    assert int(minutes or 0) * 60 + int(seconds or 0) >= 120, grace
+
+
+def test_hf_token_is_passed_only_when_it_is_set():
+    assert services("gpu")["train"]["environment"]["HF_TOKEN"] is None  # null: absent in the container
+    result = subprocess.run([str(compose_binary()), "-f", str(REPO / "compose.yaml"), "--profile", "gpu", "config",
+                             "--format", "json"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin", "HF_TOKEN": "hf_x"})
+    assert json.loads(result.stdout)["services"]["train"]["environment"]["HF_TOKEN"] == "hf_x"
+
+
+def test_the_users_data_directory_is_mounted_read_only_at_data():
+    for profile, service in (("gpu", "train"), ("cpu", "train-cpu")):
+        mounts = [v for v in services(profile)[service]["volumes"] if v["target"] == "/data"]
+        assert mounts and mounts[0]["type"] == "bind" and mounts[0]["read_only"] is True
+        assert mounts[0]["source"] == str(REPO / "data")
 
 
 @pytest.mark.parametrize("script", sorted((REPO / "docker").rglob("*.sh")), ids=lambda p: p.name)

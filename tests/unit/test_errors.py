@@ -477,7 +477,35 @@ def _ask(body: bytes, delay: float = 0.0, request_timeout: float = 5.0):
         server.server_close()
 
 
+def _vllm_engine(config: dict, python: str | None = "/venv-vllm/bin/python"):
+    from eval.serve import choose_engine
+
+    return choose_engine("vllm", {"model_type": "qwen3_moe", "head_dim": 32, **config}, "cpu", python)
+
+
+def _server_exits_before_healthy(tmp_path):
+    import socket
+
+    from eval.launch import Server
+    from eval.tiny import write_tiny_export
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = Server(write_tiny_export(tmp_path / "export"), port, log=tmp_path / "serve.log", engine="transformers")
+    server.command = [sys.executable, "-c", "import sys; print('RuntimeError: no kernel for this CPU'); sys.exit(3)"]
+    server.start()
+
+
 FUNCTION_CASES = [
+    Case("vllm-cannot-serve-family", lambda t: _vllm_engine({"model_type": "nemotron_h"}),
+         r"vLLM does not serve model_type 'nemotron_h' on cpu", "serve it with --engine transformers"),
+    Case("vllm-cpu-head-dim", lambda t: _vllm_engine({"head_dim": 16}),
+         r"vLLM's CPU attention needs head_dim >= 32 \(the export has 16\)", "serve it with --engine transformers"),
+    Case("vllm-not-installed", lambda t: _vllm_engine({}, python=None), r"vLLM is not installed", "make vllm-env"),
+    Case("server-exited", _server_exits_before_healthy,
+         r"the transformers server exited with code 3 before it was healthy \(RuntimeError: no kernel for this CPU\)",
+         "read its log: "),
     Case("ep-not-dividing-experts", lambda t: _ep_not_dividing_experts(),
          "parallel.ep_size=3 does not divide the model's 8 experts", "choose an ep_size that divides"),
     Case("layout-does-not-fit", lambda t: _layout_too_big_for_the_gpu(),

@@ -82,3 +82,32 @@ def test_tiny_export_refuses_a_non_empty_directory(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("x")
     assert main(["tiny-export", str(tmp_path)]) == 2
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_a_trailing_partial_utf8_character_is_not_a_mismatch():
+    from eval.parity import first_token_difference, texts_match
+
+    assert texts_match("gen of\ufffd", "gen of")  # transformers decodes the partial byte, a server holds it back
+    assert texts_match("gen of", "gen of\ufffd")
+    assert not texts_match("gen of\ufffd", "gen if")
+    assert first_token_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_token_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert first_token_difference([1, 2, 3], [1, 2]) == 2
+
+
+def test_auto_engine_serves_with_vllm_only_where_it_can():
+    from eval.serve import choose_engine, vllm_dtype
+    from trainer.errors import UserError
+
+    qwen = {"model_type": "qwen3_moe", "head_dim": 32, "dtype": "float32"}
+    assert choose_engine("auto", qwen, "cpu", "/venv/bin/python") == "vllm"
+    assert choose_engine("auto", qwen, "cpu", None) == "transformers"  # vLLM not installed
+    assert choose_engine("auto", {**qwen, "head_dim": 16}, "cpu", "/venv/bin/python") == "transformers"
+    nemotron = {"model_type": "nemotron_h", "head_dim": 128}
+    assert choose_engine("auto", nemotron, "cpu", "/venv/bin/python") == "transformers"
+    assert choose_engine("auto", nemotron, "cuda", "/venv/bin/python") == "vllm"
+    with pytest.raises(UserError, match="head_dim >= 32"):
+        choose_engine("vllm", {**qwen, "head_dim": 16}, "cpu", "/venv/bin/python")
+    with pytest.raises(UserError, match="nemotron_h"):
+        choose_engine("vllm", nemotron, "cpu", "/venv/bin/python")
+    assert vllm_dtype(qwen, "cpu") == "float32" and vllm_dtype({"dtype": "bfloat16"}, "cpu") == "bfloat16"

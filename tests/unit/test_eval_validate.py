@@ -22,9 +22,10 @@ from eval.validate import validate
 class LogprobServer:
     """/health, /v1/models and /v1/completions (greedy, `logprobs`, `echo`, `text_offset`) over one export."""
 
-    def __init__(self, export_dir: Path | None, healthy: bool = True):
+    def __init__(self, export_dir: Path | None, healthy: bool = True, fail: dict | None = None):
         self.reference = Reference(export_dir, device="cpu") if export_dir else None
         self.healthy = healthy
+        self.fail = fail or {}  # prompt -> HTTP status to answer instead (0: drop the connection unanswered)
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -86,6 +87,12 @@ class LogprobServer:
                     self._send(404, {"error": "not found"})
                 elif body.get("model") != "served":
                     self._send(400, {"error": f"unknown model {body.get('model')}"})
+                elif body["prompt"] in server.fail:
+                    if server.fail[body["prompt"]]:
+                        self._send(server.fail[body["prompt"]], {"error": "engine failure"})
+                    else:
+                        self.close_connection = True  # no status line at all: the client sees a reset
+                        self.connection.shutdown(2)
                 else:
                     with server.lock:
                         self._send(200, server._completion(body))
@@ -184,3 +191,23 @@ def test_nothing_listening_is_the_same_one_line_error(export_dir, tmp_path, caps
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "did not become healthy" in err
+
+
+def test_failed_requests_are_recorded_per_prompt_and_fail_the_run_without_a_crash(export_dir, small_task, tmp_path,
+                                                                                  capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Water boils at"}\n{"prompt": "Bees make"}\n{"prompt": "The sky is"}\n')
+    with LogprobServer(export_dir, fail={"Water boils at": 500, "Bees make": 0}) as server:
+        code = main(["validate", "--export", str(export_dir), "--base-url", server.url, "--report",
+                     str(tmp_path / "r.json"), "--timeout", "10", "--max-tokens", "4", "--prompts", str(prompts),
+                     "--task", str(small_task)])
+    out = capsys.readouterr().out
+    assert code == 1
+    report = json.loads((tmp_path / "r.json").read_text())
+    items = {i["prompt"]: i for i in report["greedy"]["items"]}
+    assert items["Water boils at"]["error"].startswith("HTTP 500") and not items["Water boils at"]["match"]
+    assert items["Bees make"]["error"] and not items["Bees make"]["match"]
+    assert items["The sky is"]["error"] is None and items["The sky is"]["match"]
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["server_errors"] == {**checks["server_errors"], "value": 2, "passed": False}
+    assert "server failed 2 of 3 prompts; first: 'Water boils at': HTTP 500" in out

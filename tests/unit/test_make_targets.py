@@ -64,6 +64,7 @@ def test_images_builds_the_trainer_and_the_serving_image():
     out = rendered("images", "IMAGE_TAG=9.9")
     assert "docker build -t moe-stack/trainer:9.9 -f Dockerfile ." in out
     assert "docker build -t moe-stack/serve:9.9 -f docker/serve.Dockerfile ." in out
+    assert "docker build -t moe-stack/serve-cpu:9.9 -f docker/serve-cpu.Dockerfile ." in out
 
 
 def test_help_lists_every_container_target():

@@ -17,8 +17,10 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
+from trainer.errors import UserError
 from trainer.parallel.checkpointing import apply_checkpointing, decoder_layers
 from trainer.parallel.config import ParallelConfig
+from trainer.parallel.gloo_average import sum_then_divide_on_gloo
 from trainer.parallel.mesh import ParallelMesh
 
 logger = logging.getLogger("trainer.parallel")
@@ -97,6 +99,10 @@ def apply_parallelism(model: nn.Module, cfg: ParallelConfig, pmesh: ParallelMesh
     apply_checkpointing(model, cfg.activation_checkpointing)
     layers = decoder_layers(model)
 
+    if sum_then_divide_on_gloo() and pmesh.sizes.dp_replicate > 1:  # torch 2.7: gloo has no AVG (gloo_average)
+        raise UserError(f"parallel.dp_replicate_size={pmesh.sizes.dp_replicate} (HSDP) on gloo needs torch >= 2.8 "
+                        f"(torch {torch.__version__}'s FSDP2 cannot all-reduce CPU gradients)",
+                        "set parallel.dp_replicate_size=1, or train on GPUs (NCCL)")
     mp_policy = MixedPrecisionPolicy(param_dtype=cfg.param_torch_dtype, reduce_dtype=cfg.reduce_torch_dtype)
     dense = {"mesh": pmesh.dense_fsdp, "mp_policy": mp_policy}
     for layer in layers:
