@@ -1,0 +1,47 @@
+"""What each rank runs in tests/distributed/test_lora_fsdp.py: `moe train` with LoRA on the tiny Qwen3-MoE, sharded
+by FSDP2 over the ranks (gloo, CPU, fp32)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+LORA = ["data.seq_len=64", "train.micro_batch_size=2", "optim.warmup_steps=1", "lora.enabled=true", "lora.rank=4",
+        "optim.lr=1e-2", "train.max_steps=4", "checkpoint.every_steps=2"]
+
+
+def lora_recipe(run_dir, *overrides):
+    from trainer.config import load_recipe
+
+    return load_recipe("tiny-moe", LORA + [f"output.dir={run_dir}", *overrides])
+
+
+def train_resume_and_check_base(root: str) -> dict:
+    """A straight 4-step run (checkpoints at 2 and 4, export), then a copy of it resumed from step 2; whether the
+    base, gathered after training, equals the one saved at the start bit for bit."""
+    from safetensors.torch import load_file
+
+    from trainer.lora.export import base_state_dict
+    from trainer.lora.gather import gathered_state
+    from trainer.lora.run import BASE_WEIGHTS
+    from trainer.train import train
+
+    root = Path(root)
+    straight = train(lora_recipe(root / "two"), progress=False)
+    full = gathered_state(straight.model)
+    base_unchanged = None
+    if dist.get_rank() == 0:
+        saved = load_file(str(root / "two" / "hf" / BASE_WEIGHTS))
+        live = base_state_dict(straight.model, full)
+        base_unchanged = sorted(saved) == sorted(live) and all(torch.equal(live[k], v) for k, v in saved.items())
+        shutil.copytree(root / "two", root / "resumed")
+        shutil.rmtree(root / "resumed" / "checkpoints" / "step_00000004")
+        (root / "resumed" / "checkpoints" / "latest").write_text("step_00000002")
+    dist.barrier()
+    resumed = train(lora_recipe(root / "resumed", "output.export=false"), progress=False)
+    trainable = sorted(n for n, p in straight.model.named_parameters() if p.requires_grad)
+    return {"losses": straight.losses, "resumed": resumed.losses, "base_unchanged": base_unchanged,
+            "trainable": trainable, "sharded": all(hasattr(p, "device_mesh") for p in straight.model.parameters())}
