@@ -45,3 +45,17 @@ def train_resume_and_check_base(root: str) -> dict:
     trainable = sorted(n for n, p in straight.model.named_parameters() if p.requires_grad)
     return {"losses": straight.losses, "resumed": resumed.losses, "base_unchanged": base_unchanged,
             "trainable": trainable, "sharded": all(hasattr(p, "device_mesh") for p in straight.model.parameters())}
+
+
+def train_layouts(root: str, layouts: list[list[str]]) -> list[dict]:
+    """One LoRA run per layout (recipe overrides) in root/<index>; each run's losses and whether its experts' base
+    weights were sharded by expert (an expert-parallel DTensor)."""
+    from trainer.train import train
+
+    results = []
+    for index, overrides in enumerate(layouts):
+        result = train(lora_recipe(Path(root) / str(index), *overrides), progress=False)
+        expert_sharded = any(getattr(p, "device_mesh", None) is not None and p.dim() == 3
+                             and p.to_local().shape[0] < p.shape[0] for p in result.model.parameters())
+        results.append({"losses": result.losses, "expert_sharded": expert_sharded})
+    return results
