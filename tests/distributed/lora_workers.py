@@ -49,13 +49,13 @@ def train_resume_and_check_base(root: str) -> dict:
 
 def train_layouts(root: str, layouts: list[list[str]]) -> list[dict]:
     """One LoRA run per layout (recipe overrides) in root/<index>; each run's losses and whether its experts' base
-    weights were sharded by expert (an expert-parallel DTensor)."""
+    weights were split by expert (DTensors on a mesh with the "ep" dim)."""
     from trainer.train import train
 
     results = []
     for index, overrides in enumerate(layouts):
         result = train(lora_recipe(Path(root) / str(index), *overrides), progress=False)
-        expert_sharded = any(getattr(p, "device_mesh", None) is not None and p.dim() == 3
-                             and p.to_local().shape[0] < p.shape[0] for p in result.model.parameters())
+        expert_sharded = any(p.dim() == 3 and "ep" in (getattr(getattr(p, "device_mesh", None), "mesh_dim_names", None)
+                                                      or ()) for p in result.model.parameters())
         results.append({"losses": result.losses, "expert_sharded": expert_sharded})
     return results

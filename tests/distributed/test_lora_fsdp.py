@@ -80,17 +80,21 @@ def test_lora_on_two_fsdp_ranks_trains_resumes_and_exports_like_one_process(tmp_
     assert (merged - reference).abs().max().item() <= LOGITS_TOL
 
 
-def test_lora_with_expert_parallelism_on_two_ranks_matches_one_process(tmp_path):
-    """ep_size=2: each rank holds half the experts and computes their adapters' slice; all-to-all and all-gather
-    dispatchers. Same tolerances as above; the exported adapter of the all-to-all run against one process's."""
+def test_lora_with_expert_parallelism_and_activation_checkpointing_on_two_ranks_matches_one_process(tmp_path):
+    """ep_size=2: each rank holds half the experts and computes their adapters' slice (all-to-all and all-gather
+    dispatchers, and all-to-all with the MoE block recomputed); FSDP2 alone with every layer recomputed. Same
+    tolerances as above; the exported adapter of the all-to-all run against one process's. Measured (torch 2.13):
+    losses equal, logits max-abs 6.4e-7 (all-to-all)."""
     from peft import PeftModel
 
     layouts = [["parallel.ep_size=2", "parallel.dispatcher=alltoall"],
-               ["parallel.ep_size=2", "parallel.dispatcher=allgather", "output.export=false"]]
-    results = run_ranks(lora_workers.train_layouts, 2, str(tmp_path / "ep"), layouts, timeout=180)
+               ["parallel.ep_size=2", "parallel.dispatcher=allgather", "output.export=false"],
+               ["parallel.ep_size=2", "parallel.activation_checkpointing=moe", "output.export=false"],
+               ["parallel.activation_checkpointing=full", "output.export=false"]]
+    results = run_ranks(lora_workers.train_layouts, 2, str(tmp_path / "ep"), layouts, timeout=240)
     one = train(lora_workers.lora_recipe(tmp_path / "one", "train.grad_accum_steps=2"), progress=False)
     for layout, result in zip(layouts, results[0]):
-        assert result["expert_sharded"], layout
+        assert result["expert_sharded"] == ("parallel.ep_size=2" in layout), layout
         worst = max(_rel(two, ref) for two, ref in zip(result["losses"], one.losses))
         assert len(result["losses"]) == 4 and worst <= LOSS_TOL, (layout, result["losses"], one.losses)
     reference = _logits(PeftModel.from_pretrained(_plain_base(tmp_path / "one"), str(tmp_path / "one/export-adapter")))

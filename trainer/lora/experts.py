@@ -37,8 +37,9 @@ ADAPTER = "default"  # PEFT's name for the one adapter a model trains
 
 
 def local_experts(param: torch.Tensor) -> tuple[int, int]:
-    """[lo, hi): the experts of a stacked [E, ...] expert weight this rank computes (all of them unless the weight is
-    an expert-parallel DTensor sharded on dim 0)."""
+    """[lo, hi): the experts of a stacked [E, ...] expert weight this rank computes, read inside the forward (where
+    FSDP2 has gathered its own shards: what remains a DTensor is the expert-parallel split, `Shard(0)` over "ep");
+    all of them for a plain tensor."""
     mesh = getattr(param, "device_mesh", None)
     if mesh is None:
         return 0, param.shape[0]

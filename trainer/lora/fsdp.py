@@ -8,7 +8,9 @@ exist: the frozen base gets none, so only the adapters' gradients are reduced. T
 with requires_grad (the adapters' shards).
 
 One group per layer holds two dtypes when the base is bf16 (the adapters train in fp32). torch 2.7's FSDP2 demands
-one original dtype per group over all parameters; newer versions check the trainable parameters only.
+one original dtype per group over all parameters (2.7.1: "FSDP expects uniform original parameter dtype" at the first
+forward); newer versions (2.13 tested) check the trainable parameters only. `groups_allow_frozen_dtypes` reads the
+rule from torch's own check, so a bf16 base is refused exactly where it would fail.
 """
 
 from __future__ import annotations
@@ -41,6 +43,6 @@ def check_sharded_lora(base_dtype: torch.dtype) -> None:
     """UserError for a LoRA layout this torch cannot shard: a non-fp32 base beside the fp32 adapters in one group."""
     if base_dtype != torch.float32 and not groups_allow_frozen_dtypes():
         raise UserError(f"lora.enabled=true with a {str(base_dtype).removeprefix('torch.')} base under FSDP2 needs a "
-                        f"torch whose FSDP2 groups may mix frozen dtypes (torch {torch.__version__} may not)",
+                        f"torch whose FSDP2 groups may mix frozen dtypes (torch {torch.__version__}'s cannot)",
                         "set model.dtype=float32 (train.precision=bf16-mixed keeps bf16 compute), upgrade torch, "
                         "or train in one process")
