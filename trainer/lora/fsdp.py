@@ -5,7 +5,8 @@ base weights and its trainable lora_A / lora_B, so the layer's all-gather brings
 routed experts' adapters are read as weights by the grouped-GEMM path, never called as modules, so a group of their
 own would never be gathered). FSDP2 shards every parameter on its own and reduce-scatters only the gradients that
 exist: the frozen base gets none, so only the adapters' gradients are reduced. The optimizer takes the parameters
-with requires_grad (the adapters' shards).
+with requires_grad (the adapters' shards). Under expert parallelism the expert adapters stay in that group too
+(whole, in PEFT's layout); each rank computes its experts' slice of them (`trainer.lora.experts`).
 
 One group per layer holds two dtypes when the base is bf16 (the adapters train in fp32). torch 2.7's FSDP2 demands
 one original dtype per group over all parameters (2.7.1: "FSDP expects uniform original parameter dtype" at the first
