@@ -4,7 +4,8 @@ process does on the same global batch (one process: micro-batch 2 x 2 accumulati
 Tolerances: losses 1e-5 relative (FSDP2's reduce-scatter sums the two ranks' gradients in another order than
 accumulation does: float32 rounding only); resume from step 2 of the 2-process run reproduces its steps 3-4 within
 1e-6 relative; the base weights are bit-identical after training; the exported adapter loaded by PEFT on plain
-transformers, and the merged export, give the single-process export's logits within 1e-5. Measured (torch 2.13, CPU):
+transformers, and the merged export, give the single-process export's logits within 1e-5, as does `moe export` of
+the 2-process checkpoint in one process. Measured (torch 2.13, CPU):
 losses equal, resume equal, logits max-abs 6.3e-7 (PEFT-loaded adapter) and 6.0e-7 (merged); base bit-identical.
 """
 
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 
 import lora_workers
 from harness import run_ranks
+from trainer.checkpoint.export_run import export_checkpoint
 from trainer.lora.run import BASE_WEIGHTS
 from trainer.train import train
 
@@ -78,6 +80,12 @@ def test_lora_on_two_fsdp_ranks_trains_resumes_and_exports_like_one_process(tmp_
     assert (sharded - reference).abs().max().item() <= LOGITS_TOL
     merged = _logits(AutoModelForCausalLM.from_pretrained(str(tmp_path / "two/export"), dtype=torch.float32).eval())
     assert (merged - reference).abs().max().item() <= LOGITS_TOL
+
+    # `moe export` in one process from the 2-process checkpoint (DCP reads the two ranks' adapter shards)
+    out, step = export_checkpoint(tmp_path / "two", tmp_path / "out", "float32")
+    assert step == 4
+    exported = _logits(PeftModel.from_pretrained(_plain_base(tmp_path / "two"), str(tmp_path / "out-adapter")))
+    assert (exported - sharded).abs().max().item() <= LOGITS_TOL
 
 
 def test_lora_with_expert_parallelism_and_activation_checkpointing_on_two_ranks_matches_one_process(tmp_path):
