@@ -47,9 +47,19 @@ def train_resume_and_check_base(root: str) -> dict:
             "trainable": trainable, "sharded": all(hasattr(p, "device_mesh") for p in straight.model.parameters())}
 
 
-def train_layouts(root: str, layouts: list[list[str]]) -> list[dict]:
+def _copy_back_to_step_2(source: Path, target: Path) -> None:
+    """Rank 0: a copy of a 4-step run whose newest checkpoint is step 2."""
+    if dist.get_rank() == 0:
+        shutil.copytree(source, target)
+        shutil.rmtree(target / "checkpoints" / "step_00000004")
+        (target / "checkpoints" / "latest").write_text("step_00000002")
+    dist.barrier()
+
+
+def train_layouts(root: str, layouts: list[list[str]], resume_first_under: list[str] | None = None) -> list[dict]:
     """One LoRA run per layout (recipe overrides) in root/<index>; each run's losses and whether its experts' base
-    weights were split by expert (DTensors on a mesh with the "ep" dim)."""
+    weights were split by expert (DTensors on a mesh with the "ep" dim). With `resume_first_under`, a copy of the
+    first run is resumed from its step 2 under those overrides (another layout) and its losses come last."""
     from trainer.train import train
 
     results = []
@@ -58,4 +68,8 @@ def train_layouts(root: str, layouts: list[list[str]]) -> list[dict]:
         expert_sharded = any(p.dim() == 3 and "ep" in (getattr(getattr(p, "device_mesh", None), "mesh_dim_names", None)
                                                       or ()) for p in result.model.parameters())
         results.append({"losses": result.losses, "expert_sharded": expert_sharded})
+    if resume_first_under is not None:
+        _copy_back_to_step_2(Path(root) / "0", Path(root) / "resumed")
+        resumed = train(lora_recipe(Path(root) / "resumed", *resume_first_under), progress=False)
+        results.append({"losses": resumed.losses})
     return results

@@ -90,8 +90,9 @@ def test_lora_on_two_fsdp_ranks_trains_resumes_and_exports_like_one_process(tmp_
 
 def test_lora_with_expert_parallelism_and_activation_checkpointing_on_two_ranks_matches_one_process(tmp_path):
     """ep_size=2: each rank holds half the experts and computes their adapters' slice (all-to-all and all-gather
-    dispatchers, and all-to-all with the MoE block recomputed); FSDP2 alone with every layer recomputed. Same
-    tolerances as above; the exported adapter of the all-to-all run against one process's. Measured (torch 2.13):
+    dispatchers, and all-to-all with the MoE block recomputed); FSDP2 alone with every layer recomputed; the EP=2
+    checkpoint resumed under FSDP2 alone. Same tolerances as above (the resume across layouts within the loss
+    tolerance); the exported adapter of the all-to-all run against one process's. Measured (torch 2.13):
     losses equal, logits max-abs 6.4e-7 (all-to-all)."""
     from peft import PeftModel
 
@@ -99,8 +100,12 @@ def test_lora_with_expert_parallelism_and_activation_checkpointing_on_two_ranks_
                ["parallel.ep_size=2", "parallel.dispatcher=allgather", "output.export=false"],
                ["parallel.ep_size=2", "parallel.activation_checkpointing=moe", "output.export=false"],
                ["parallel.activation_checkpointing=full", "output.export=false"]]
-    results = run_ranks(lora_workers.train_layouts, 2, str(tmp_path / "ep"), layouts, timeout=240)
+    resume_under = ["parallel.ep_size=1", "output.export=false"]
+    results = run_ranks(lora_workers.train_layouts, 2, str(tmp_path / "ep"), layouts, resume_under, timeout=240)
     one = train(lora_workers.lora_recipe(tmp_path / "one", "train.grad_accum_steps=2"), progress=False)
+    # the EP=2 checkpoint at step 2 resumes under FSDP2 alone (same world size): the same steps 3 and 4
+    resumed = results[0][-1]["losses"]
+    assert len(resumed) == 2 and max(_rel(r, s) for r, s in zip(resumed, results[0][0]["losses"][2:])) <= LOSS_TOL
     for layout, result in zip(layouts, results[0]):
         assert result["expert_sharded"] == ("parallel.ep_size=2" in layout), layout
         worst = max(_rel(two, ref) for two, ref in zip(result["losses"], one.losses))
