@@ -352,10 +352,6 @@ def validate_lora(config: Recipe) -> None:
     if lora.dropout > 0 and "experts" in lora.targets:
         raise UserError(f"lora.dropout={lora.dropout:g} cannot apply to the routed experts (PEFT's adapter for fused "
                         "expert weights has no dropout)", "set lora.dropout=0 or drop experts from lora.targets")
-    if config.parallel.ep_size > 1:
-        raise UserError(f"lora.enabled=true does not run with expert parallelism yet "
-                        f"(parallel.ep_size={config.parallel.ep_size})",
-                        "set parallel.ep_size=1 (the frozen experts can stay replicated or FSDP-sharded)")
 
 
 def validate_perf(config: Recipe) -> None:

@@ -84,7 +84,9 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
     _say(rt, f"data: {prepared.summary()}; {max_steps} steps cover {shape.epochs_of(max_steps):.2f} epochs "
              f"({shape.rows} rows of up to {data.seq_len} tokens per epoch)")
     check_layout(recipe, rt)
-    model = build_model(recipe.model, rt.param_dtype, rt.device, recipe.parallel if rt.world_size > 1 else None,
+    # A LoRA base is loaded whole, then adapted, then sharded (PEFT injects its layers into plain modules).
+    sharded_load = rt.world_size > 1 and not recipe.lora.enabled
+    model = build_model(recipe.model, rt.param_dtype, rt.device, recipe.parallel if sharded_load else None,
                         packing=data.packing)
     if recipe.lora.enabled:  # a random-init base is the one the run saved (trainer.lora.run); the rest is frozen
         saved_base = Path(recipe.output.dir) / MODEL_FILES if resume_from and recipe.model.from_config else None
@@ -112,8 +114,8 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
         _say(rt, f"resumed from {resume_from} at step {step}")
     if rt.is_main:
         save_model_files(run_dir, model, tokenizer)
-        if recipe.lora.enabled and recipe.model.from_config and not resume_from:
-            lora_run.save_base(model, run_dir / MODEL_FILES)
+    if recipe.lora.enabled and recipe.model.from_config and not resume_from:
+        lora_run.save_base(model, run_dir / MODEL_FILES)  # every rank: the sharded base is gathered to rank 0
 
     def save() -> None:
         optimizer.flush()  # held-back (deferred) updates belong to the saved step
@@ -266,8 +268,9 @@ def check_layout(recipe: Recipe, rt: Runtime) -> None:
                         "launch with torchrun --nproc-per-node N or set parallel.ep_size=1")
     mesh_sizes(ParallelConfig.from_any(parallel), rt.world_size, num_experts(config))
     if recipe.lora.enabled and rt.world_size > 1:
-        raise UserError(f"lora.enabled=true runs in one process for now ({rt.world_size} were launched)",
-                        "launch a single process (python -m trainer.cli train ...), or train without lora")
+        from trainer.lora.fsdp import check_sharded_lora
+
+        check_sharded_lora(rt.param_dtype)
     memory_gib = accelerator_memory_gib(rt)
     if memory_gib is not None and parallel.check_memory:
         from trainer.planner import check_fits

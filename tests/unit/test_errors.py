@@ -497,6 +497,19 @@ def _server_exits_before_healthy(tmp_path):
     server.start()
 
 
+def _lora_bf16_base_where_fsdp_groups_need_one_dtype():
+    """What a LoRA run with a bf16 base under several processes meets on a torch (2.7) whose FSDP2 groups need one
+    dtype for all parameters (this torch's answer is replaced: the check is the same)."""
+    from unittest import mock
+
+    import torch
+
+    from trainer.lora import fsdp
+
+    with mock.patch.object(fsdp, "groups_allow_frozen_dtypes", return_value=False):
+        fsdp.check_sharded_lora(torch.bfloat16)
+
+
 FUNCTION_CASES = [
     Case("vllm-cannot-serve-family", lambda t: _vllm_engine({"model_type": "nemotron_h"}),
          r"vLLM does not serve model_type 'nemotron_h' on cpu", "serve it with --engine transformers"),
@@ -506,6 +519,9 @@ FUNCTION_CASES = [
     Case("server-exited", _server_exits_before_healthy,
          r"the transformers server exited with code 3 before it was healthy \(RuntimeError: no kernel for this CPU\)",
          "read its log: "),
+    Case("lora-sharded-bf16-base", lambda t: _lora_bf16_base_where_fsdp_groups_need_one_dtype(),
+         r"lora.enabled=true with a bfloat16 base under FSDP2 needs a torch whose FSDP2 groups may mix frozen dtypes",
+         "set model.dtype=float32"),
     Case("ep-not-dividing-experts", lambda t: _ep_not_dividing_experts(),
          "parallel.ep_size=3 does not divide the model's 8 experts", "choose an ep_size that divides"),
     Case("layout-does-not-fit", lambda t: _layout_too_big_for_the_gpu(),

@@ -61,8 +61,9 @@ def export_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype, overwri
 
     Collective under torchrun: a sharded (FSDP2/EP) model is written by `save_sharded_pretrained`, which streams
     one safetensors file at a time to rank 0, so no rank ever holds the full model. A full or read-only disk is a
-    UserError; the previous export, if any, is untouched. `state` (one process only): the tensors to write instead
-    of the model's own (a LoRA run's merged weights, `trainer.lora.export`).
+    UserError; the previous export, if any, is untouched. `state`: full tensors to write instead of the model's
+    own (a LoRA run's merged weights, `trainer.lora.export`); under several processes rank 0 writes them and the
+    other ranks pass {} (nothing is streamed).
     """
     out = Path(out_dir)
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -76,11 +77,12 @@ def export_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype, overwri
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         if distributed:
+            dist.barrier()
+        if distributed and state is None:
             from trainer.checkpoint.hf_export import save_sharded_pretrained
 
-            dist.barrier()
             save_sharded_pretrained(model, str(tmp), dtype=dtype)
-        else:
+        elif is_main:
             # Cast copies, never the live model: its fp32 master weights must survive an export in bf16.
             state = {k: v.to(dtype) if v.is_floating_point() else v
                      for k, v in (model.state_dict() if state is None else state).items()}

@@ -12,6 +12,16 @@ one: O(S * r * (in + out)) work instead of O(E * in * out), and no [E, out, in] 
 dA and dB through the grouped GEMMs (`trainer.moe.grouped_gemm`); the frozen W gets no weight gradient at all.
 The memory-lean fused expert MLP (`trainer.kernels.fused_expert_mlp`, `perf.fused_experts`) takes the same factors
 (`row_lora`) and computes the same terms with an explicit backward.
+
+Under expert parallelism (`parallel.ep_size > 1`) the experts module holds experts [lo, hi) of this EP rank (its
+[E, ...] weights are DTensors `Shard(0)` over "ep"), and the rows it receives are grouped by those local experts.
+The factors are then the local experts' slices of PEFT's A and B: A's rows lo*r:hi*r, and B's columns j*E + e for
+e in [lo, hi) (strided: PEFT's B is rank-major). The adapter weights themselves stay whole, in PEFT's layout, and
+are FSDP-sharded with the dense weights of their decoder layer over every data-parallel rank: each rank gathers the
+layer's adapters, uses its experts' slice, and gets zero gradient on the other experts' entries, so the
+reduce-scatter (a sum over all ranks, divided by their number) gives each expert's gradient once, summed over every
+rank's tokens, exactly as for the expert weights (`trainer.parallel.apply`). Checkpoints and the export need no
+conversion.
 """
 
 from __future__ import annotations
@@ -26,6 +36,18 @@ from trainer.moe.grouped_gemm import grouped_mm
 ADAPTER = "default"  # PEFT's name for the one adapter a model trains
 
 
+def local_experts(param: torch.Tensor) -> tuple[int, int]:
+    """[lo, hi): the experts of a stacked [E, ...] expert weight this rank computes, read inside the forward (where
+    FSDP2 has gathered its own shards: what remains a DTensor is the expert-parallel split, `Shard(0)` over "ep");
+    all of them for a plain tensor."""
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is None:
+        return 0, param.shape[0]
+    local = param.to_local().shape[0]
+    lo = mesh.get_local_rank() * local
+    return lo, lo + local
+
+
 @dataclass
 class ExpertAdapter:
     """One fused expert parameter's adapter: the PEFT `ParamWrapper` that holds lora_A / lora_B."""
@@ -33,14 +55,16 @@ class ExpertAdapter:
     wrapper: torch.nn.Module
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(A_EIr [E, in, r], B_ERO [E, r, out], scaling) in grouped-GEMM layout (views of PEFT's weights, made
-        contiguous: E*r*(in + out) elements, small next to the experts)."""
+        """(A_EIr [E_local, in, r], B_ERO [E_local, r, out], scaling) in grouped-GEMM layout for the experts this
+        rank computes (`local_experts`): slices of PEFT's weights, made contiguous (E*r*(in + out) elements at
+        most, small next to the experts)."""
         w = self.wrapper
         num_experts = w.num_experts
+        lo, hi = local_experts(w.get_param())
         a_w = w.lora_A[ADAPTER].weight  # [E*r, in]
         b_w = w.lora_B[ADAPTER].weight  # [out, r*E]
-        a_EIr = a_w.view(num_experts, -1, a_w.shape[-1]).transpose(1, 2).contiguous()
-        b_ERO = b_w.view(b_w.shape[0], -1, num_experts).permute(2, 1, 0).contiguous()
+        a_EIr = a_w.view(num_experts, -1, a_w.shape[-1])[lo:hi].transpose(1, 2).contiguous()
+        b_ERO = b_w.view(b_w.shape[0], -1, num_experts)[:, :, lo:hi].permute(2, 1, 0).contiguous()
         return a_EIr, b_ERO, float(w.scaling[ADAPTER])
 
     def delta_rows(self, rows_SI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,8 @@
   tokenizer); a resume and `moe export` read it from there. It is the frozen base, written as it was built.
 - Checkpoints hold the trainable state only (`trainer.checkpoint.dcp`).
 - The export is two directories: `<export>-adapter/` (PEFT's format) and `<export>/` (the merged plain model).
+Under FSDP2 the saved base and both exports are the all-gathered full tensors, written by rank 0
+(`trainer.lora.gather`); every rank calls `save_base` and `export_lora`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 
 from trainer.lora.export import adapter_dir_for, base_state_dict, merged_state_dict, save_adapter
+from trainer.lora.gather import gathered_state, is_distributed, is_writer
 from trainer.lora.inject import apply_lora
 
 BASE_WEIGHTS = "lora-base.safetensors"  # the model's own names and layout (not an HF checkpoint's per-expert keys)
@@ -30,11 +33,14 @@ def has_saved_base(model_files: Path) -> bool:
 
 def save_base(model: torch.nn.Module, model_files: Path) -> None:
     """Write the frozen base (plain names, no adapters) into the run's model files; a tensor tied to another one
-    (shared storage) is written once."""
+    (shared storage) is written once. Collective under several processes (rank 0 writes)."""
     from safetensors.torch import save_file
 
+    full = gathered_state(model)
+    if not is_writer():
+        return
     state, seen = {}, set()
-    for name, tensor in base_state_dict(model).items():
+    for name, tensor in base_state_dict(model, full).items():
         if tensor.data_ptr() in seen:
             continue
         seen.add(tensor.data_ptr())
@@ -64,11 +70,20 @@ def adapted(model: torch.nn.Module, lora_cfg, model_files: Path | None = None) -
 
 def export_lora(model: torch.nn.Module, tokenizer, out_dir: Path, dtype: torch.dtype, overwrite: bool = False,
                 keep: tuple[Path, ...] = (), base_model: str | None = None) -> Path:
-    """`<out_dir>-adapter/` (PEFT) and `<out_dir>/` (base + adapter merged, plain HF). Returns out_dir."""
+    """`<out_dir>-adapter/` (PEFT) and `<out_dir>/` (base + adapter merged, plain HF). Returns out_dir.
+    Collective under several processes: the full tensors are gathered to rank 0, which writes both."""
+    import torch.distributed as dist
+
     from trainer.checkpoint.export import check_export_target, export_hf
     from trainer.lora.export import check_adapter_target
 
     check_export_target(out_dir, overwrite, keep)  # both refused before either is written
     check_adapter_target(adapter_dir_for(out_dir), overwrite)
-    save_adapter(model, adapter_dir_for(out_dir), dtype, overwrite=overwrite, base_model=base_model)
-    return export_hf(model, tokenizer, out_dir, dtype, overwrite=overwrite, keep=keep, state=merged_state_dict(model))
+    full = gathered_state(model)
+    merged = {}
+    if is_writer():
+        save_adapter(model, adapter_dir_for(out_dir), dtype, overwrite=overwrite, base_model=base_model, state=full)
+        merged = merged_state_dict(model, full)
+    if is_distributed():
+        dist.barrier()
+    return export_hf(model, tokenizer, out_dir, dtype, overwrite=overwrite, keep=keep, state=merged)

@@ -166,6 +166,7 @@ def _gathered_forward(module, dispatcher, hidden_states, top_k_index, top_k_weig
             tokens.x_ND, tokens.weights_NK, _local(module.gate_up_proj if has_gate else module.up_proj),
             _local(module.down_proj), plan, _activation(module),
             is_transposed=getattr(module, "is_transposed", False), keep_TK=tokens.keep_NK,
+            lora=row_lora(adapters_of(module), "gate_up_proj" if has_gate else "up_proj"),
         )
     return dispatcher.scatter(out_ND.to(hidden_states.dtype))
 
