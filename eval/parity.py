@@ -12,6 +12,7 @@ failed item with its error recorded, never a crash of the whole validation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from eval.client import HTTPError, OpenAIClient, ServerCapabilities, first_choice
@@ -34,8 +35,9 @@ class GreedyItem:
     error: str | None = None  # the server's failure for this prompt (then match is False)
 
 
-def first_difference(a: str, b: str) -> int | None:
-    """Index of the first character where `a` and `b` differ (the shorter length if one is a prefix); None if equal."""
+def first_difference(a: Sequence, b: Sequence) -> int | None:
+    """Index of the first item (character of a text, id of a token list) where `a` and `b` differ (the shorter length
+    if one is a prefix); None if equal."""
     if a == b:
         return None
     for i, (x, y) in enumerate(zip(a, b)):
@@ -47,16 +49,6 @@ def first_difference(a: str, b: str) -> int | None:
 def texts_match(reference: str, served: str) -> bool:
     """Equal texts, where one trailing partial character (U+FFFD on either side, or held back) is not a mismatch."""
     return reference == served or reference.rstrip(REPLACEMENT) == served.rstrip(REPLACEMENT)
-
-
-def first_token_difference(a: list[int], b: list[int]) -> int | None:
-    """Index of the first differing token id (the shorter length if one is a prefix); None if equal."""
-    if a == b:
-        return None
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return min(len(a), len(b))
 
 
 def served_greedy(
@@ -101,7 +93,7 @@ def compare_greedy(
             ref = reference.greedy_chat([{"role": "user", "content": prompt}], max_tokens)
             ref.text = ref.text.strip()
         if served_ids is not None:
-            token = first_token_difference(ref.token_ids, served_ids)
+            token = first_difference(ref.token_ids, served_ids)
             match = token is None
             char = None if match else first_difference(ref.text, served_text)
         else:

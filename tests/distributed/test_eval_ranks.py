@@ -3,17 +3,11 @@ validation set, although the set's micro-batches do not split evenly (one rank r
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from one_and_two_ranks import train_one_process_and_two_ranks
 
 from trainer.metrics import read_metrics
 
-REPO = Path(__file__).resolve().parents[2]
 # 24 validation samples of the shipped set pack into 11 rows at seq_len 96: 11 micro-batches of one row, so rank 1
 # runs 5 and a filler
 COMMON = ["data.seq_len=96", "train.micro_batch_size=1", "train.max_steps=2", "output.export=false",
@@ -22,19 +16,7 @@ COMMON = ["data.seq_len=96", "train.micro_batch_size=1", "train.max_steps=2", "o
 
 @pytest.mark.distributed
 def test_two_ranks_report_the_one_process_eval_loss(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    train = ["-m", "trainer.cli", "train", "tiny-moe", *COMMON]
-    subprocess.run([sys.executable, *train, f"output.dir={tmp_path / 'one'}", "train.grad_accum_steps=2"],
-                   cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    two = subprocess.Popen([*launcher, *train, f"output.dir={tmp_path / 'two'}"], cwd=REPO, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = two.communicate(timeout=300)
-    finally:
-        if two.poll() is None:
-            os.killpg(two.pid, signal.SIGKILL)
-    assert two.returncode == 0, output[-3000:]
+    train_one_process_and_two_ranks(tmp_path, "tiny-moe", COMMON)
 
     def evals(run):
         return [(r["step"], r["eval_loss"], r["eval_tokens"]) for r in read_metrics(tmp_path / run) if "eval_loss" in r]

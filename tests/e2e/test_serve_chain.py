@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from chain_env import REPO, free_port, offline_env
 MISSING = [m for m in ("fastapi", "uvicorn", "openai", "accelerate") if importlib.util.find_spec(m) is None]
 pytestmark = [
     pytest.mark.slow,
@@ -25,18 +22,8 @@ pytestmark = [
 ]
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _moe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=cwd, env=_env(),
+    return subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=cwd, env=offline_env(),
                           capture_output=True, text=True, timeout=600)
 
 
@@ -60,11 +47,11 @@ def export_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(export_dir):
     """`python -m eval serve` (transformers serve) on a free loopback port; yields its base URL."""
-    port = _free_port()
+    port = free_port()
     log = open(export_dir.parent / "serve.log", "w")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
         [sys.executable, "-m", "eval", "serve", "--export", str(export_dir), "--port", str(port)],
-        cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+        cwd=REPO, env=offline_env(), stdout=log, stderr=subprocess.STDOUT,
     )
     yield f"http://127.0.0.1:{port}", process
     process.terminate()
@@ -79,7 +66,7 @@ def _validate(export_dir: Path, base_url: str, report: Path, *extra: str) -> sub
     return subprocess.run(
         [sys.executable, "-m", "eval", "validate", "--export", str(export_dir), "--base-url", base_url,
          "--report", str(report), "--timeout", "180", *extra],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=600,
     )
 
 
@@ -142,7 +129,7 @@ def test_serve_helper_refuses_a_port_in_use_in_one_line(export_dir, server):
     port = base_url.rsplit(":", 1)[1]
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "eval", "serve", "--export", str(export_dir), "--port", port],
-                            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+                            cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert f"port {port}" in result.stderr and "in use" in result.stderr

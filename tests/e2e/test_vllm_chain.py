@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from chain_env import REPO, free_port, offline_env
 VLLM_PYTHON = Path(os.environ.get("MOE_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
 
 
@@ -34,18 +32,8 @@ pytestmark = [
 ]
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=offline_env(), capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +52,7 @@ def export_dir(tmp_path_factory) -> Path:
 def server(export_dir):
     from eval.launch import Server
 
-    with Server(export_dir, _free_port(), log=export_dir.parent / "vllm.log", engine="vllm",
+    with Server(export_dir, free_port(), log=export_dir.parent / "vllm.log", engine="vllm",
                 vllm_python_path=str(VLLM_PYTHON), timeout=420) as running:
         yield running
 

@@ -85,14 +85,14 @@ def test_tiny_export_refuses_a_non_empty_directory(tmp_path, capsys):
 
 
 def test_a_trailing_partial_utf8_character_is_not_a_mismatch():
-    from eval.parity import first_token_difference, texts_match
+    from eval.parity import first_difference, texts_match
 
     assert texts_match("gen of\ufffd", "gen of")  # transformers decodes the partial byte, a server holds it back
     assert texts_match("gen of", "gen of\ufffd")
     assert not texts_match("gen of\ufffd", "gen if")
-    assert first_token_difference([1, 2, 3], [1, 2, 3]) is None
-    assert first_token_difference([1, 2, 3], [1, 5, 3]) == 1
-    assert first_token_difference([1, 2, 3], [1, 2]) == 2
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert first_difference([1, 2, 3], [1, 2]) == 2
 
 
 def test_auto_engine_serves_with_vllm_only_where_it_can():

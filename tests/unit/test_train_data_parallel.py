@@ -5,15 +5,12 @@ same weights."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from one_and_two_ranks import REPO, train_env, train_one_process_and_two_ranks, two_ranks_command
 
-REPO = Path(__file__).resolve().parents[2]
 COMMON = ["data.seq_len=96", "train.micro_batch_size=2", "train.max_steps=4", "output.export=true", "--no-progress"]
 
 
@@ -23,20 +20,7 @@ def _losses(run_dir: Path) -> list[float]:
 
 @pytest.mark.distributed
 def test_two_ranks_match_one_process_with_gradient_accumulation(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    train = ["-m", "trainer.cli", "train", "tiny-moe", *COMMON]
-    subprocess.run([sys.executable, *train, f"output.dir={tmp_path / 'one'}", "train.grad_accum_steps=2"],
-                   cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    # A new session so that on a timeout the launcher and both workers are killed together.
-    two = subprocess.Popen([*launcher, *train, f"output.dir={tmp_path / 'two'}"], cwd=REPO, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = two.communicate(timeout=300)
-    finally:
-        if two.poll() is None:
-            os.killpg(two.pid, signal.SIGKILL)
-    assert two.returncode == 0, output[-3000:]
+    train_one_process_and_two_ranks(tmp_path, "tiny-moe", COMMON)
     # Same rows per step, same token-mean loss; FSDP2's reduce-scatter sums in another order than accumulation,
     # so later steps may differ by float32 rounding.
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
@@ -54,6 +38,7 @@ def test_two_ranks_match_one_process_with_gradient_accumulation(tmp_path):
     # (each rank its share again) before it continues.
     recorded = json.loads((checkpoint / "meta.json").read_text())["files"]
     assert sorted(recorded) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-    resumed = subprocess.run([*launcher, *train, f"output.dir={tmp_path / 'two'}", "train.max_steps=5"], cwd=REPO,
-                             env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
+    resumed = subprocess.run([*two_ranks_command("tiny-moe", COMMON), f"output.dir={tmp_path / 'two'}",
+                              "train.max_steps=5"], cwd=REPO, env=train_env(), capture_output=True, text=True,
+                             timeout=300, start_new_session=True)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout[-3000:] + resumed.stderr[-3000:]
