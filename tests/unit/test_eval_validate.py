@@ -8,6 +8,7 @@ of the export to show that validation catches it.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,6 +20,16 @@ from eval.reference import Reference
 from eval.validate import validate
 
 
+class _QuietHTTPServer(ThreadingHTTPServer):
+    """Keeps a failed request's exception (e.g. a client hanging up mid-answer when the validator gives up at its
+    timeout) in `errors` instead of printing a traceback to stderr, where the tests read the CLI's one-line errors."""
+
+    errors: list[str]
+
+    def handle_error(self, request, client_address):
+        self.errors.append(repr(sys.exc_info()[1]))
+
+
 class LogprobServer:
     """/health, /v1/models and /v1/completions (greedy, `logprobs`, `echo`, `text_offset`) over one export."""
 
@@ -27,7 +38,8 @@ class LogprobServer:
         self.healthy = healthy
         self.fail = fail or {}  # prompt -> HTTP status to answer instead (0: drop the connection unanswered)
         self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd = _QuietHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd.errors = []
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
