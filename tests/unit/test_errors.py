@@ -19,11 +19,12 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Callable
 
 import pytest
+from quiet_http import QuietHTTPServer
 
 from trainer.cli import main as moe
 from trainer.config import resolve_path
@@ -432,7 +433,7 @@ class _NeverHealthy(BaseHTTPRequestHandler):
 def _server_never_healthy():
     from eval.client import OpenAIClient
 
-    server = HTTPServer(("127.0.0.1", 0), _NeverHealthy)
+    server = QuietHTTPServer(("127.0.0.1", 0), _NeverHealthy)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         OpenAIClient(f"http://127.0.0.1:{server.server_port}").wait_healthy(timeout=1.0, poll_interval=0.2)
@@ -466,8 +467,7 @@ def _ask(body: bytes, delay: float = 0.0, request_timeout: float = 5.0):
     from eval.parity import served_greedy
 
     handler = type("Handler", (_OneAnswer,), {"body": body, "delay": delay})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
+    server = QuietHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         client = OpenAIClient(f"http://127.0.0.1:{server.server_port}", request_timeout=request_timeout)

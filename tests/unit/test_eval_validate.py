@@ -8,26 +8,16 @@ of the export to show that validation catches it.
 from __future__ import annotations
 
 import json
-import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+from quiet_http import QuietHTTPServer
 
 from eval.cli import main
 from eval.reference import Reference
 from eval.validate import validate
-
-
-class _QuietHTTPServer(ThreadingHTTPServer):
-    """Keeps a failed request's exception (e.g. a client hanging up mid-answer when the validator gives up at its
-    timeout) in `errors` instead of printing a traceback to stderr, where the tests read the CLI's one-line errors."""
-
-    errors: list[str]
-
-    def handle_error(self, request, client_address):
-        self.errors.append(repr(sys.exc_info()[1]))
 
 
 class LogprobServer:
@@ -38,8 +28,7 @@ class LogprobServer:
         self.healthy = healthy
         self.fail = fail or {}  # prompt -> HTTP status to answer instead (0: drop the connection unanswered)
         self.lock = threading.Lock()
-        self.httpd = _QuietHTTPServer(("127.0.0.1", 0), self._handler())
-        self.httpd.errors = []
+        self.httpd = QuietHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
