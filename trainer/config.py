@@ -313,8 +313,30 @@ def validate(config: Recipe) -> None:
         raise UserError(f"model.attn_implementation must be one of {'|'.join(ATTENTION)} (or a Hub kernel "
                         f"org/name), got {attn!r}", "set model.attn_implementation=auto")
     validate_perf(config)
+    validate_parallel(config)
     validate_lora(config)
     validate_data(config)
+
+
+def validate_parallel(config: Recipe) -> None:
+    """`parallel.layout: replicate` averages the gradients inside the backward (the in-backward optimizer does it
+    layer by layer), holds the whole model on every rank and has no expert split or HSDP of its own."""
+    parallel = config.parallel
+    if parallel.layout != "replicate":
+        return
+    if config.perf.optimizer not in ("in-backward", "overlap"):
+        raise UserError("parallel.layout=replicate averages gradients inside the backward, which needs an "
+                        f"in-backward optimizer (perf.optimizer={config.perf.optimizer})",
+                        "set perf.optimizer=overlap (or in-backward) with optim.max_grad_norm=0, "
+                        "or parallel.layout=fsdp")
+    for name, default in (("ep_size", 1), ("dp_shard_size", -1), ("dp_replicate_size", 1)):
+        if getattr(parallel, name) != default:
+            raise UserError(f"parallel.layout=replicate keeps every weight on every rank, so parallel.{name}="
+                            f"{getattr(parallel, name)} has nothing to split",
+                            f"set parallel.{name}={default}, or parallel.layout=fsdp")
+    if config.lora.enabled:
+        raise UserError("lora.enabled=true trains under parallel.layout=fsdp only",
+                        "set parallel.layout=fsdp (the adapters are sharded with their layers)")
 
 
 def validate_data(config: Recipe) -> None:

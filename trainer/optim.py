@@ -89,8 +89,8 @@ class AdamW(torch.optim.Optimizer):
     def _add_state(self, p: torch.Tensor) -> None:
         if self._replicas is not None:  # a sharded replica optimizer keeps state for this rank's slice only
             weight = self._replicas.view_of(p)
-            exp_avg, exp_avg_sq = torch.zeros_like(weight), torch.zeros_like(weight)
-            local_m, local_v = exp_avg, exp_avg_sq
+            local_m, local_v = torch.zeros_like(weight), torch.zeros_like(weight)
+            exp_avg, exp_avg_sq = self._replicas.state_tensor(p, local_m), self._replicas.state_tensor(p, local_v)
         else:
             weight = _local(p).detach()
             exp_avg, exp_avg_sq = torch.zeros_like(p.detach()), torch.zeros_like(p.detach())  # DTensors if p is
