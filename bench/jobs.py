@@ -106,6 +106,10 @@ VARIANTS = {
     "overlap": ["perf.optimizer=overlap", "optim.max_grad_norm=0"],
     "no-graphs": ["perf.compile=layers"],
     "eager": ["perf.compile=off"],
+    # every layer's AdamW held back to the next forward, on a side stream under it (clipping kept)
+    "defer": ["perf.defer=all"],
+    # several GPUs: the whole model on every GPU, gradients averaged in the backward (docs/DISTRIBUTED.md)
+    "replicate": ["parallel.layout=replicate", "parallel.ep_size=1", "perf.optimizer=overlap", "optim.max_grad_norm=0"],
 }
 
 

@@ -140,8 +140,10 @@ class PerfConfig:
     # The in-backward modes need optim.max_grad_norm: 0 and train.grad_accum_steps: 1. auto: after-backward.
     optimizer: Literal["auto", "after-backward", "in-backward", "overlap"] = "auto"
     adamw: Literal["auto", "torch", "triton"] = "auto"  # the update kernel; auto: Triton on CUDA where importable
-    # in-backward only: the output head's (and the last N layers') updates wait for the next forward
-    defer: Literal["none", "head", "1", "2", "3", "4"] = "none"
+    # the output head's (and the last N / all layers') updates wait for the next forward, which applies each one
+    # (on a side CUDA stream) just before the module reads it: the memory-bound AdamW runs under the forward. Any
+    # optimizer mode (after the backward: with the step's clipping and skip); unsharded parameters only
+    defer: Literal["none", "head", "1", "2", "3", "4", "all"] = "none"
     # with the overlapped optimizer: the layers' CUDA graphs / the whole step on a high-priority stream, so AdamW's
     # blocks take only the SMs the step leaves; auto: high in one process, default beside gradient collectives
     graph_priority: Literal["auto", "default", "high"] = "auto"
@@ -313,8 +315,30 @@ def validate(config: Recipe) -> None:
         raise UserError(f"model.attn_implementation must be one of {'|'.join(ATTENTION)} (or a Hub kernel "
                         f"org/name), got {attn!r}", "set model.attn_implementation=auto")
     validate_perf(config)
+    validate_parallel(config)
     validate_lora(config)
     validate_data(config)
+
+
+def validate_parallel(config: Recipe) -> None:
+    """`parallel.layout: replicate` averages the gradients inside the backward (the in-backward optimizer does it
+    layer by layer), holds the whole model on every rank and has no expert split or HSDP of its own."""
+    parallel = config.parallel
+    if parallel.layout != "replicate":
+        return
+    if config.perf.optimizer not in ("in-backward", "overlap"):
+        raise UserError("parallel.layout=replicate averages gradients inside the backward, which needs an "
+                        f"in-backward optimizer (perf.optimizer={config.perf.optimizer})",
+                        "set perf.optimizer=overlap (or in-backward) with optim.max_grad_norm=0, "
+                        "or parallel.layout=fsdp")
+    for name, default in (("ep_size", 1), ("dp_shard_size", -1), ("dp_replicate_size", 1)):
+        if getattr(parallel, name) != default:
+            raise UserError(f"parallel.layout=replicate keeps every weight on every rank, so parallel.{name}="
+                            f"{getattr(parallel, name)} has nothing to split",
+                            f"set parallel.{name}={default}, or parallel.layout=fsdp")
+    if config.lora.enabled:
+        raise UserError("lora.enabled=true trains under parallel.layout=fsdp only",
+                        "set parallel.layout=fsdp (the adapters are sharded with their layers)")
 
 
 def validate_data(config: Recipe) -> None:
@@ -357,7 +381,7 @@ def validate_lora(config: Recipe) -> None:
 def validate_perf(config: Recipe) -> None:
     """The `perf` options that change what a step can do: an optimizer that updates inside the backward leaves no
     moment where every gradient exists, so it rules out clipping and accumulation; CUDA graphs keep no gradient
-    across micro-batches; held-back updates need an in-backward optimizer."""
+    across micro-batches."""
     perf = config.perf
     if perf.optimizer in ("in-backward", "overlap"):
         if config.optim.max_grad_norm > 0:
@@ -368,9 +392,6 @@ def validate_perf(config: Recipe) -> None:
             raise UserError(f"perf.optimizer={perf.optimizer} updates inside the backward, so gradients cannot be "
                             f"accumulated (train.grad_accum_steps={config.train.grad_accum_steps})",
                             "set train.grad_accum_steps=1 or perf.optimizer=auto")
-    elif perf.defer != "none":
-        raise UserError(f"perf.defer={perf.defer} holds back updates of an in-backward optimizer",
-                        "set perf.optimizer=overlap (or in-backward), or perf.defer=none")
     if perf.compile == "layers-graphs" and config.train.grad_accum_steps > 1:
         raise UserError("perf.compile=layers-graphs keeps no gradient across micro-batches "
                         f"(train.grad_accum_steps={config.train.grad_accum_steps})",

@@ -13,6 +13,8 @@ DCP checkpoints, LR schedulers all work as with torch's) whose update is torch's
   gradients freed, so the full set of gradients never exists (no clipping, no accumulation, no skipping);
 - overlap: in-backward, the updates on a side CUDA stream so the memory-bound AdamW runs under the compute-bound
   backward; `step()` joins the streams.
+In any mode `perf.defer` holds the updates of the output head (and of the last or all decoder layers) back to the
+next forward, which applies each just before its module runs, on a side CUDA stream: AdamW under the forward.
 No weight decay on 1-D tensors (norms, biases, router biases).
 """
 
@@ -47,11 +49,13 @@ class AdamW(torch.optim.Optimizer):
     `replicas`: a replicated model's gradient sharing (`trainer.parallel.replicate.ReplicaGradients`): each bucket's
     gradients are averaged across the replicas right before their update, in the same stream.
 
-    `defer=(start_module, [(use_module, params), ...])` holds the updates of those parameters back from the backward
-    (the output head and the last decoder layers: their gradients come first in the backward and the next forward
-    reads them last). `step()` queues them with a copy of the step counter; the next forward launches them when
-    `start_module` runs and waits for each group's update just before its `use_module` runs. `flush()` applies
-    queued updates at once (before reading the parameters elsewhere, e.g. to save them).
+    `defer=(start_module, [(use_module, params), ...])` holds the updates of those parameters back from the step
+    (the output head and the last decoder layers, or all of them). `step()` queues them with what the update needs
+    as it was at that step: their gradients, a copy of the step counter, the param groups' hyperparameters (the
+    LR scheduler moves on before they run) and, after the backward, the step's skip flag and clipping divisor. The
+    next forward launches them when `start_module` runs (on a side stream on CUDA) and waits for each group's update
+    just before its `use_module` runs. `flush()` applies queued updates at once (before reading the parameters
+    elsewhere, e.g. to save them).
     """
 
     def __init__(self, groups: list[dict], lr: float, betas, eps: float, in_backward: bool = False,
@@ -68,7 +72,7 @@ class AdamW(torch.optim.Optimizer):
         self._held: list[torch.Tensor] = []
         self._defer_group = {p: g for g, (_, group) in enumerate(defer[1]) for p in group} if defer else {}
         self._held_back: dict[int, list[tuple[list, list]]] = {}
-        self._queued = None  # (held-back work, step counter copies) for the next forward
+        self._queued = None  # (held-back work, step counter copies, hyperparameters) for the next forward
         self._queued_done: dict[int, object] = {}  # group -> CUDA event on the side stream: its update is done
         if defer:
             start_module, deferred = defer
@@ -76,11 +80,13 @@ class AdamW(torch.optim.Optimizer):
             for g, (use_module, _) in enumerate(deferred):
                 use_module.register_forward_pre_hook(torch.compiler.disable(functools.partial(self._wait_queued, g)))
         params = [p for g in self.param_groups for p in g["params"]]
+        # a side stream for the overlapped in-backward updates, or for updates held back to run under the forward
+        side_stream = (overlap and in_backward) or (bool(defer) and not in_backward)
         for p in params:
             self._add_state(p)
             if in_backward:
                 p.register_post_accumulate_grad_hook(self._on_gradient)
-            if overlap and in_backward and _local(p).is_cuda and self._side_stream is None:
+            if side_stream and _local(p).is_cuda and self._side_stream is None:
                 self._side_stream = torch.cuda.Stream(device=_local(p).device)
         self._buckets = _complete_buckets(params, buckets)
         self._bucket_of = {p: i for i, bucket in enumerate(self._buckets) for p in bucket}
@@ -89,8 +95,8 @@ class AdamW(torch.optim.Optimizer):
     def _add_state(self, p: torch.Tensor) -> None:
         if self._replicas is not None:  # a sharded replica optimizer keeps state for this rank's slice only
             weight = self._replicas.view_of(p)
-            exp_avg, exp_avg_sq = torch.zeros_like(weight), torch.zeros_like(weight)
-            local_m, local_v = exp_avg, exp_avg_sq
+            local_m, local_v = torch.zeros_like(weight), torch.zeros_like(weight)
+            exp_avg, exp_avg_sq = self._replicas.state_tensor(p, local_m), self._replicas.state_tensor(p, local_v)
         else:
             weight = _local(p).detach()
             exp_avg, exp_avg_sq = torch.zeros_like(p.detach()), torch.zeros_like(p.detach())  # DTensors if p is
@@ -125,7 +131,11 @@ class AdamW(torch.optim.Optimizer):
         if group is None:
             self._launch(params)
             return
-        self._held_back.setdefault(group, []).append((params, [p.grad for p in params]))
+        self._hold_back(group, params)
+
+    def _hold_back(self, group: int, params: list[torch.Tensor], found_inf: torch.Tensor | None = None,
+                   grad_scale: torch.Tensor | None = None) -> None:
+        self._held_back.setdefault(group, []).append((params, [p.grad for p in params], found_inf, grad_scale))
         for p in params:
             p.grad = None
 
@@ -144,9 +154,11 @@ class AdamW(torch.optim.Optimizer):
     # ---- the update -----------------------------------------------------------------------------------------
 
     def _update(self, params: list[torch.Tensor], grads: list[torch.Tensor] | None = None, steps=None,
-                found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None) -> None:
+                found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
+                hypers: dict[int, dict] | None = None) -> None:
         """Update `params` from `grads` (default: their .grad) with the step counters `steps` (default: the live
-        ones); nothing changes where `found_inf` (a one-element fp32 tensor) is non-zero; gradients are divided by
+        ones) and the hyperparameters `hypers` ({id(param group): values}; default: the groups' current ones);
+        nothing changes where `found_inf` (a one-element fp32 tensor) is non-zero; gradients are divided by
         `grad_scale` (one fp32 element) inside the update kernel."""
         grads = grads if grads is not None else [p.grad for p in params]
         grads = self._replicas.gradients(params, grads) if self._replicas else [_local(g) for g in grads]
@@ -154,7 +166,8 @@ class AdamW(torch.optim.Optimizer):
         batches: dict[tuple, tuple[dict, list, list, list, list]] = {}
         for p, grad in zip(params, grads):
             weight, exp_avg, exp_avg_sq = self._views[p]
-            hyper = _hyper(self._group_of[p])
+            group = self._group_of[p]
+            hyper = hypers[id(group)] if hypers is not None else _hyper(group)
             if self.triton_kernel and adamw_kernel.usable(weight, grad, exp_avg, exp_avg_sq):
                 adamw_kernel.adamw_(weight, grad, exp_avg, exp_avg_sq, steps[weight.device], skip=found_inf,
                                     grad_scale=grad_scale, **hyper)
@@ -188,8 +201,12 @@ class AdamW(torch.optim.Optimizer):
         if not self.in_backward:
             for bucket in self._buckets:
                 with_grad = [p for p in bucket if p.grad is not None]
-                if with_grad:
-                    self._update(with_grad, found_inf=found_inf, grad_scale=grad_scale)
+                now = [p for p in with_grad if p not in self._defer_group]
+                if now:
+                    self._update(now, found_inf=found_inf, grad_scale=grad_scale)
+                for p in with_grad:
+                    if p in self._defer_group:
+                        self._hold_back(self._defer_group[p], [p], found_inf, grad_scale)
         for index, ready in enumerate(self._ready):  # buckets with a parameter that got no gradient this step
             if ready:
                 self._complete(ready)
@@ -199,7 +216,8 @@ class AdamW(torch.optim.Optimizer):
         self._held.clear()
         if self._held_back:
             self._run_queued()  # a previous step's held-back update that no forward has run yet
-            self._queued = (self._held_back, {device: counter.clone() for device, counter in self._steps.items()})
+            self._queued = (self._held_back, {device: counter.clone() for device, counter in self._steps.items()},
+                            {id(group): _hyper(group) for group in self.param_groups})
             self._held_back = {}
         for counter in self._steps.values():
             counter.add_(1.0 if found_inf is None else 1.0 - found_inf.to(counter.device).reshape(()))
@@ -210,19 +228,21 @@ class AdamW(torch.optim.Optimizer):
         if there is one, with an event after each group."""
         if self._queued is None:
             return
-        work, steps = self._queued
+        work, steps, hypers = self._queued
         self._queued = None
         side = self._side_stream
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(side.device))  # the counter copies are made
         for group in sorted(work):
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                for params, grads in work[group]:
-                    self._update(params, grads, steps)
+                for params, grads, found_inf, grad_scale in work[group]:
+                    self._update(params, grads, steps, found_inf, grad_scale, hypers)
             if side is not None:
-                for _, grads in work[group]:
-                    for grad in grads:
-                        grad.record_stream(side)  # freed when `work` goes: its memory must outlive the update
+                for _, grads, found_inf, grad_scale in work[group]:
+                    # freed when `work` goes: their memory must outlive the update
+                    for tensor in [*grads, found_inf, grad_scale]:
+                        if tensor is not None:
+                            tensor.record_stream(side)
                 self._queued_done[group] = torch.cuda.Event()
                 self._queued_done[group].record(side)
         if side is not None:
@@ -322,28 +342,26 @@ def fsdp_fires_grad_hooks() -> bool:
     return "_post_accumulate_grad_hooks" in inspect.getsource(_fsdp_collectives)
 
 
-def _deferred_updates(model: torch.nn.Module, options, in_backward: bool):
-    """`AdamW(defer=...)` for options.defer: (input embeddings, [(module, its parameters), ...] for the last decoder
-    layers and the output head, in forward order), or None with a note saying what is missing."""
+def _deferred_updates(model: torch.nn.Module, options):
+    """`AdamW(defer=...)` for options.defer: (input embeddings, [(module, its parameters), ...] for the last (or all)
+    decoder layers and the output head, in forward order), or None with a note saying what is missing."""
     from trainer.perf import deferred_layer_count
 
     if options.defer == "none":
         return None
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     layers = decoder_layers(model)
-    count = deferred_layer_count(options)
+    count = deferred_layer_count(options, len(layers))
     graphed = getattr(model, "_moe_graphed", set())
     reason = None
-    if not in_backward:
-        reason = "an in-backward optimizer (perf.optimizer=in-backward or overlap)"
-    elif head is None or embeddings is None:
+    if head is None or embeddings is None:
         reason = "a model with input embeddings and an output head"
     elif {id(p) for p in head.parameters()} & {id(p) for p in embeddings.parameters()}:
         reason = "an output head not tied to the input embeddings (the next forward reads those first)"
     elif any(_is_sharded(p) for p in model.parameters()):
         reason = "unsharded parameters"
-    elif count >= len(layers):
-        reason = f"fewer deferred layers than the model's {len(layers)}"
+    elif count > len(layers):
+        reason = f"no more deferred layers than the model's {len(layers)}"
     elif any(id(layer) in graphed for layer in layers[len(layers) - count:]):
         reason = "the deferred layers compiled without CUDA graphs (apply_optimizations with the same options)"
     if reason:
@@ -351,7 +369,8 @@ def _deferred_updates(model: torch.nn.Module, options, in_backward: bool):
         return None
     modules = layers[len(layers) - count:] + [head]
     groups = [(m, [p for p in m.parameters() if p.requires_grad]) for m in modules]
-    what = "the output head's update" if not count else f"the updates of the last {count} layers and the output head"
+    what = ("the output head's update" if not count else "the updates of every layer and the output head"
+            if count == len(layers) else f"the updates of the last {count} layers and the output head")
     options.notes.append(f"{what} held back to the next forward")
     return embeddings, groups
 
@@ -390,7 +409,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, options) -> AdamW:
                  # CUDA-graph memory is reused in stream order: only a side stream needs the hold
                  hold_gradients=overlap and bool(getattr(model, "_moe_graphed", None)),
                  triton_kernel=_triton_adamw(options, params), replicas=replicas,
-                 defer=_deferred_updates(model, options, in_backward))
+                 defer=_deferred_updates(model, options))
 
 
 def lr_multiplier(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:

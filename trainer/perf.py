@@ -36,7 +36,7 @@ class PerfOptions:
     compile: str = "off"  # off | layers | layers-graphs
     optimizer: str = "after-backward"  # after-backward | in-backward | overlap
     adamw: str = "torch"  # torch | triton
-    defer: str = "none"  # none | head | 1..4 (in-backward only)
+    defer: str = "none"  # none | head | 1..4 | all (layers held back to the next forward, with the head)
     graph_priority: str = "default"  # default | high | auto (settled by apply_optimizations)
     step_priority: str = "default"  # default | high | auto (settled by apply_optimizations)
     prefetch: bool = False
@@ -110,7 +110,8 @@ def apply_optimizations(model: torch.nn.Module, options: PerfOptions) -> list[st
             options.compile = "layers"
             notes.append(f"CUDA graphs need {missing}: compile=layers")
     if options.compile != "off":
-        notes.append(_apply_compile(model, options.compile, ungraphed_last=deferred_layer_count(options)))
+        notes.append(_apply_compile(model, options.compile,
+                                    ungraphed_last=deferred_layer_count(options, len(decoder_layers(model)))))
     for note in (_set_graph_priority(model, options), _resolve_step_priority(model, options)):
         if note:
             notes.append(note)
@@ -188,8 +189,10 @@ def _patch_liger_rmsnorm(model: torch.nn.Module) -> int:
     return count
 
 
-def deferred_layer_count(options: PerfOptions) -> int:
-    """How many last decoder layers' updates `options.defer` holds back to the next forward."""
+def deferred_layer_count(options: PerfOptions, num_layers: int) -> int:
+    """How many last decoder layers (of `num_layers`) `options.defer` holds back to the next forward."""
+    if options.defer == "all":
+        return num_layers
     return int(options.defer) if options.defer.isdigit() else 0
 
 

@@ -84,8 +84,9 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
     _say(rt, f"data: {prepared.summary()}; {max_steps} steps cover {shape.epochs_of(max_steps):.2f} epochs "
              f"({shape.rows} rows of up to {data.seq_len} tokens per epoch)")
     check_layout(recipe, rt)
-    # A LoRA base is loaded whole, then adapted, then sharded (PEFT injects its layers into plain modules).
-    sharded_load = rt.world_size > 1 and not recipe.lora.enabled
+    # A LoRA base is loaded whole, then adapted, then sharded (PEFT injects its layers into plain modules); a
+    # replicated layout holds the whole model on every rank.
+    sharded_load = rt.world_size > 1 and not recipe.lora.enabled and recipe.parallel.layout == "fsdp"
     model = build_model(recipe.model, rt.param_dtype, rt.device, recipe.parallel if sharded_load else None,
                         packing=data.packing)
     if recipe.lora.enabled:  # a random-init base is the one the run saved (trainer.lora.run); the rest is frozen
@@ -275,7 +276,8 @@ def check_layout(recipe: Recipe, rt: Runtime) -> None:
     if memory_gib is not None and parallel.check_memory:
         from trainer.planner import check_fits
 
-        check_fits(recipe, config, rt.world_size, memory_gib)
+        # a replica holds what one process holds (its AdamW slice is smaller: the one-process plan bounds it)
+        check_fits(recipe, config, rt.world_size if parallel.layout == "fsdp" else 1, memory_gib)
 
 
 def _record(step: int, values: dict, seconds: float, flops_tok: float, rt: Runtime, tracker, skipped: bool,

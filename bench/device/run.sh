@@ -18,9 +18,9 @@ DEST="${OUT:-$REPO/runs/device}"
 R="$(mktemp -d)/device-run"
 mkdir -p "$R" "$DEST"
 STAGES="${STAGES:-tests mamba bench}"
-PLAN="${PLAN:-B1-bs4|default;overlap;graphs: perf.compile=layers-graphs
-B1-bs1|default;overlap
-B3|default;overlap}"
+PLAN="${PLAN:-B1-bs4|default;overlap
+B1-bs1|default;defer
+B3|default;defer}"
 export PYTHONPATH="$REPO:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1

@@ -1,7 +1,9 @@
 """On a GPU: AdamW stepped in backward on a side stream (`perf.optimizer=overlap`; with `defer=head` / `defer=1` the
 output head's and the last layer's updates run on it under the next forward instead; with `step_priority=high` the
 steps run on a high-priority stream above it) gives bit-identical parameters and losses to the same updates on the
-compute stream (`optimizer=in-backward`): only the stream and the moment differ, not the arithmetic.
+compute stream (`optimizer=in-backward`): only the stream and the moment differ, not the arithmetic. The same holds
+after the backward: with clipping, `defer=2` / `defer=all` run the updates on a side stream under the next forward,
+bit-identical to `optimizer=after-backward` updating in the step.
 
 Run: `pytest -m gpu tests/gpu/test_optimizer_overlap.py`. Tolerance: exact (torch.equal) over 4 steps, fp32 and bf16.
 """
@@ -23,12 +25,15 @@ def _name(spec: tuple[str, ...]) -> str:
     return "+".join(spec)
 
 
-def _trains_like_in_stream_updates(spec: tuple[str, ...], dtype: torch.dtype = torch.bfloat16):
-    """4 steps of `spec` and of the in-stream reference (`optimizer=in-backward`): bit-identical losses and
-    parameters. Returns (model, optimizer) of `spec`."""
-    reference, reference_losses, _, _ = train_tiny_moe(("optimizer=in-backward",), steps=4, batch=4, dtype=dtype,
-                                                       apply=False)
-    model, losses, optimizer, _ = train_tiny_moe(spec, steps=4, batch=4, dtype=dtype, apply=False)
+def _trains_like_in_stream_updates(spec: tuple[str, ...], dtype: torch.dtype = torch.bfloat16,
+                                   reference_spec: tuple[str, ...] = ("optimizer=in-backward",),
+                                   max_grad_norm: float = 0.0):
+    """4 steps of `spec` and of the in-stream reference `reference_spec`: bit-identical losses and parameters.
+    Returns (model, optimizer) of `spec`."""
+    reference, reference_losses, _, _ = train_tiny_moe(reference_spec, steps=4, batch=4, dtype=dtype, apply=False,
+                                                       max_grad_norm=max_grad_norm)
+    model, losses, optimizer, _ = train_tiny_moe(spec, steps=4, batch=4, dtype=dtype, apply=False,
+                                                 max_grad_norm=max_grad_norm)
     assert losses == reference_losses
     for (name, a), (_, b) in zip(reference.named_parameters(), model.named_parameters()):
         assert torch.equal(a, b), name
@@ -62,3 +67,31 @@ def test_side_stream_updates_survive_a_slow_side_stream(monkeypatch, spec):
 
     monkeypatch.setattr(AdamW, "_update", late_update)
     _trains_like_in_stream_updates(spec)
+
+
+AFTER = ("optimizer=after-backward",)
+
+
+@pytest.mark.parametrize("defer", ["2", "all"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_updates_held_back_after_the_backward_equal_the_updates_in_the_step(dtype, defer):
+    """AdamW after the backward with clipping at 0.1 (every step clips): the held-back updates, on the side stream
+    under the next forward with the step's clipping divisor, skip flag and learning rate, equal the step's own."""
+    _, optimizer = _trains_like_in_stream_updates(AFTER + (f"defer={defer}",), dtype, AFTER, max_grad_norm=0.1)
+    assert optimizer._side_stream is not None
+
+
+def test_updates_held_back_after_the_backward_survive_a_slow_side_stream(monkeypatch):
+    """As `test_side_stream_updates_survive_a_slow_side_stream`, for every layer held back after the backward: the
+    gradients, the step's clipping divisor and skip flag must outlive the step that made them."""
+    from trainer.optim import AdamW
+
+    update = AdamW._update
+
+    def late_update(self, *args, **kwargs):
+        if self._side_stream is not None:
+            torch.cuda._sleep(20_000_000)
+        return update(self, *args, **kwargs)
+
+    monkeypatch.setattr(AdamW, "_update", late_update)
+    _trains_like_in_stream_updates(AFTER + ("defer=all",), torch.bfloat16, AFTER, max_grad_norm=0.1)

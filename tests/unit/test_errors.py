@@ -111,6 +111,8 @@ TRAIN_CASES = [
          "model.config_overrides.num_expertz: Qwen3MoeConfig has no such field", "remove it"),
     Case("ep-without-processes", lambda t: _train(t, "parallel.ep_size=2"),
          "parallel.ep_size=2 needs as many processes", "launch with torchrun"),
+    Case("replicate-needs-in-backward", lambda t: _train(t, "parallel.layout=replicate"),
+         "parallel.layout=replicate averages gradients inside the backward", "set perf.optimizer=overlap"),
     Case("mesh-does-not-divide", lambda t: _train(t, "parallel.dp_replicate_size=2"),
          "parallel.dp_replicate_size=2 does not divide the world size 1", "choose a dp_replicate_size that divides"),
     Case("resume-not-a-checkpoint", lambda t: _train(t, f"checkpoint.resume={(t / 'in').mkdir() or t / 'in'}"),

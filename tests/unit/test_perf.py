@@ -100,6 +100,7 @@ def _torch_adamw_reference(steps: int, lr: float):
     ("optimizer=after-backward",), ("optimizer=in-backward",), ("optimizer=overlap",),
     ("optimizer=in-backward", "adamw=triton"), ("optimizer=in-backward", "defer=head"),
     ("optimizer=overlap", "defer=head"), ("optimizer=in-backward", "defer=1"),
+    ("optimizer=after-backward", "defer=2"), ("optimizer=after-backward", "defer=all"),
 ])
 def test_optimizer_modes_reach_the_same_parameters_as_torch_adamw(overrides):
     reference = _torch_adamw_reference(steps=3, lr=1e-2)
@@ -133,6 +134,38 @@ def test_held_back_updates_run_when_the_next_forward_starts(defer, held):
         losses[spec].append(_step_loss(model, options)[0].item())
     assert losses[("optimizer=in-backward", f"defer={defer}")] == losses[("optimizer=in-backward",)]
     assert any("held back to the next forward" in note for note in options.notes)
+
+
+def _scheduled_run(spec: tuple[str, ...], max_grad_norm: float, steps: int = 5):
+    """`steps` TrainSteps with warmup + cosine LR and clipping at `max_grad_norm`; (losses, gradient norms, final
+    parameters after the held-back updates)."""
+    from trainer.optim import build_scheduler
+    from trainer.step import TrainStep
+    from training_loop import runtime_for
+
+    model, options = _model(), perf_options(*spec)
+    cfg = OptimConfig(lr=1e-2, max_grad_norm=max_grad_norm, warmup_steps=2, min_lr_ratio=0.1)
+    optimizer = build_optimizer(model, cfg, options)
+    step = TrainStep(model, optimizer, build_scheduler(optimizer, cfg, steps), runtime_for(model), options,
+                     max_grad_norm)
+    outputs = [step([BATCH]).fetch() for _ in range(steps)]
+    optimizer.flush()
+    return ([o["loss"] for o in outputs], [o["grad_norm"] for o in outputs],
+            {n: p.detach().clone() for n, p in model.named_parameters()})
+
+
+@pytest.mark.parametrize("mode, defer, max_grad_norm", [("after-backward", "all", 0.05), ("after-backward", "1", 0.05),
+                                                        ("in-backward", "1", 0.0), ("in-backward", "head", 0.0)])
+def test_held_back_updates_keep_the_steps_lr_clipping_and_counter(mode, defer, max_grad_norm):
+    """Updates held back to the next forward use what their step had: its learning rate (the scheduler has moved on
+    when they run), its clipping divisor and its step count. Same code, same values: the losses and the final
+    parameters are bit-identical to the run without holding back."""
+    losses, norms, params = _scheduled_run((f"optimizer={mode}",), max_grad_norm)
+    held_losses, _, held_params = _scheduled_run((f"optimizer={mode}", f"defer={defer}"), max_grad_norm)
+    if max_grad_norm:
+        assert all(n > max_grad_norm for n in norms), "every step should clip"
+    assert held_losses == losses
+    assert all(torch.equal(held_params[n], p) for n, p in params.items())
 
 
 def test_held_back_layers_in_compiled_layers_train_like_without():

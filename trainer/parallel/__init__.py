@@ -42,7 +42,8 @@ def _num_experts(model: torch.nn.Module) -> int | None:
 
 
 def parallelize(model: torch.nn.Module, parallel_cfg, precision: str | None = None) -> torch.nn.Module:
-    """Shard a built model with FSDP2 + EP over all ranks (or only apply activation checkpointing with one process).
+    """Shard a built model with FSDP2 + EP over all ranks, or replicate it (`parallel.layout`), or only apply
+    activation checkpointing with one process.
 
     parallel_cfg: a ParallelConfig or the recipe's `parallel` section. precision: the resolved train.precision
     (bf16-mixed -> bf16 compute in FSDP2); without it, bf16 compute is used for fp32 weights on CUDA only.
@@ -63,6 +64,8 @@ def parallelize(model: torch.nn.Module, parallel_cfg, precision: str | None = No
 
         apply_checkpointing(model, cfg.activation_checkpointing)
         return model
+    if cfg.layout == "replicate":
+        return _replicate(model, cfg)
     from trainer.parallel.apply import apply_parallelism
     from trainer.parallel.dispatchers import make_dispatcher
 
@@ -72,6 +75,20 @@ def parallelize(model: torch.nn.Module, parallel_cfg, precision: str | None = No
         hidden = getattr(model.config, "hidden_size", None)
         dispatcher = make_dispatcher(cfg.dispatcher, pmesh.ep.get_group(), _device_type(), hidden)
     return apply_parallelism(model, cfg, pmesh, dispatcher)
+
+
+def _replicate(model: torch.nn.Module, cfg: ParallelConfig) -> torch.nn.Module:
+    """`parallel.layout: replicate`: activation checkpointing, then the whole model on every rank with its AdamW
+    state split over them (`trainer.parallel.replicate`; the in-backward optimizer averages the gradients)."""
+    from trainer.parallel.checkpointing import apply_checkpointing
+    from trainer.parallel.replicate import replicate
+
+    if cfg.ep_size > 1 or cfg.dp_replicate_size > 1 or cfg.dp_shard_size != -1:
+        raise UserError("parallel.layout=replicate keeps every weight on every rank",
+                        "set parallel.ep_size=1, dp_shard_size=-1, dp_replicate_size=1, or parallel.layout=fsdp")
+    apply_checkpointing(model, cfg.activation_checkpointing)
+    replicate(model, shard_optimizer=True)
+    return model
 
 
 def teardown() -> None:

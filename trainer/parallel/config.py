@@ -4,8 +4,10 @@
     dp_shard_size = efsdp x ep_size                       (expert parallelism borrows from the sharded data-parallel ranks)
 
 Non-expert weights are FSDP2-sharded over dp_shard (and replicated over dp_replicate: HSDP); expert weights are split
-over `ep` (dim 0, whole experts) and FSDP2-sharded over the `efsdp` ranks left. The same fields exist in the recipe's
-`parallel.*` section; `ParallelConfig.from_any` accepts either object.
+over `ep` (dim 0, whole experts) and FSDP2-sharded over the `efsdp` ranks left. `layout: replicate` instead keeps the
+whole model on every rank, averages the gradients in the backward and splits only the AdamW state over the ranks
+(`trainer.parallel.replicate`). The same fields exist in the recipe's `parallel.*` section; `ParallelConfig.from_any`
+accepts either object.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from trainer.errors import UserError
 
 DISPATCHERS = ("auto", "alltoall", "allgather", "deepep")
+LAYOUTS = ("fsdp", "replicate")
 from trainer.parallel.checkpointing import MODES as CHECKPOINTING
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -27,6 +30,11 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torc
 class ParallelConfig:
     """Mesh sizes, dispatcher and FSDP2 options. -1 for dp_shard_size means "all ranks left"."""
 
+    # fsdp: FSDP2 (+ HSDP, + EP) shards the weights, gradients and AdamW state; replicate: every rank holds the whole
+    # model (plain tensors, so CUDA graphs can replay the layers), gradients are averaged layer by layer inside the
+    # backward by the in-backward optimizer, and each rank updates and keeps AdamW state for its slice (ZeRO-1).
+    # For a model that fits one GPU with room to spare; needs perf.optimizer=in-backward|overlap.
+    layout: Literal["fsdp", "replicate"] = "fsdp"
     ep_size: int = 1
     dp_shard_size: int = -1
     dp_replicate_size: int = 1
@@ -44,6 +52,8 @@ class ParallelConfig:
     check_memory: bool = True  # on GPUs, refuse (before loading weights) a layout the planner says cannot fit
 
     def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise UserError(f"unknown parallel.layout '{self.layout}'", f"use one of {'|'.join(LAYOUTS)}")
         if self.dispatcher not in DISPATCHERS:
             raise UserError(f"unknown parallel.dispatcher '{self.dispatcher}'", f"use one of {'|'.join(DISPATCHERS)}")
         if self.activation_checkpointing not in CHECKPOINTING:

@@ -53,10 +53,13 @@ class ReplicaGradients:
     """How a replica's gradients reach its optimizer.
 
     Unsharded: each gradient is averaged in full (all-reduce) and every rank updates every parameter. Sharded (the
-    optimizer state split across the replicas, as ZeRO-1): for each parameter whose size divides by the group size,
-    only this rank's contiguous slice of the averaged gradient is formed (reduce-scatter), only that slice is updated
-    (its AdamW states are the slice's size), and the slices are all-gathered back into the full parameter afterwards.
-    Same communication volume as the all-reduce, half (1/world) of the optimizer's memory traffic and state.
+    optimizer state split across the replicas, as ZeRO-1): for each parameter whose first dimension divides by the
+    group size, only this rank's rows of the averaged gradient are formed (reduce-scatter), only they are updated
+    (their AdamW states are that slice's size), and the slices are all-gathered back into the full parameter
+    afterwards. Same communication volume as the all-reduce, 1/world of the optimizer's memory traffic and state.
+
+    In a state dict a slice's AdamW state is a DTensor `Shard(0)` of the parameter's shape over the replicas
+    (`state_tensor`): the layout FSDP2's checkpoints have, so DCP reshards a checkpoint between the two layouts.
     """
 
     def __init__(self, group: dist.ProcessGroup, shard: bool):
@@ -65,16 +68,36 @@ class ReplicaGradients:
         # parameters that differ by rank (each rank's own experts: trainer.parallel.replicate_experts): their
         # gradients already sum every rank's tokens, so they are divided by the group size and never communicated
         self.rank_local: set[torch.Tensor] = set()
+        self._meshes: dict[str, object] = {}
 
     def _sharded(self, p: torch.Tensor) -> bool:
-        return self.shard and p not in self.rank_local and p.numel() % self.world == 0 and p.is_contiguous()
+        return (self.shard and p not in self.rank_local and p.dim() > 0 and p.shape[0] % self.world == 0
+                and p.is_contiguous())
 
     def view_of(self, p: torch.Tensor) -> torch.Tensor:
-        """The part of `p` this rank updates: its slice (sharded), else the whole parameter."""
+        """The part of `p` this rank updates: its rows (sharded), else the whole parameter."""
         if not self._sharded(p):
             return p.detach()
-        size = p.numel() // self.world
-        return p.detach().view(-1).narrow(0, self.rank * size, size)
+        rows = p.shape[0] // self.world
+        return p.detach().narrow(0, self.rank * rows, rows)
+
+    def state_tensor(self, p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """How optimizer state `local` (shaped like `view_of(p)`, sharing its memory) appears in a state dict: a
+        DTensor `Shard(0)` of p's shape over the replicas for a sharded parameter, else `local` itself (equal on
+        every rank)."""
+        if not self._sharded(p):
+            return local
+        from torch.distributed.tensor import DTensor, Shard
+
+        return DTensor.from_local(local, self._mesh(local.device.type), [Shard(0)], run_check=False,
+                                  shape=p.shape, stride=p.stride())
+
+    def _mesh(self, device_type: str):
+        if device_type not in self._meshes:
+            from torch.distributed.device_mesh import DeviceMesh
+
+            self._meshes[device_type] = DeviceMesh.from_group(self.group, device_type)
+        return self._meshes[device_type]
 
     def gradients(self, params: list[torch.Tensor], grads: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Each parameter's averaged gradient for `view_of(p)` (on the current stream), from `grads` (default: the
@@ -89,8 +112,8 @@ class ReplicaGradients:
                 grad.div_(self.world)
             op = dist.ReduceOp.AVG if nccl else dist.ReduceOp.SUM
             if self._sharded(p):
-                part = grad.new_empty(grad.numel() // self.world)
-                dist.reduce_scatter_tensor(part, grad.view(-1), op=op, group=self.group)
+                part = grad.new_empty((grad.shape[0] // self.world, *grad.shape[1:]))
+                dist.reduce_scatter_tensor(part.view(-1), grad.reshape(-1), op=op, group=self.group)
                 result.append(part)
             else:
                 dist.all_reduce(grad, op=op, group=self.group)
@@ -103,4 +126,4 @@ class ReplicaGradients:
         for p in params:
             if self._sharded(p):
                 full = p.detach().view(-1)
-                gather(full, self.view_of(p), group=self.group)
+                gather(full, self.view_of(p).view(-1), group=self.group)
