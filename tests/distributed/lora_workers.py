@@ -3,11 +3,12 @@ by FSDP2 over the ranks (gloo, CPU, fp32)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from run_copies import copy_back_to_step_2
 
 LORA = ["data.seq_len=64", "train.micro_batch_size=2", "optim.warmup_steps=1", "lora.enabled=true", "lora.rank=4",
         "optim.lr=3e-3", "train.max_steps=4", "checkpoint.every_steps=2"]
@@ -37,23 +38,11 @@ def train_resume_and_check_base(root: str) -> dict:
         saved = load_file(str(root / "two" / "hf" / BASE_WEIGHTS))
         live = base_state_dict(straight.model, full)
         base_unchanged = sorted(saved) == sorted(live) and all(torch.equal(live[k], v) for k, v in saved.items())
-        shutil.copytree(root / "two", root / "resumed")
-        shutil.rmtree(root / "resumed" / "checkpoints" / "step_00000004")
-        (root / "resumed" / "checkpoints" / "latest").write_text("step_00000002")
-    dist.barrier()
+    copy_back_to_step_2(root / "two", root / "resumed")
     resumed = train(lora_recipe(root / "resumed", "output.export=false"), progress=False)
     trainable = sorted(n for n, p in straight.model.named_parameters() if p.requires_grad)
     return {"losses": straight.losses, "resumed": resumed.losses, "base_unchanged": base_unchanged,
             "trainable": trainable, "sharded": all(hasattr(p, "device_mesh") for p in straight.model.parameters())}
-
-
-def _copy_back_to_step_2(source: Path, target: Path) -> None:
-    """Rank 0: a copy of a 4-step run whose newest checkpoint is step 2."""
-    if dist.get_rank() == 0:
-        shutil.copytree(source, target)
-        shutil.rmtree(target / "checkpoints" / "step_00000004")
-        (target / "checkpoints" / "latest").write_text("step_00000002")
-    dist.barrier()
 
 
 def train_layouts(root: str, layouts: list[list[str]], resume_first_under: list[str] | None = None) -> list[dict]:
@@ -69,7 +58,7 @@ def train_layouts(root: str, layouts: list[list[str]], resume_first_under: list[
                                                       or ()) for p in result.model.parameters())
         results.append({"losses": result.losses, "expert_sharded": expert_sharded})
     if resume_first_under is not None:
-        _copy_back_to_step_2(Path(root) / "0", Path(root) / "resumed")
+        copy_back_to_step_2(Path(root) / "0", Path(root) / "resumed")
         resumed = train(lora_recipe(Path(root) / "resumed", *resume_first_under), progress=False)
         results.append({"losses": resumed.losses})
     return results

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+
+from run_copies import copy_back_to_step_2
 
 COMMON = ["data.seq_len=64", "train.micro_batch_size=2", "optim.warmup_steps=1", "optim.lr=3e-3", "train.max_steps=4",
           "checkpoint.every_steps=2", "optim.max_grad_norm=0"]
@@ -20,15 +20,6 @@ def recipe(run_dir, *overrides):
     return load_recipe("tiny-moe", COMMON + [f"output.dir={run_dir}", *overrides])
 
 
-def _copy_back_to_step_2(source: Path, target: Path) -> None:
-    """Rank 0: a copy of a 4-step run whose newest checkpoint is step 2."""
-    if dist.get_rank() == 0:
-        shutil.copytree(source, target)
-        shutil.rmtree(target / "checkpoints" / "step_00000004")
-        (target / "checkpoints" / "latest").write_text("step_00000002")
-    dist.barrier()
-
-
 def train_resume_under_both_layouts(root: str) -> dict:
     """A straight 4-step replicated run (checkpoints at 2 and 4, export), then copies of it resumed from step 2
     replicated and under FSDP2 (AdamW after the backward, no clipping: the same update). Returns the losses, a
@@ -37,9 +28,9 @@ def train_resume_under_both_layouts(root: str) -> dict:
 
     root = Path(root)
     straight = train(recipe(root / "two", *REPLICATE), progress=False)
-    _copy_back_to_step_2(root / "two", root / "resumed")
+    copy_back_to_step_2(root / "two", root / "resumed")
     resumed = train(recipe(root / "resumed", *REPLICATE, "output.export=false"), progress=False)
-    _copy_back_to_step_2(root / "two", root / "resumed-fsdp")
+    copy_back_to_step_2(root / "two", root / "resumed-fsdp")
     resumed_fsdp = train(recipe(root / "resumed-fsdp", "output.export=false"), progress=False)
     params = list(straight.model.parameters())
     return {"losses": straight.losses, "resumed": resumed.losses, "resumed_fsdp": resumed_fsdp.losses,
