@@ -26,6 +26,11 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def worst_relative(values, references) -> float:
+    """The largest |a - b| / |b| over paired floats (losses of two runs, step by step)."""
+    return max(abs(a - b) / abs(b) for a, b in zip(values, references))
+
+
 def assert_same_function(reference, fast, ref_out, fast_out) -> list[str]:
     """Compare outputs and the gradients left by their backward; returns the names of the gradients compared."""
     assert (fast_out.logits - ref_out.logits).abs().max().item() <= TOLERANCE

@@ -331,11 +331,7 @@ def validate_parallel(config: Recipe) -> None:
                         f"in-backward optimizer (perf.optimizer={config.perf.optimizer})",
                         "set perf.optimizer=overlap (or in-backward) with optim.max_grad_norm=0, "
                         "or parallel.layout=fsdp")
-    for name, default in (("ep_size", 1), ("dp_shard_size", -1), ("dp_replicate_size", 1)):
-        if getattr(parallel, name) != default:
-            raise UserError(f"parallel.layout=replicate keeps every weight on every rank, so parallel.{name}="
-                            f"{getattr(parallel, name)} has nothing to split",
-                            f"set parallel.{name}={default}, or parallel.layout=fsdp")
+    parallel.check_layout_sizes()
     if config.lora.enabled:
         raise UserError("lora.enabled=true trains under parallel.layout=fsdp only",
                         "set parallel.layout=fsdp (the adapters are sharded with their layers)")

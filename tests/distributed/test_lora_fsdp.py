@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 import lora_workers
 from harness import run_ranks
+from parity_checks import worst_relative
 from trainer.checkpoint.export_run import export_checkpoint
 from trainer.lora.run import BASE_WEIGHTS
 from trainer.train import train
@@ -42,10 +43,6 @@ def _logits(model):
         return model(input_ids=ids).logits
 
 
-def _rel(a: float, b: float) -> float:
-    return abs(a - b) / abs(b)
-
-
 def test_lora_on_two_fsdp_ranks_trains_resumes_and_exports_like_one_process(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -58,7 +55,7 @@ def test_lora_on_two_fsdp_ranks_trains_resumes_and_exports_like_one_process(tmp_
 
     # (a) same losses as one process; the base is untouched and equal to the single process's base
     assert len(first["losses"]) == len(one.losses) == 4
-    worst = max(_rel(two, ref) for two, ref in zip(first["losses"], one.losses))
+    worst = worst_relative(first["losses"], one.losses)
     assert worst <= LOSS_TOL, (first["losses"], one.losses)
     assert first["base_unchanged"]
     base_one, base_two = load_file(str(tmp_path / "one/hf" / BASE_WEIGHTS)), load_file(str(tmp_path / "two/hf" / BASE_WEIGHTS))
@@ -66,7 +63,7 @@ def test_lora_on_two_fsdp_ranks_trains_resumes_and_exports_like_one_process(tmp_
 
     # (b) resume from the 2-process checkpoint at step 2 reproduces steps 3 and 4
     assert len(first["resumed"]) == 2
-    assert max(_rel(r, s) for r, s in zip(first["resumed"], first["losses"][2:])) <= RESUME_TOL
+    assert worst_relative(first["resumed"], first["losses"][2:]) <= RESUME_TOL
 
     # (c) the adapter (PEFT's files, gathered by rank 0) loads with PEFT and gives the single-process export's
     # logits; so does the merged export
@@ -105,10 +102,10 @@ def test_lora_with_expert_parallelism_and_activation_checkpointing_on_two_ranks_
     one = train(lora_workers.lora_recipe(tmp_path / "one", "train.grad_accum_steps=2"), progress=False)
     # the EP=2 checkpoint at step 2 resumes under FSDP2 alone (same world size): the same steps 3 and 4
     resumed = results[0][-1]["losses"]
-    assert len(resumed) == 2 and max(_rel(r, s) for r, s in zip(resumed, results[0][0]["losses"][2:])) <= LOSS_TOL
+    assert len(resumed) == 2 and worst_relative(resumed, results[0][0]["losses"][2:]) <= LOSS_TOL
     for layout, result in zip(layouts, results[0]):
         assert result["expert_sharded"] == ("parallel.ep_size=2" in layout), layout
-        worst = max(_rel(two, ref) for two, ref in zip(result["losses"], one.losses))
+        worst = worst_relative(result["losses"], one.losses)
         assert len(result["losses"]) == 4 and worst <= LOSS_TOL, (layout, result["losses"], one.losses)
     reference = _logits(PeftModel.from_pretrained(_plain_base(tmp_path / "one"), str(tmp_path / "one/export-adapter")))
     sharded = _logits(PeftModel.from_pretrained(_plain_base(tmp_path / "ep/0"), str(tmp_path / "ep/0/export-adapter")))

@@ -19,15 +19,12 @@ import torch.distributed.checkpoint as dcp
 
 import replicate_layout_workers as workers
 from harness import run_ranks
+from parity_checks import worst_relative
 from trainer.errors import UserError
 from trainer.train import train
 
 pytestmark = pytest.mark.distributed
 LOSS_TOL, LOGITS_TOL = 1e-5, 1e-5
-
-
-def _rel(a: float, b: float) -> float:
-    return abs(a - b) / abs(b)
 
 
 def test_replicated_layout_trains_resumes_under_both_layouts_and_exports_like_one_process(tmp_path):
@@ -39,11 +36,10 @@ def test_replicated_layout_trains_resumes_under_both_layouts_and_exports_like_on
     assert [r["losses"] for r in results] == [first["losses"]] * 2
 
     assert len(first["losses"]) == len(one.losses) == 4
-    assert max(_rel(two, ref) for two, ref in zip(first["losses"], one.losses)) <= LOSS_TOL, (first["losses"],
-                                                                                              one.losses)
+    assert worst_relative(first["losses"], one.losses) <= LOSS_TOL, (first["losses"], one.losses)
     for resumed in ("resumed", "resumed_fsdp"):
         assert len(first[resumed]) == 2
-        assert max(_rel(r, s) for r, s in zip(first[resumed], first["losses"][2:])) <= LOSS_TOL, (resumed, first)
+        assert worst_relative(first[resumed], first["losses"][2:]) <= LOSS_TOL, (resumed, first)
 
     # the checkpoint holds each 2-D weight's AdamW moments as two row blocks (one per rank) of the weight's shape
     metadata = dcp.FileSystemReader(str(tmp_path / "two/checkpoints/step_00000004")).read_metadata()

@@ -83,9 +83,7 @@ def _replicate(model: torch.nn.Module, cfg: ParallelConfig) -> torch.nn.Module:
     from trainer.parallel.checkpointing import apply_checkpointing
     from trainer.parallel.replicate import replicate
 
-    if cfg.ep_size > 1 or cfg.dp_replicate_size > 1 or cfg.dp_shard_size != -1:
-        raise UserError("parallel.layout=replicate keeps every weight on every rank",
-                        "set parallel.ep_size=1, dp_shard_size=-1, dp_replicate_size=1, or parallel.layout=fsdp")
+    cfg.check_layout_sizes()  # a recipe was checked when it loaded; a ParallelConfig built in code is checked here
     apply_checkpointing(model, cfg.activation_checkpointing)
     replicate(model, shard_optimizer=True)
     return model

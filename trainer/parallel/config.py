@@ -66,6 +66,17 @@ class ParallelConfig:
             if value is not None and value not in _DTYPES:
                 raise UserError(f"parallel {name} '{value}' is not a dtype name", f"use one of {', '.join(_DTYPES)}")
 
+    def check_layout_sizes(self) -> None:
+        """UserError for sizes the layout has nothing to split with: `replicate` keeps every weight on every rank,
+        so ep_size, dp_shard_size and dp_replicate_size stay at their defaults."""
+        if self.layout != "replicate":
+            return
+        for name, default in (("ep_size", 1), ("dp_shard_size", -1), ("dp_replicate_size", 1)):
+            if getattr(self, name) != default:
+                raise UserError(f"parallel.layout=replicate keeps every weight on every rank, so parallel.{name}="
+                                f"{getattr(self, name)} has nothing to split",
+                                f"set parallel.{name}={default}, or parallel.layout=fsdp")
+
     @property
     def param_torch_dtype(self) -> torch.dtype | None:
         return _DTYPES[self.param_dtype] if self.param_dtype else None
