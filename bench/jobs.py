@@ -4,7 +4,8 @@ B1-*  Qwen3-30B-A3B shapes with 12 layers (8.1B parameters), seq 4096, micro-bat
 B2    the B1 shape on two GPUs of one host (torchrun), EP=2 + FSDP2, micro-batch 4 per GPU.
 B3    Nemotron-3-Nano shapes, 6 layers [mamba, moe, mamba, moe, attention, moe], seq 4096, one GPU.
 B4-lora  the full Qwen3-30B-A3B shape (48 layers), LoRA r=16 on attention + routed experts, seq 4096, bs1, one GPU;
-         native is transformers + PEFT (`get_peft_model`, target_parameters on grouped_mm experts).
+         activations checkpointed on both sides (HF gradient checkpointing natively); native is transformers + PEFT
+         (`get_peft_model`, target_parameters on grouped_mm experts).
 smoke a tiny Qwen3-MoE (CPU, seconds): checks the whole pipeline, numbers meaningless (smoke-lora: with LoRA).
 """
 
@@ -45,6 +46,8 @@ _NEMOTRON = "nemotron-3-nano-30b-a3b.json"
 _B1 = {"num_hidden_layers": 12}
 _B3 = {"hybrid_override_pattern": "MEME*E", "num_hidden_layers": 6}
 _LORA = ("lora.enabled=true", "lora.rank=16", "lora.alpha=32", "lora.targets=[attention,experts]")
+# B4 checkpoints every layer as the one-GPU LoRA preset does (48 layers of activations do not fit beside the base).
+_LORA_48 = _LORA + ("parallel.activation_checkpointing=full",)
 SMOKE_OVERRIDES = dict(
     vocab_size=1024, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
@@ -59,7 +62,7 @@ JOBS = {
     "B2": Job("B2", _QWEN, _B1, 4, 4096, 2, "B1 shape on 2 GPUs, EP=2 + FSDP2, bs4 per GPU"),
     "B3": Job("B3", _NEMOTRON, _B3, 1, 4096, 1, "Nemotron-3-Nano shapes, 6 layers MEME*E, bs1, seq 4096"),
     "B4-lora": Job("B4-lora", _QWEN, {}, 1, 4096, 1, "Qwen3-30B-A3B shape, 48 layers, LoRA r=16 attention + experts, "
-                   "bs1, seq 4096", recipe_overrides=_LORA),
+                   "bs1, seq 4096, activations checkpointed", recipe_overrides=_LORA_48),
     "smoke": Job("smoke", _QWEN, SMOKE_OVERRIDES, 2, 64, 1, "tiny Qwen3-MoE on CPU (pipeline check)", (8, 20)),
     "smoke-lora": Job("smoke-lora", _QWEN, SMOKE_OVERRIDES, 2, 64, 1, "tiny Qwen3-MoE, LoRA (pipeline check)",
                       (8, 20), _LORA),

@@ -9,7 +9,8 @@ the recipe's attention (`trainer.build.attention_implementation`, as `moe train`
 `experts_implementation="grouped_mm"` (the v5 default), weights and autocast as the trainer resolves the recipe's
 precision (`trainer.runtime.resolve_precision`: bf16 in the GPU jobs, fp32 in the CPU smoke), the loss from
 `labels` (the trainer's shifted targets unshifted) with `output_router_logits=True`, `torch.optim.AdamW` (fused on
-CUDA, its fastest kernel) over the trainable parameters, `clip_grad_norm_` when the recipe clips. With the recipe's
+CUDA, its fastest kernel) over the trainable parameters, `clip_grad_norm_` when the recipe clips, HF's `gradient_checkpointing_enable` (non-reentrant, every decoder layer: its
+one granularity) when the recipe checkpoints activations at all. With the recipe's
 `lora.enabled`, the model is PEFT's `get_peft_model` with the same targets, rank and alpha (`trainer.lora.targets`):
 routed experts through `target_parameters`, i.e. PEFT's dense W + B A per expert beside `grouped_mm`. On several GPUs (torchrun) the model goes through
 HF's own `DistributedConfig`. Timing: CUDA-synchronised wall time per optimizer step, median after warm-up; peak
@@ -137,6 +138,9 @@ def _measure(recipe, device: torch.device, warmup: int, steps: int, layout: str,
     model = _build(config, device, layout, attention, result["notes"], dtype).train()
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed"
                 else contextlib.nullcontext())
+    if recipe.parallel.activation_checkpointing != "none":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        result["notes"].append("gradient checkpointing: HF, every decoder layer")
     if recipe.lora.enabled:
         model = _with_peft_lora(model, recipe.lora, result["notes"])
     trainable = [p for p in model.parameters() if p.requires_grad]
