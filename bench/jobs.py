@@ -109,8 +109,10 @@ VARIANTS = {
     "overlap": ["perf.optimizer=overlap", "optim.max_grad_norm=0"],
     "no-graphs": ["perf.compile=layers"],
     "eager": ["perf.compile=off"],
-    # every layer's AdamW held back to the next forward, on a side stream under it (clipping kept)
+    # every layer's AdamW held back to the next forward, on a side stream under it (clipping kept): what perf auto
+    # picks on CUDA beside AdamW after the backward; "no-defer" is the update inside the step
     "defer": ["perf.defer=all"],
+    "no-defer": ["perf.defer=none"],
     # several GPUs: the whole model on every GPU, gradients averaged in the backward (docs/DISTRIBUTED.md)
     "replicate": ["parallel.layout=replicate", "parallel.ep_size=1", "perf.optimizer=overlap", "optim.max_grad_norm=0"],
 }

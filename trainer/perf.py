@@ -53,8 +53,8 @@ class PerfOptions:
 def resolve_perf(cfg, device: torch.device, world_size: int = 1) -> PerfOptions:
     """`cfg` (a `PerfConfig`) with every `auto` settled for `device`: on CUDA fused loss and experts, Liger, compiled
     layers (replayed as CUDA graphs beside an in-backward optimizer; `apply_optimizations` falls back to plain compiled
-    layers where graphs cannot run), AdamW after the backward with the Triton kernel, prefetched batches; on CPU the
-    fused loss only."""
+    layers where graphs cannot run), AdamW after the backward with the Triton kernel and every layer's update held
+    back to the next forward, prefetched batches; on CPU the fused loss only."""
     cuda = device.type == "cuda"
 
     def on(value: str, auto: bool) -> bool:
@@ -74,11 +74,21 @@ def resolve_perf(cfg, device: torch.device, world_size: int = 1) -> PerfOptions:
         compile=compile_mode,
         optimizer=optimizer,
         adamw={"auto": "triton" if cuda else "torch"}.get(cfg.adamw, cfg.adamw),
-        defer=cfg.defer,
+        defer=_resolve_defer(cfg.defer, cuda, optimizer, compile_mode),
         graph_priority=cfg.graph_priority,
         step_priority=cfg.step_priority,
         prefetch=on(cfg.prefetch, cuda),
     )
+
+
+def _resolve_defer(value: str, cuda: bool, optimizer: str, compile_mode: str) -> str:
+    """auto: every layer's update under the next forward where AdamW runs after the backward on CUDA (B1-bs1
+    1.64x -> 2.00x, B3 1.45x -> 1.57x, B1-bs4 1.97x -> 2.01x native, the same losses: docs/BENCHMARKS.md); not
+    beside an in-backward optimizer (its update already runs in the backward) nor CUDA-graph layers (a held-back
+    layer runs without its graph)."""
+    if value != "auto":
+        return value
+    return "all" if cuda and optimizer == "after-backward" and compile_mode != "layers-graphs" else "none"
 
 
 # ---- model patches ---------------------------------------------------------------------------------------------
