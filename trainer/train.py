@@ -94,8 +94,10 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
         model = lora_run.adapted(model, recipe.lora, saved_base)
     model = parallelize(model, recipe.parallel, rt)
     perf = resolve_perf(recipe.perf, rt.device, rt.world_size)
-    # the expert-load hooks exist before torch.compile traces the layers, so the compiled layers count too
-    tracker = ExpertLoadTracker(model, recomputes=recipe.parallel.activation_checkpointing != "none")
+    # the expert-load hooks exist before torch.compile traces the layers, so the compiled layers count too; CUDA-graph
+    # layers trace them in (a graph break there splits every layer's graph)
+    tracker = ExpertLoadTracker(model, recomputes=recipe.parallel.activation_checkpointing != "none",
+                                traced=perf.compile == "layers-graphs")
     apply_optimizations(model, perf)
 
     def new_loader() -> StatefulLoader:

@@ -388,18 +388,25 @@ def test_perf_auto_keeps_the_recipes_semantics_and_picks_cuda_graphs_only_beside
 
 
 def test_compiled_layers_count_routed_tokens_like_eager_layers():
-    """The expert-load hooks run outside torch.compile (between two graphs of a compiled layer), so compiled layers
+    """The expert-load hooks, outside torch.compile (between two graphs of a compiled layer) or traced into it,
     count every routed token once per chosen expert, exactly as the eager model does (same routing: fp32, the
     router's top-k on the same logits up to summation order; the counts are integers)."""
+    from torch._dynamo.utils import counters
+
     from trainer.metrics import ExpertLoadTracker
 
     counts = {}
-    for compile_mode in ("off", "layers"):
+    for compile_mode, traced in (("off", False), ("layers", False), ("layers", True)):
         torch._dynamo.reset()
+        counters.clear()
         model = _model()
-        tracker = ExpertLoadTracker(model)  # before compiling, as `moe train` does
+        tracker = ExpertLoadTracker(model, traced=traced)  # before compiling, as `moe train` does
         apply_optimizations(model, perf_options("fused_experts=on", f"compile={compile_mode}"))
         forward_loss_sum(model, BATCH)[0].backward()
-        counts[compile_mode] = tracker.snapshot()
-    assert counts["layers"].sum() == counts["off"].sum() == IDS.numel() * 2 * model.config.num_hidden_layers
-    torch.testing.assert_close(counts["layers"], counts["off"], rtol=0, atol=0)
+        counts[compile_mode, traced] = tracker.snapshot()
+        if traced:  # one graph per layer: what CUDA-graph layers need
+            assert counters["stats"]["unique_graphs"] == model.config.num_hidden_layers
+    expected = counts["off", False]
+    assert expected.sum() == IDS.numel() * 2 * model.config.num_hidden_layers
+    for key in (("layers", False), ("layers", True)):  # between two graphs, and traced into the one graph
+        torch.testing.assert_close(counts[key], expected, rtol=0, atol=0, msg=str(key))
