@@ -24,8 +24,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rows the busiest EP rank receives over the mean (default 1.25)")
     parser.add_argument("--implementation", choices=("moe_fast", "hf_native"), default="moe_fast",
                         help="whose throughput the cost model assumes (default moe_fast)")
-    parser.add_argument("--fused-adamw", action="store_true",
-                        help="assume torch.optim.AdamW(fused=True): no foreach temporary at the optimizer step")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the full table as JSON here")
 
 
@@ -33,7 +31,6 @@ def run(args: argparse.Namespace) -> int:
     report = api.plan_recipe(
         args.recipe, args.overrides, gpus=args.gpus, gpu=args.gpu, gpu_mem_gib=args.gpu_mem,
         capacity_factor=args.capacity_factor, implementation=args.implementation,
-        fused_adamw=args.fused_adamw,
     )
     print(api.format_report(report, top=args.top))
     if args.json_path:

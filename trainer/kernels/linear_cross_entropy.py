@@ -15,14 +15,14 @@ accumulated 10x less often. `reference_linear_cross_entropy_sum` is the plain fo
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 import torch.nn.functional as F
 
+from trainer.kernels.ce_chunks import DEFAULT_CHUNK_BYTES, chunk_rows
+
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_BYTES = 1 << 30  # fp32 logits of one chunk; bounds the transient memory of the loss
 
 
 def reference_linear_cross_entropy_sum(
@@ -31,13 +31,6 @@ def reference_linear_cross_entropy_sum(
     """Plain formula: full logits [N, V] in the input dtype, upcast to fp32, summed token cross-entropy []."""
     logits_NV = F.linear(h_ND, w_VD).float()
     return F.cross_entropy(logits_NV, targets_N, ignore_index=ignore_index, reduction="sum")
-
-
-def _chunk_rows(num_rows: int, vocab: int, chunk_bytes: int) -> int:
-    """Rows per chunk: at most `chunk_bytes` of fp32 logits, and the rows split into equal chunks (one tail at most)."""
-    most = max(1, min(num_rows, chunk_bytes // (4 * vocab)))
-    chunks = math.ceil(num_rows / most)
-    return math.ceil(num_rows / chunks)
 
 
 def _chunk_loss_and_logit_grad(logits_CV: torch.Tensor, t_C: torch.Tensor, ignore_index: int):
@@ -136,7 +129,7 @@ def chunked_linear_cross_entropy_sum(
     compiled: on CUDA, run each chunk's loss and logit gradient as one torch.compile'd function (two fused passes
     over the chunk instead of ~7 eager ones); CPU always runs eagerly.
     """
-    rows = _chunk_rows(h_ND.shape[0], w_VD.shape[0], chunk_bytes)
+    rows = chunk_rows(h_ND.shape[0], w_VD.shape[0], chunk_bytes)
     return _ChunkedLinearCrossEntropy.apply(h_ND, w_VD, targets_N, ignore_index, rows, accum_fp32, compiled)
 
 
@@ -163,8 +156,3 @@ def linear_cross_entropy_sum(
 def shift_labels(labels_BS: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Next-token targets [B, S] the way transformers forms them: labels shifted left, last position ignored."""
     return F.pad(labels_BS[:, 1:], (0, 1), value=ignore_index)
-
-
-def num_chunks(num_rows: int, vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """How many chunks the torch backend uses (for logs and the memory planner)."""
-    return math.ceil(num_rows / _chunk_rows(num_rows, vocab, chunk_bytes))

@@ -16,6 +16,8 @@ tensors as HF's `grouped_mm`) pass to `save_for_backward`; `c` is the compute dt
   sigmoid and masked scores 8E + mask E), then per routed row (r = K x capacity rows land on a rank): the grouped
   GEMM input cH, the up output (gated: 2cI kept by the activation, plus act-out cI and product cI; relu2: 2cI),
   and on the token side the K expert outputs the weighted sum reads (cKH); 32 bytes of permutation indices per row.
+  The fused expert MLP (`trainer.kernels.fused_expert_mlp`, `fused_experts`) keeps per row only the pre-activation
+  (2cI gated, cI relu2) and the indices; its backward gathers the input rows again from the tokens (cH per token).
 
 `workspace` is the transient memory while one block runs its backward (gradients of its largest tensors).
 """
@@ -37,6 +39,7 @@ class ActivationContext:
     compute_bytes: int = 2
     capacity_factor: float = 1.0  # rows a rank receives over the mean (1.0 without EP: every row is local)
     ep_size: int = 1
+    fused_experts: bool = False  # the fused expert MLP's saved tensors instead of grouped_mm's
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,12 @@ def _moe_bytes(block: MoE, ctx: ActivationContext, norm: float) -> BlockBytes:
     else:
         router = 4 * e + c * e + 12 * k
     rows = routed_rows_per_token(block, ctx)
-    per_row = c * h + (4 * c * i if block.gated else 2 * c * i) + INDEX_BYTES_PER_ROW
-    routed = rows * per_row + c * k * h
+    if ctx.fused_experts:
+        per_row = (2 * c * i if block.gated else c * i) + INDEX_BYTES_PER_ROW
+        routed = rows * per_row + c * k * h + c * h * (ctx.ep_size if ctx.ep_size > 1 else 1)
+    else:
+        per_row = c * h + (4 * c * i if block.gated else 2 * c * i) + INDEX_BYTES_PER_ROW
+        routed = rows * per_row + c * k * h
     shared = 0.0
     if block.shared_intermediate:
         shared = (4 if block.gated else 2) * c * block.shared_intermediate

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 from trainer.planner.cost import model_flops_per_token
 from trainer.planner.fit_check import PlanRequest, request_from_recipe
@@ -33,14 +33,12 @@ def load_recipe_any(recipe: str, overrides: list[str] | None = None):
 
 def plan_recipe(recipe: str, overrides: list[str] | None = None, *, gpus: int | None = None,
                 gpu: str = "H100-80GB", gpu_mem_gib: float | None = None, capacity_factor: float | None = None,
-                implementation: str = "moe_fast", fused_adamw: bool = False) -> PlanReport:
+                implementation: str = "moe_fast") -> PlanReport:
     """Plan a recipe (preset name or YAML path, with key=value overrides) on `gpus` GPUs of a node preset."""
     node = gpu_preset(gpu) if gpu_mem_gib is None else gpu_with_memory(gpu_mem_gib, like=gpu)
     world = gpus or node.gpus_per_node
     config = load_recipe_any(recipe, overrides)
     request = request_from_recipe(config, world, gpu=node, capacity_factor=capacity_factor)
-    if fused_adamw:
-        request = replace(request, options=replace(request.options, optimizer_fused=True))
     current = evaluate(request.shape, request.layout, node, request.options, implementation)
     candidates = plan(request.shape, request.layout, node, request.options, implementation)
     return PlanReport(request, node, world, current, candidates, implementation)

@@ -44,7 +44,7 @@ def request_from_recipe(recipe: Any, world_size: int, model_config: Any = None, 
                         capacity_factor: float | None = None) -> PlanRequest:
     """Read only the keys the planner needs: model, data.seq_len, train.{micro_batch_size, grad_accum_steps,
     precision}, parallel.{ep_size, dp_shard_size, dp_replicate_size, dispatcher, activation_checkpointing},
-    lora.{enabled, rank, targets}."""
+    lora.{enabled, rank, targets}, perf.{fused_ce, fused_experts}."""
     if model_config is None:
         name = recipe_value(recipe, "model.name_or_path", "")
         model_config = load_model_config(name, recipe_value(recipe, "model.config_overrides", {}) or {})
@@ -85,8 +85,18 @@ def request_from_recipe(recipe: Any, world_size: int, model_config: Any = None, 
         grad_accum_steps=int(recipe_value(recipe, "train.grad_accum_steps", 1)),
         capacity_factor=capacity_factor if capacity_factor is not None else PlanOptions.capacity_factor,
         adapter_params=_adapter_params(recipe, model_config),
+        # what `moe train` runs on a GPU: its AdamW is always a fused kernel, and `perf: auto` turns both on there
+        optimizer_fused=True,
+        fused_ce=_perf_on(recipe, "perf.fused_ce"),
+        fused_experts=_perf_on(recipe, "perf.fused_experts"),
     )
     return PlanRequest(shape, layout, options, layout_error)
+
+
+def _perf_on(recipe: Any, key: str) -> bool:
+    """A `perf` on/off/auto key as it resolves on CUDA (auto: on)."""
+    value = recipe_value(recipe, key, "auto")
+    return value is True or str(value) in ("auto", "on")
 
 
 def _adapter_params(recipe: Any, model_config: Any) -> int | None:

@@ -86,7 +86,12 @@ class PlanOptions:
     deepep_buffer_gib: the DeepEP NVLink buffer allocated once per rank;
     adapter_params: LoRA (`lora.enabled`): the adapter parameters of the whole model (`trainer.lora.plan`); the base
         is then frozen (its weights only, in the precision's param dtype) and the adapters train in fp32 with fp32
-        AdamW states. None: a full fine-tune.
+        AdamW states. None: a full fine-tune;
+    optimizer_fused: AdamW without the foreach temporary (torch's fused kernel, or the trainer's Triton one);
+    fused_ce: the LM head and cross-entropy in chunks (`perf.fused_ce`), never the whole fp32 logits; False: HF's loss;
+    fused_experts: the memory-lean expert MLP (`perf.fused_experts`, where it runs: one process or the all-gather
+        dispatcher); False: HF's grouped_mm experts.
+    The defaults describe transformers' own training loop; `request_from_recipe` describes `moe train` on a GPU.
     """
 
     precision: str = "bf16-mixed"
@@ -97,3 +102,5 @@ class PlanOptions:
     fsdp: bool | None = None
     deepep_buffer_gib: float = 1.0
     adapter_params: int | None = None
+    fused_ce: bool = False
+    fused_experts: bool = False

@@ -2,8 +2,9 @@
 
 The peak is the largest of three moments of a steady-state step (step >= 2, optimizer states exist):
 1. `loss`: the start of the backward - every layer's saved activations plus the cross-entropy buffers
-   (12 bytes x vocab per token: fp32 log-softmax output, its gradient and the logits' gradient; plus the logits
-   themselves when the loop keeps the outputs);
+   (HF's loss: 12 bytes x vocab per token: fp32 log-softmax output, its gradient and the logits' gradient; plus the
+   logits themselves when the loop keeps the outputs. The chunked loss: one chunk's logits, fp32 work buffer and
+   logit gradient, the hidden states' gradient and, when the head trains, its gradient);
 2. `layer`: the backward of layer l - saved activations of layers <= l, gradients of layers > l, the block's
    backward workspace, the recomputed activations when checkpointing, the FSDP2 unit buffers;
 3. `step`: the optimizer step - params + all grads + AdamW states + the foreach temporary.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from trainer.kernels.ce_chunks import chunk_rows
 from trainer.planner.activations import ActivationContext, block_bytes, norm_bytes
 from trainer.planner.hardware import GiB
 from trainer.planner.layout import Layout, PlanOptions
@@ -72,7 +74,9 @@ def estimate_memory(shape: ModelShape, layout: Layout, options: PlanOptions | No
     fsdp = uses_fsdp(layout, options)
     # the all-gather dispatcher sizes its row buffers for every (token, expert) pair of the EP group
     capacity = float(layout.ep_size) if layout.dispatcher == "allgather" else options.capacity_factor
-    ctx = ActivationContext(shape.hidden, c, capacity, layout.ep_size)
+    # the fused expert MLP runs in one process or beside the all-gather dispatcher (trainer.moe.experts)
+    fused_experts = options.fused_experts and (layout.ep_size == 1 or layout.dispatcher == "allgather")
+    ctx = ActivationContext(shape.hidden, c, capacity, layout.ep_size, fused_experts)
 
     layer_params, root_params = rank_params(shape, layout)
     n_params = sum(layer_params) + root_params
@@ -112,8 +116,9 @@ def estimate_memory(shape: ModelShape, layout: Layout, options: PlanOptions | No
 
     final_norm = norm_bytes(shape.hidden, c) * tokens
     logits_bytes = (4 if shape.logits_fp32 else c) * shape.vocab_size * tokens
-    held_logits = logits_bytes if options.keep_outputs else 0.0
-    ce_buffers = 12 * shape.vocab_size * tokens
+    held_logits = logits_bytes if options.keep_outputs and not options.fused_ce else 0.0
+    ce_buffers = (_chunked_loss_bytes(shape, tokens, c, head_trains=not lora) if options.fused_ce
+                  else 12 * shape.vocab_size * tokens)
 
     # Communication buffers: FSDP2 all-gathers a unit (current + prefetched) in the compute dtype, reduce-scatters
     # its gradient (unsharded grad in the compute dtype + the reduce-dtype copy), and keeps the root unsharded
@@ -159,3 +164,12 @@ def estimate_memory(shape: ModelShape, layout: Layout, options: PlanOptions | No
         components=dict(phases[peak]), phase=peak,
         phases={name: sum(v.values()) for name, v in phases.items()}, activations_by_kind=by_kind,
     )
+
+
+def _chunked_loss_bytes(shape: ModelShape, tokens: int, c: int, head_trains: bool) -> float:
+    """Live bytes of the chunked linear cross-entropy (`trainer.kernels.linear_cross_entropy`) at its peak: one
+    chunk's logits (c), fp32 work buffer (4) and logit gradient (c) per row and vocab entry, the hidden states'
+    gradient [T, H] and, when the head trains, its gradient [V, H], both written during the forward."""
+    rows = chunk_rows(tokens, shape.vocab_size)
+    head_grad = c * shape.vocab_size * shape.hidden if head_trains else 0.0
+    return (2 * c + 4) * rows * shape.vocab_size + c * tokens * shape.hidden + head_grad
