@@ -19,14 +19,17 @@ R="$(mktemp -d)/device-run"
 mkdir -p "$R" "$DEST"
 STAGES="${STAGES:-tests mamba bench}"
 PLAN="${PLAN:-B1-bs4|default;overlap
-B1-bs1|default;defer
-B3|default;defer}"
+B1-bs1|default
+B3|default
+B4-lora|default}"
 export PYTHONPATH="$REPO:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 # results.tgz is rewritten after every stage, so a call cut short by its time limit still brings back what finished.
-pack() { tar czf "$DEST/results.tgz" -C "$R" --exclude='*/model/*' --exclude='*/data/*' . 2>/dev/null; }
+# Chrome traces stay out of it (a 48-layer one alone is over what a call brings back); profile.txt has the top kernels.
+pack() { tar czf "$DEST/results.tgz" -C "$R" --exclude='*/model/*' --exclude='*/data/*' --exclude='*.trace.json*' \
+  . 2>/dev/null; }
 step() { echo; echo "=== $* ($(date +%T))"; }
 
 for wheel in .whl/*.whl; do
