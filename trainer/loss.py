@@ -21,7 +21,8 @@ _LOGIT_SCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "o
 
 def forward_loss_sum(model, batch: dict[str, torch.Tensor], fused_ce: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Summed token cross-entropy [] (fp32) and the model's aux loss [] (None if the config does not compute it).
+    """Summed token cross-entropy [] (fp32; fp64 for an fp64 model without the fused loss) and the model's aux loss []
+    (None if the config does not compute it).
 
     batch: input_ids, targets, position_ids: [B, S] on the model's device; targets are already shifted.
     No attention mask and no KV cache: transformers then reads sample boundaries from the restarting
@@ -30,7 +31,9 @@ def forward_loss_sum(model, batch: dict[str, torch.Tensor], fused_ce: bool = Fal
     head = fused_loss_head(model) if fused_ce else None
     if head is None:
         outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-        loss_sum = F.cross_entropy(outputs.logits.float().flatten(0, 1), batch["targets"].flatten(),
+        logits = outputs.logits  # bf16/fp16 upcast to fp32; an fp64 model keeps fp64
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        loss_sum = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
         return loss_sum, getattr(outputs, "aux_loss", None)
     head.__dict__[_TARGETS] = batch["targets"].flatten()

@@ -102,7 +102,7 @@ class TrainStep:
         lr = self.optimizer.param_groups[0]["lr"]
         num_targets = rt.all_reduce_sum(sum((b["targets"] != IGNORE_INDEX).sum() for b in micro_batches).float())
         denominator = num_targets.clamp_min(1)
-        loss_sum = torch.zeros((), device=rt.device)
+        loss_sum = None  # in the loss's own dtype (fp32, or fp64 for an fp64 model)
         graphs = uses_cuda_graphs(self.model)
         for batch in micro_batches:
             if graphs:  # a new step of the layers' CUDA graphs: the previous replay's outputs may be overwritten
@@ -117,7 +117,7 @@ class TrainStep:
             if router_z is not None:
                 loss = loss + router_z / accum
             loss.backward()
-            loss_sum += token_loss_sum.detach()
+            loss_sum = token_loss_sum.detach() if loss_sum is None else loss_sum + token_loss_sum.detach()
         mean_loss = rt.all_reduce_sum(loss_sum) / denominator
         if self.optimizer.in_backward:
             grad_norm, finite = None, torch.isfinite(mean_loss)
