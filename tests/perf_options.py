@@ -16,7 +16,8 @@ from trainer.config import PerfConfig, from_dict
 from trainer.perf import PerfOptions, resolve_perf
 
 PLAIN = {"fused_ce": "off", "fused_experts": "off", "kernels": "torch", "compile": "off",
-         "optimizer": "after-backward", "adamw": "torch", "defer": "none", "graph_priority": "default",
+         "optimizer": "after-backward", "adamw": "torch", "defer": "none", "grad_norm": "after-backward",
+         "graph_priority": "default",
          "step_priority": "default", "prefetch": "off"}
 
 

@@ -145,6 +145,11 @@ class PerfConfig:
     # optimizer mode (after the backward: with the step's clipping and skip); unsharded parameters only.
     # auto: all on CUDA beside AdamW after the backward (measured B1-bs1 1.64x -> 2.00x), else none
     defer: Literal["auto", "none", "head", "1", "2", "3", "4", "all"] = "auto"
+    # when the gradient norm (for clipping, the skip and the metrics) is taken: in one pass after the backward, or
+    # each gradient's norm as it completes during the last micro-batch's backward, on a side CUDA stream
+    # ("in-backward": the same value, one process's plain parameters). auto: in-backward on CUDA in one process beside
+    # AdamW after the backward without CUDA-graph layers, else after-backward
+    grad_norm: Literal["auto", "after-backward", "in-backward"] = "auto"
     # with the overlapped optimizer: the layers' CUDA graphs / the whole step on a high-priority stream, so AdamW's
     # blocks take only the SMs the step leaves; auto: high in one process, default beside gradient collectives
     graph_priority: Literal["auto", "default", "high"] = "auto"
@@ -389,6 +394,10 @@ def validate_perf(config: Recipe) -> None:
             raise UserError(f"perf.optimizer={perf.optimizer} updates inside the backward, so gradients cannot be "
                             f"accumulated (train.grad_accum_steps={config.train.grad_accum_steps})",
                             "set train.grad_accum_steps=1 or perf.optimizer=auto")
+        if perf.grad_norm == "in-backward":
+            raise UserError(f"perf.grad_norm=in-backward takes the norm that clipping reads, and perf.optimizer="
+                            f"{perf.optimizer} has none (it updates inside the backward)",
+                            "set perf.grad_norm=auto or perf.optimizer=auto")
     if perf.compile == "layers-graphs" and config.train.grad_accum_steps > 1:
         raise UserError("perf.compile=layers-graphs keeps no gradient across micro-batches "
                         f"(train.grad_accum_steps={config.train.grad_accum_steps})",

@@ -10,7 +10,8 @@ tests check; the only other step in the project is the native transformers basel
 Semantics: `grad_accum_steps` micro-batches; each loss is summed over trained tokens and divided by the trained
 tokens of the whole step (all micro-batches, all ranks), so the gradient is the exact token mean however tokens fall
 into micro-batches; the router aux loss (HF's, with the config's coefficient) and the router z-loss are averaged
-over micro-batches. The gradient norm is taken before clipping; a step whose loss or gradient norm is not finite is
+over micro-batches. The gradient norm is taken before clipping (after the backward, or gradient by gradient during
+the last micro-batch's backward: `perf.grad_norm`, the same value); a step whose loss or gradient norm is not finite is
 skipped by the optimizer on the device (`AdamW.step(found_inf=...)`), and clipping is a divisor the update kernels
 apply (`grad_scale`), so neither costs a pass over the gradients or a host sync. With an in-backward optimizer
 (`perf.optimizer=in-backward|overlap`) the parameters are updated during the backward: the recipe must then have no
@@ -26,7 +27,7 @@ import torch
 
 from trainer.data import IGNORE_INDEX
 from trainer.loss import forward_loss_sum
-from trainer.parallel.grad_norm import total_grad_norm
+from trainer.parallel.grad_norm import GradNormInBackward, total_grad_norm
 from trainer.perf import PerfOptions, uses_cuda_graphs
 
 
@@ -96,6 +97,7 @@ class TrainStep:
         self.max_grad_norm = max_grad_norm
         self.tracker, self.balancer, self.z_loss = tracker, balancer, z_loss
         self.aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
+        self.norm_in_backward = _norm_in_backward(model, optimizer, rt, options)
 
     def __call__(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepOutput:
         rt, accum = self.rt, len(micro_batches)
@@ -104,7 +106,9 @@ class TrainStep:
         denominator = num_targets.clamp_min(1)
         loss_sum = None  # in the loss's own dtype (fp32, or fp64 for an fp64 model)
         graphs = uses_cuda_graphs(self.model)
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
+            if self.norm_in_backward is not None and i == accum - 1:
+                self.norm_in_backward.arm()  # the last backward: each gradient's norm as it completes
             if graphs:  # a new step of the layers' CUDA graphs: the previous replay's outputs may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
             with rt.autocast():
@@ -124,7 +128,8 @@ class TrainStep:
             not_finite = (~finite).float()  # reported only: the update is applied already
             self.optimizer.step()
         else:
-            grad_norm = total_grad_norm(self.model.parameters()).to(mean_loss.device)
+            grad_norm = (self.norm_in_backward.total() if self.norm_in_backward is not None
+                         else total_grad_norm(self.model.parameters())).to(mean_loss.device)
             finite = torch.isfinite(mean_loss) & torch.isfinite(grad_norm)
             not_finite = (~finite).float()
             # clipping as torch's clip_grad_norm_ (scale max_norm / (norm + 1e-6) where below 1), folded into the
@@ -141,6 +146,21 @@ class TrainStep:
         out = StepOutput(mean_loss, grad_norm, not_finite, counts, tokens, lr)
         out.queue_host_copy()
         return out
+
+
+def _norm_in_backward(model, optimizer, rt, options: PerfOptions) -> GradNormInBackward | None:
+    """`options.grad_norm == "in-backward"` where it can run (AdamW after the backward, one process, plain
+    parameters), else None with a note saying why not."""
+    if options.grad_norm != "in-backward" or optimizer.in_backward:
+        return None
+    params = [p for p in model.parameters() if p.requires_grad]
+    if rt.world_size > 1 or any(type(p).__name__ == "DTensor" for p in params):
+        options.notes.append("grad_norm=in-backward needs one process's plain (unsharded) parameters: after the "
+                             "backward")
+        options.grad_norm = "after-backward"
+        return None
+    options.notes.append("gradient norm taken during the backward, each gradient's as it completes")
+    return GradNormInBackward(params)
 
 
 class Prefetcher:

@@ -111,6 +111,7 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
     scheduler = build_scheduler(optimizer, recipe.optim, max_steps)
     for note in perf.notes:
         _say(rt, f"perf: {note}")
+    noted = len(perf.notes)
     step = load_checkpoint(resume_from, model, optimizer, scheduler, loader) if resume_from else 0
     run_dir = create_run_dir(recipe, fresh=resume_from is None, is_main=rt.is_main)
     if resume_from:
@@ -133,6 +134,8 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
     train_step = TrainStep(model, optimizer, scheduler, rt, perf, recipe.optim.max_grad_norm, tracker,
                            balancer_for(model, recipe.moe.aux_free_bias_rate),
                            z_loss_for(model, recipe.moe.router_z_loss_coef))
+    for note in perf.notes[noted:]:  # what the step settled (the gradient norm's moment)
+        _say(rt, f"perf: {note}")
     evaluator = None if prepared.eval is None or not recipe.train.eval_every else Evaluator(
         model, prepared.eval, rt, seq_len=data.seq_len, micro_batch_size=micro_batch, pad_id=tokenizer.pad_token_id,
         packing=data.packing, fused_ce=perf.fused_ce, every=recipe.train.eval_every,

@@ -3,7 +3,8 @@ output head's and the last layer's updates run on it under the next forward inst
 steps run on a high-priority stream above it) gives bit-identical parameters and losses to the same updates on the
 compute stream (`optimizer=in-backward`): only the stream and the moment differ, not the arithmetic. The same holds
 after the backward: with clipping, `defer=2` / `defer=all` run the updates on a side stream under the next forward,
-bit-identical to `optimizer=after-backward` updating in the step.
+bit-identical to `optimizer=after-backward` updating in the step; and `grad_norm=in-backward` (each gradient's norm on a
+side stream during the backward) gives the norm of the pass after it.
 
 Run: `pytest -m gpu tests/gpu/test_optimizer_overlap.py`. Tolerance: exact (torch.equal) over 4 steps, fp32 and bf16.
 """
@@ -95,3 +96,29 @@ def test_updates_held_back_after_the_backward_survive_a_slow_side_stream(monkeyp
 
     monkeypatch.setattr(AdamW, "_update", late_update)
     _trains_like_in_stream_updates(AFTER + ("defer=all",), torch.bfloat16, AFTER, max_grad_norm=0.1)
+
+
+@pytest.mark.parametrize("extra", [(), ("defer=all",)], ids=_name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_norm_in_the_backward_equals_the_norm_after_it(dtype, extra):
+    """`grad_norm=in-backward` (each gradient's norm on a side stream as it completes) against the pass after the
+    backward, clipping at 0.1 on every step: the same norms, so bit-identical losses and parameters."""
+    _trains_like_in_stream_updates(AFTER + ("grad_norm=in-backward",) + extra, dtype,
+                                   AFTER + ("grad_norm=after-backward",) + extra, max_grad_norm=0.1)
+
+
+def test_gradient_norm_in_the_backward_survives_a_slow_side_stream(monkeypatch):
+    """Every norm on the side stream starts ~10 ms late: the gradients it reads must still be the step's."""
+    from trainer.parallel.grad_norm import GradNormInBackward
+
+    on_final_grad = GradNormInBackward._on_final_grad
+
+    def late(self, param):
+        if self._armed and self._stream is not None:
+            with torch.cuda.stream(self._stream):
+                torch.cuda._sleep(20_000_000)
+        return on_final_grad(self, param)
+
+    monkeypatch.setattr(GradNormInBackward, "_on_final_grad", late)
+    _trains_like_in_stream_updates(AFTER + ("grad_norm=in-backward", "defer=all"), torch.bfloat16,
+                                   AFTER + ("grad_norm=after-backward", "defer=all"), max_grad_norm=0.1)

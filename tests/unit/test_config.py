@@ -104,6 +104,9 @@ def test_cli_exits_2_with_one_line_naming_the_closest_key(capsys, tmp_path):
     (["perf.optimizer=overlap", "optim.max_grad_norm=0", "train.grad_accum_steps=2"],
      "perf.optimizer=overlap updates inside the backward, so gradients cannot be accumulated "
      "(train.grad_accum_steps=2)", "set train.grad_accum_steps=1 or perf.optimizer=auto"),
+    (["perf.optimizer=overlap", "optim.max_grad_norm=0", "perf.grad_norm=in-backward"],
+     "perf.grad_norm=in-backward takes the norm that clipping reads, and perf.optimizer=overlap has none (it updates "
+     "inside the backward)", "set perf.grad_norm=auto or perf.optimizer=auto"),
     (["perf.compile=layers-graphs", "train.grad_accum_steps=4"],
      "perf.compile=layers-graphs keeps no gradient across micro-batches (train.grad_accum_steps=4)",
      "set perf.compile=layers (or auto), or train.grad_accum_steps=1"),

@@ -136,9 +136,9 @@ def test_held_back_updates_run_when_the_next_forward_starts(defer, held):
     assert any("held back to the next forward" in note for note in options.notes)
 
 
-def _scheduled_run(spec: tuple[str, ...], max_grad_norm: float, steps: int = 5):
-    """`steps` TrainSteps with warmup + cosine LR and clipping at `max_grad_norm`; (losses, gradient norms, final
-    parameters after the held-back updates)."""
+def _scheduled_run(spec: tuple[str, ...], max_grad_norm: float, steps: int = 5, micro_batches=(BATCH,)):
+    """`steps` TrainSteps of `micro_batches` with warmup + cosine LR and clipping at `max_grad_norm`; (losses,
+    gradient norms, final parameters after the held-back updates)."""
     from trainer.optim import build_scheduler
     from trainer.step import TrainStep
     from training_loop import runtime_for
@@ -148,10 +148,35 @@ def _scheduled_run(spec: tuple[str, ...], max_grad_norm: float, steps: int = 5):
     optimizer = build_optimizer(model, cfg, options)
     step = TrainStep(model, optimizer, build_scheduler(optimizer, cfg, steps), runtime_for(model), options,
                      max_grad_norm)
-    outputs = [step([BATCH]).fetch() for _ in range(steps)]
+    outputs = [step(list(micro_batches)).fetch() for _ in range(steps)]
     optimizer.flush()
     return ([o["loss"] for o in outputs], [o["grad_norm"] for o in outputs],
             {n: p.detach().clone() for n, p in model.named_parameters()})
+
+
+@pytest.mark.parametrize("extra", [(), ("defer=all",)])
+def test_gradient_norm_taken_in_the_backward_is_the_same_as_after_it(extra):
+    """perf.grad_norm=in-backward: each gradient's norm as it completes in the last micro-batch's backward, combined
+    after it. Same per-tensor norms, combined in torch's order: the norms (so the clipping) and the trained
+    parameters are bit-identical to the pass after the backward, with 2 accumulated micro-batches and clipping on
+    every step."""
+    halves = ({k: v[:1] for k, v in BATCH.items()}, {k: v[1:] for k, v in BATCH.items()})
+    losses, norms, params = _scheduled_run(("grad_norm=after-backward", *extra), 0.05, micro_batches=halves)
+    got_losses, got_norms, got_params = _scheduled_run(("grad_norm=in-backward", *extra), 0.05, micro_batches=halves)
+    assert all(n > 0.05 for n in norms), "every step should clip"
+    assert (got_losses, got_norms) == (losses, norms)
+    assert all(torch.equal(got_params[n], p) for n, p in params.items())
+
+
+def test_gradient_norm_in_the_backward_says_it_is_used():
+    from trainer.step import TrainStep
+    from training_loop import runtime_for
+
+    model, options = _model(), perf_options("grad_norm=in-backward")
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-2, max_grad_norm=1.0), options)
+    step = TrainStep(model, optimizer, None, runtime_for(model), options, 1.0)
+    assert step.norm_in_backward is not None
+    assert any("gradient norm taken during the backward" in note for note in options.notes)
 
 
 @pytest.mark.parametrize("mode, defer, max_grad_norm", [("after-backward", "all", 0.05), ("after-backward", "1", 0.05),

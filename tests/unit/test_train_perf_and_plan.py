@@ -51,30 +51,35 @@ def test_fused_loss_equals_the_plain_loss_and_gradients_without_full_logits():
 
 def _resolved(options) -> tuple:
     return (options.fused_ce, options.fused_experts, options.kernels, options.compile, options.optimizer,
-            options.adamw, options.defer, options.prefetch)
+            options.adamw, options.defer, options.grad_norm, options.prefetch)
 
 
 def test_perf_defaults_are_fused_everything_on_gpu_and_only_the_fused_loss_on_cpu():
     """`auto` settles per device: on CUDA compiled layers without CUDA graphs beside AdamW after the backward, every
     layer's update held back to the next forward."""
     assert _resolved(resolve_perf(PerfConfig(), torch.device("cuda"))) == (
-        True, True, "liger", "layers", "after-backward", "triton", "all", True)
+        True, True, "liger", "layers", "after-backward", "triton", "all", "in-backward", True)
     assert _resolved(resolve_perf(PerfConfig(), torch.device("cpu"))) == (
-        True, False, "torch", "off", "after-backward", "torch", "none", False)
+        True, False, "torch", "off", "after-backward", "torch", "none", "after-backward", False)
 
 
 @pytest.mark.parametrize("optimizer, compile_mode", [("in-backward", "auto"), ("overlap", "auto"),
                                                      ("after-backward", "layers-graphs")])
-def test_auto_defer_stays_off_beside_an_in_backward_optimizer_or_cuda_graph_layers(optimizer, compile_mode):
+def test_auto_defer_and_norm_in_backward_stay_off_beside_an_in_backward_optimizer_or_cuda_graph_layers(
+        optimizer, compile_mode):
     options = resolve_perf(PerfConfig(optimizer=optimizer, compile=compile_mode), torch.device("cuda"))
-    assert options.defer == "none"
+    assert (options.defer, options.grad_norm) == ("none", "after-backward")
+
+
+def test_auto_norm_in_backward_is_one_process_only():
+    assert resolve_perf(PerfConfig(), torch.device("cuda"), world_size=2).grad_norm == "after-backward"
 
 
 def test_perf_values_the_recipe_sets_are_kept_as_they_are():
     explicit = PerfConfig(fused_ce="off", fused_experts="off", kernels="torch", compile="layers", optimizer="overlap",
                           adamw="torch", prefetch="off", defer="2", graph_priority="high", step_priority="default")
     options = resolve_perf(explicit, torch.device("cuda"), world_size=8)
-    assert _resolved(options) == (False, False, "torch", "layers", "overlap", "torch", "2", False)
+    assert _resolved(options) == (False, False, "torch", "layers", "overlap", "torch", "2", "after-backward", False)
     assert (options.defer, options.graph_priority, options.step_priority) == ("2", "high", "default")
 
 

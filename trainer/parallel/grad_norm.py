@@ -35,6 +35,68 @@ def total_grad_norm(parameters) -> torch.Tensor:
     return torch.zeros(()) if total_sq is None else total_sq.sqrt()
 
 
+class GradNormInBackward:
+    """The gradient norm of one process's plain (unsharded) parameters, computed during the backward.
+
+    During the backward of a step's last micro-batch (`arm()` first), each parameter's norm is taken as soon as its
+    gradient is final (a post-accumulate-grad hook), on a side CUDA stream under the rest of the backward; `total()`
+    then only combines them. The value equals `total_grad_norm` bit for bit: the same per-tensor norms
+    (`torch._foreach_norm`), stacked in the order torch's `get_total_norm` groups them, one `vector_norm` over them.
+    The gradients stay where they are (this only reads them), so clipping and the non-finite skip work as before.
+    """
+
+    def __init__(self, params):
+        self.params = [p for p in params if p.requires_grad]
+        self._norms: dict[int, torch.Tensor] = {}
+        self._armed = False
+        devices = {p.device for p in self.params if p.is_cuda}
+        self._stream = torch.cuda.Stream(device=next(iter(devices))) if len(devices) == 1 else None
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_final_grad) for p in self.params]
+
+    def arm(self) -> None:
+        """The next backward is the step's last: take each norm as its gradient completes."""
+        self._norms.clear()
+        self._armed = True
+
+    @torch.no_grad()
+    def _on_final_grad(self, param: torch.Tensor) -> None:
+        if not self._armed or param.grad is None:
+            return
+        if self._stream is None:
+            self._norms[id(param)] = torch._foreach_norm([param.grad])[0]
+            return
+        self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))  # the gradient is written
+        with torch.cuda.stream(self._stream):
+            self._norms[id(param)] = torch._foreach_norm([param.grad])[0]
+
+    @torch.no_grad()
+    def total(self) -> torch.Tensor:
+        """The L2 norm [] of the gradients now present (after the armed backward); norms of gradients that no hook
+        saw are taken here."""
+        from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+        self._armed = False
+        if self._stream is not None:
+            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
+        with_grad = [p for p in self.params if p.grad is not None]
+        if not with_grad:
+            return torch.zeros(())
+        grads = [p.grad for p in with_grad]
+        norms = [self._norms.get(id(p)) for p in with_grad]
+        missing = [i for i, norm in enumerate(norms) if norm is None]
+        for i, norm in zip(missing, torch._foreach_norm([grads[i] for i in missing]) if missing else []):
+            norms[i] = norm
+        grouped = _group_tensors_by_device_and_dtype([grads], with_indices=True)
+        ordered = [norms[i] for _, (_, indices) in grouped.items() for i in indices]
+        self._norms.clear()
+        first_device = grads[0].device
+        return torch.linalg.vector_norm(torch.stack([norm.to(first_device) for norm in ordered]), 2.0)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     """Global L2 norm [] of all gradients (before clipping); scales them to max_norm when it is > 0 and exceeded.
