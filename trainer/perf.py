@@ -69,6 +69,8 @@ def resolve_perf(cfg, device: torch.device, world_size: int = 1) -> PerfOptions:
     graphs_pay = optimizer in IN_BACKWARD
     compile_mode = {"auto": ("layers-graphs" if graphs_pay else "layers") if cuda else "off"}.get(cfg.compile,
                                                                                                     cfg.compile)
+    # where the held-back updates and the in-backward gradient norm pay: AdamW after the backward on CUDA, no graphs
+    ungraphed_after_backward = cuda and optimizer == "after-backward" and compile_mode != "layers-graphs"
     return PerfOptions(
         fused_ce=on(cfg.fused_ce, True),
         fused_experts=on(cfg.fused_experts, cuda),
@@ -76,30 +78,29 @@ def resolve_perf(cfg, device: torch.device, world_size: int = 1) -> PerfOptions:
         compile=compile_mode,
         optimizer=optimizer,
         adamw={"auto": "triton" if cuda else "torch"}.get(cfg.adamw, cfg.adamw),
-        defer=_resolve_defer(cfg.defer, cuda, optimizer, compile_mode),
-        grad_norm=_resolve_grad_norm(cfg.grad_norm, cuda, optimizer, compile_mode, world_size),
+        defer=_resolve_defer(cfg.defer, ungraphed_after_backward),
+        grad_norm=_resolve_grad_norm(cfg.grad_norm, ungraphed_after_backward and world_size == 1),
         graph_priority=cfg.graph_priority,
         step_priority=cfg.step_priority,
         prefetch=on(cfg.prefetch, cuda),
     )
 
 
-def _resolve_defer(value: str, cuda: bool, optimizer: str, compile_mode: str) -> str:
+def _resolve_defer(value: str, pays: bool) -> str:
     """auto: every layer's update under the next forward where AdamW runs after the backward on CUDA (B1-bs1
     1.64x -> 2.00x, B3 1.45x -> 1.57x, B1-bs4 1.97x -> 2.01x native, the same losses: docs/BENCHMARKS.md); not
     beside an in-backward optimizer (its update already runs in the backward) nor CUDA-graph layers (a held-back
     layer runs without its graph)."""
     if value != "auto":
         return value
-    return "all" if cuda and optimizer == "after-backward" and compile_mode != "layers-graphs" else "none"
+    return "all" if pays else "none"
 
 
-def _resolve_grad_norm(value: str, cuda: bool, optimizer: str, compile_mode: str, world_size: int) -> str:
+def _resolve_grad_norm(value: str, pays: bool) -> str:
     """auto: each gradient's norm during the backward, on a side stream, where one CUDA process runs AdamW after the
     backward without CUDA-graph layers (the pass after the backward was ~6.5 ms of B1-bs1's step on an H200)."""
     if value != "auto":
         return value
-    pays = cuda and optimizer == "after-backward" and compile_mode != "layers-graphs" and world_size == 1
     return "in-backward" if pays else "after-backward"
 
 

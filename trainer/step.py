@@ -27,6 +27,7 @@ import torch
 
 from trainer.data import IGNORE_INDEX
 from trainer.loss import forward_loss_sum
+from trainer.optim import _is_sharded
 from trainer.parallel.grad_norm import GradNormInBackward, total_grad_norm
 from trainer.perf import PerfOptions, uses_cuda_graphs
 
@@ -154,7 +155,7 @@ def _norm_in_backward(model, optimizer, rt, options: PerfOptions) -> GradNormInB
     if options.grad_norm != "in-backward" or optimizer.in_backward:
         return None
     params = [p for p in model.parameters() if p.requires_grad]
-    if rt.world_size > 1 or any(type(p).__name__ == "DTensor" for p in params):
+    if rt.world_size > 1 or any(_is_sharded(p) for p in params):
         options.notes.append("grad_norm=in-backward needs one process's plain (unsharded) parameters: after the "
                              "backward")
         options.grad_norm = "after-backward"

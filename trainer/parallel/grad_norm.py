@@ -7,6 +7,8 @@ reduced on its own mesh, and the squares are summed: the same global L2 norm, on
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -51,7 +53,8 @@ class GradNormInBackward:
         self._armed = False
         devices = {p.device for p in self.params if p.is_cuda}
         self._stream = torch.cuda.Stream(device=next(iter(devices))) if len(devices) == 1 else None
-        self._handles = [p.register_post_accumulate_grad_hook(self._on_final_grad) for p in self.params]
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._on_final_grad)
 
     def arm(self) -> None:
         """The next backward is the step's last: take each norm as its gradient completes."""
@@ -62,11 +65,9 @@ class GradNormInBackward:
     def _on_final_grad(self, param: torch.Tensor) -> None:
         if not self._armed or param.grad is None:
             return
-        if self._stream is None:
-            self._norms[id(param)] = torch._foreach_norm([param.grad])[0]
-            return
-        self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))  # the gradient is written
-        with torch.cuda.stream(self._stream):
+        if self._stream is not None:
+            self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))  # the gradient is written
+        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
             self._norms[id(param)] = torch._foreach_norm([param.grad])[0]
 
     @torch.no_grad()
@@ -91,10 +92,6 @@ class GradNormInBackward:
         self._norms.clear()
         first_device = grads[0].device
         return torch.linalg.vector_norm(torch.stack([norm.to(first_device) for norm in ordered]), 2.0)
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
 
 @torch.no_grad()

@@ -100,7 +100,7 @@ def _moe_bytes(block: MoE, ctx: ActivationContext, norm: float) -> BlockBytes:
     rows = routed_rows_per_token(block, ctx)
     if ctx.fused_experts:
         per_row = (2 * c * i if block.gated else c * i) + INDEX_BYTES_PER_ROW
-        routed = rows * per_row + c * k * h + c * h * (ctx.ep_size if ctx.ep_size > 1 else 1)
+        routed = rows * per_row + c * k * h + c * h * ctx.ep_size  # the tokens (the EP group's when gathered)
     else:
         per_row = c * h + (4 * c * i if block.gated else 2 * c * i) + INDEX_BYTES_PER_ROW
         routed = rows * per_row + c * k * h
