@@ -39,8 +39,8 @@ class ExpertLoadTracker:
     into with `index_add_`: no host synchronisation (`torch.bincount` reads the indices' range back on CUDA). The hook
     runs outside torch.compile (`torch.compiler.disable`: a compiled layer calls it between two graphs), so no
     compiled graph or CUDA graph mutates the counts; with `traced` it is traced into the compiled layer instead (one
-    graph per layer: CUDA-graph layers beside the in-backward optimizer ran 16.5k tok/s with the hook between two
-    graphs and 62.5k with it inside, B1-bs4 on an H200). `snapshot()` queues a copy of the counts since the last snapshot
+    graph per layer, which CUDA-graph layers need: between two graphs it split each layer's graph in two).
+    `snapshot()` queues a copy of the counts since the last snapshot
     (and zeroes them) on the device; `add(counts_LE)` adds a step's copy, once it is on the host, to the run's
     total. `recomputes`: the model recomputes router forwards in the backward (activation
     checkpointing); those calls are then not counted (a check that stays out of the hook otherwise, since torch.compile

@@ -19,6 +19,7 @@ import torch
 from trainer.graph_priority import capture_graphs_at_high_priority
 from trainer.models.aux_loss import use_sync_free_aux_loss
 from trainer.models.output_capture import compile_friendly_output_capture
+from trainer.models.stable_block_masks import keep_block_masks_in_place
 from trainer.moe.experts import IMPLEMENTATION_NAME as EXPERTS_IMPLEMENTATION
 from trainer.parallel.checkpointing import decoder_layers
 from trainer.parallel.replicate import replica_gradients
@@ -51,35 +52,42 @@ class PerfOptions:
         return {k: v for k, v in self.__dict__.items() if k != "notes"}
 
 
-def resolve_perf(cfg, device: torch.device, world_size: int = 1) -> PerfOptions:
+def resolve_perf(cfg, device: torch.device, world_size: int = 1, adapters: bool = False) -> PerfOptions:
     """`cfg` (a `PerfConfig`) with every `auto` settled for `device`: on CUDA fused loss and experts, Liger, compiled
     layers (replayed as CUDA graphs beside an in-backward optimizer; `apply_optimizations` falls back to plain compiled
     layers where graphs cannot run), AdamW after the backward with the Triton kernel and every layer's update held
     back to the next forward, the gradient norm taken during the backward, prefetched batches; on CPU the fused loss
-    only."""
+    only.
+
+    `adapters`: only LoRA adapters train (many small tensors, a few MiB in all). Their update and norm cost the device
+    next to nothing but cost the host one launch or hook per tensor, so auto keeps torch's multi-tensor AdamW inside
+    the step and the norm after the backward (B4-lora on an H200, 576 adapter tensors: 7,070 tok/s that way, 5,466
+    with the Triton kernel per tensor, every update held back and the norm per gradient in the backward)."""
     cuda = device.type == "cuda"
 
     def on(value: str, auto: bool) -> bool:
         return value == "on" or (value == "auto" and auto)
 
     optimizer = {"auto": "after-backward"}.get(cfg.optimizer, cfg.optimizer)
-    # CUDA graphs beside an in-backward optimizer: measured B1-bs4 62.5k tok/s (docs/BENCHMARKS.md). Beside AdamW
-    # after the backward, cudagraph trees left their fast path every few steps on an H200 (host-side re-checks of
-    # 40-60 ms per layer's backward, B1-bs4 28k tok/s), so auto compiles the layers without graphs there.
+    # CUDA graphs only beside an in-backward optimizer (which a recipe asks for). Beside AdamW after the backward,
+    # cudagraph trees re-recorded layers on most steps on an H200 (B1-bs4 26.5k, B1-bs1 5.9k tok/s at 49974a0; the
+    # recorded reason: the flex-attention block masks' new addresses, which `apply_optimizations` now keeps in
+    # place: trainer.models.stable_block_masks), so auto compiles the layers without graphs there until measured.
     graphs_pay = optimizer in IN_BACKWARD
     compile_mode = {"auto": ("layers-graphs" if graphs_pay else "layers") if cuda else "off"}.get(cfg.compile,
                                                                                                     cfg.compile)
     # where the held-back updates and the in-backward gradient norm pay: AdamW after the backward on CUDA, no graphs
     ungraphed_after_backward = cuda and optimizer == "after-backward" and compile_mode != "layers-graphs"
+    large_tensors = not adapters  # per-tensor kernels and hooks pay for a model's weights, not for adapters
     return PerfOptions(
         fused_ce=on(cfg.fused_ce, True),
         fused_experts=on(cfg.fused_experts, cuda),
         kernels="liger" if cfg.kernels == "liger" or (cfg.kernels == "auto" and cuda) else "torch",
         compile=compile_mode,
         optimizer=optimizer,
-        adamw={"auto": "triton" if cuda else "torch"}.get(cfg.adamw, cfg.adamw),
-        defer=_resolve_defer(cfg.defer, ungraphed_after_backward),
-        grad_norm=_resolve_grad_norm(cfg.grad_norm, ungraphed_after_backward and world_size == 1),
+        adamw={"auto": "triton" if cuda and large_tensors else "torch"}.get(cfg.adamw, cfg.adamw),
+        defer=_resolve_defer(cfg.defer, ungraphed_after_backward and large_tensors),
+        grad_norm=_resolve_grad_norm(cfg.grad_norm, ungraphed_after_backward and large_tensors and world_size == 1),
         graph_priority=cfg.graph_priority,
         step_priority=cfg.step_priority,
         prefetch=on(cfg.prefetch, cuda),
@@ -132,6 +140,8 @@ def apply_optimizations(model: torch.nn.Module, options: PerfOptions) -> list[st
         if missing:
             options.compile = "layers"
             notes.append(f"CUDA graphs need {missing}: compile=layers")
+    if options.compile == "layers-graphs" and keep_block_masks_in_place(model):
+        notes.append("flex-attention masks kept at the same addresses every step (the layers' CUDA graphs read them)")
     if options.compile != "off":
         notes.append(_apply_compile(model, options.compile,
                                     ungraphed_last=deferred_layer_count(options, len(decoder_layers(model)))))

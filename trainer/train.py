@@ -93,7 +93,7 @@ def train(recipe: Recipe, progress: bool = True) -> TrainResult:
         saved_base = Path(recipe.output.dir) / MODEL_FILES if resume_from and recipe.model.from_config else None
         model = lora_run.adapted(model, recipe.lora, saved_base)
     model = parallelize(model, recipe.parallel, rt)
-    perf = resolve_perf(recipe.perf, rt.device, rt.world_size)
+    perf = resolve_perf(recipe.perf, rt.device, rt.world_size, adapters=recipe.lora.enabled)
     # the expert-load hooks exist before torch.compile traces the layers, so the compiled layers count too; CUDA-graph
     # layers trace them in (a graph break there splits every layer's graph)
     tracker = ExpertLoadTracker(model, recomputes=recipe.parallel.activation_checkpointing != "none",

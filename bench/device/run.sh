@@ -27,9 +27,10 @@ export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:T
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 # results.tgz is rewritten after every stage, so a call cut short by its time limit still brings back what finished.
-# Chrome traces stay out of it (a 48-layer one alone is over what a call brings back); profile.txt has the top kernels.
+# Chrome traces and weights stay out of it (a 48-layer trace, or the 57 GB random-init base a LoRA run saves, is over
+# what a call brings back); profile.txt has the top kernels.
 pack() { tar czf "$DEST/results.tgz" -C "$R" --exclude='*/model/*' --exclude='*/data/*' --exclude='*.trace.json*' \
-  . 2>/dev/null; }
+  --exclude='*.safetensors' . 2>/dev/null; }
 step() { echo; echo "=== $* ($(date +%T))"; }
 
 for wheel in .whl/*.whl; do
