@@ -108,6 +108,8 @@ VARIANTS = {
     "default": [],
     "overlap": ["perf.optimizer=overlap", "optim.max_grad_norm=0"],
     "no-graphs": ["perf.compile=layers"],
+    # CUDA-graph layers beside AdamW after the backward (clipping kept; updates inside the step)
+    "graphs": ["perf.compile=layers-graphs"],
     "eager": ["perf.compile=off"],
     # every layer's AdamW held back to the next forward, on a side stream under it (clipping kept): what perf auto
     # picks on CUDA beside AdamW after the backward; "no-defer" is the update inside the step
