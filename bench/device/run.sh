@@ -18,10 +18,10 @@ DEST="${OUT:-$REPO/runs/device}"
 R="$(mktemp -d)/device-run"
 mkdir -p "$R" "$DEST"
 STAGES="${STAGES:-tests mamba bench}"
-PLAN="${PLAN:-B1-bs4|default;overlap
-B1-bs1|default
-B3|default
-B4-lora|default}"
+PLAN="${PLAN:-B1-bs4|default;overlap;graphs
+B1-bs1|default;graphs
+B3|default;graphs
+B4-lora|default;overlap}"
 export PYTHONPATH="$REPO:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
