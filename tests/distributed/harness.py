@@ -4,6 +4,7 @@ each rank returns."""
 from __future__ import annotations
 
 import os
+import queue as queue_module
 import socket
 import traceback
 
@@ -49,19 +50,30 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 90.0, backend: str = 
     for p in procs:
         p.start()
     results: dict[int, object] = {}
-    errors = []
+    errors: dict[int, str] = {}
     try:
         for _ in range(world_size):
-            rank, status, value = queue.get(timeout=timeout)
+            # After a first failure the other ranks usually fail too (a peer's closed connection); their reports
+            # still come, and the first to arrive is not always the cause, so every report is kept.
+            try:
+                rank, status, value = queue.get(timeout=timeout if not errors else 10.0)
+            except queue_module.Empty:
+                if errors:
+                    break
+                raise
             if status == "error":
-                errors.append(f"rank {rank}:\n{value}")
-                break
-            results[rank] = value
+                errors[rank] = value
+            else:
+                results[rank] = value
     finally:
         for p in procs:
             p.join(timeout=5 if not errors else 0.5)
             if p.is_alive():
                 p.kill()
+                p.join(timeout=5)
     if errors:
-        raise AssertionError("\n".join(errors))
+        exits = ", ".join(f"rank {r}: {p.exitcode}" for r, p in enumerate(procs))
+        report = "\n".join(f"rank {r}:\n{errors[r]}" for r in sorted(errors))
+        silent = [r for r in range(world_size) if r not in errors and r not in results]
+        raise AssertionError(f"{report}\nranks that sent no report: {silent or 'none'}; exit codes ({exits})")
     return [results[r] for r in range(world_size)]
