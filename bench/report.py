@@ -2,7 +2,8 @@
 
     python -m bench.report runs/bench/results.json [more.json ...] [--png out.png] [--runs native,ours[best]]
 
-Repeats of the same (job, label) are merged: the table shows the median throughput and the maximum peak memory,
+A job run with overrides on both sides (`--set`) is its own job in the table. Repeats of the same (job, label) are
+merged: the table shows the median throughput and the maximum peak memory,
 with the run-to-run spread (max-min over median) so a difference smaller than the noise is visible as such.
 """
 
@@ -40,10 +41,15 @@ def environment() -> dict:
     return env
 
 
+def job_name(result: dict) -> str:
+    """The job as the table names it: with the overrides both sides ran it with (`bench.compare --set`), if any."""
+    return f"{result['job']} ({result['job_set']})" if result.get("job_set") else result["job"]
+
+
 def _groups(results: list[dict]) -> "OrderedDict[tuple, list[dict]]":
     groups: OrderedDict[tuple, list[dict]] = OrderedDict()
     for r in results:
-        groups.setdefault((r["job"], r["label"]), []).append(r)
+        groups.setdefault((job_name(r), r["label"]), []).append(r)
     return groups
 
 

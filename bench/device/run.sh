@@ -5,6 +5,7 @@
 #   bash bench/device/run.sh                           # the reference table of docs/BENCHMARKS.md
 #   STAGES="bench" PLAN="B1-bs4|default;overlap" bash bench/device/run.sh
 #   STEPS=20 WARMUP=5 PROFILE=1 bash bench/device/run.sh    # PROFILE=1: top kernels of each ours run's last step
+#   TESTS=tests/gpu/test_stable_block_masks_gpu.py STAGES="tests bench" bash bench/device/run.sh   # some GPU tests
 #
 # Stages: tests (tests/gpu, background on the same GPU before the benchmark starts: no), mamba (causal-conv1d for
 # sm_90 + mamba-ssm's Triton kernels from .device/src/*.tar.gz, or their wheels from .whl/), bench.
@@ -18,9 +19,12 @@ DEST="${OUT:-$REPO/runs/device}"
 R="$(mktemp -d)/device-run"
 mkdir -p "$R" "$DEST"
 STAGES="${STAGES:-tests mamba bench}"
-PLAN="${PLAN:-B1-bs4|default;overlap;graphs
-B1-bs1|default;graphs
-B3|default;graphs
+# One job per line: JOB|VARIANTS[|SET], SET being recipe overrides for both sides of that job (default: $SET).
+# The overlapped optimizer cannot clip, so its row is compared with a native run that does not clip either.
+PLAN="${PLAN:-B1-bs4|default
+B1-bs4|overlap|optim.max_grad_norm=0
+B1-bs1|default
+B3|default
 B4-lora|default;overlap}"
 export PYTHONPATH="$REPO:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
@@ -42,6 +46,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 git log --oneline -1 2>/dev/null || true
 
+# Dirty/writeback page cache every 2 s (a LoRA run writes its 57 GiB base before training: does its writeback
+# overlap the measured steps?); stops with this script.
+while sleep 2; do echo "$(date +%T) $(grep -E '^(Dirty|Writeback):' /proc/meminfo | tr -s ' ' | tr '\n' ' ')"; done \
+  > "$R/meminfo.log" 2>/dev/null &
+SAMPLER=$!
+trap 'kill $SAMPLER 2>/dev/null' EXIT
+
 BUILD=""
 if has mamba && ! python3 -c "import causal_conv1d" 2>/dev/null; then
   step "build causal-conv1d (sm_90) + mamba-ssm wheels (background, 8 jobs)"
@@ -52,14 +63,15 @@ fi
 
 if has tests; then
   step "GPU tests"
-  timeout 420 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/gpu > "$R/gpu-tests.log" 2>&1
+  timeout 420 python3 -m pytest -q -x -p no:cacheprovider -m gpu ${TESTS:-tests/gpu} > "$R/gpu-tests.log" 2>&1
   echo "exit $?"; tail -15 "$R/gpu-tests.log"
   pack
 fi
 
 PROFILE_ARGS=()
 [ "${PROFILE:-0}" = "1" ] && PROFILE_ARGS=(--profile)
-while IFS='|' read -r job variants; do
+while IFS='|' read -r job variants jobset; do
+  jobset="${jobset:-${SET:-}}"
   [ -z "$job" ] && continue
   has bench || break
   if [[ "$job" == B3* ]] && [ -n "$BUILD" ]; then
@@ -72,10 +84,12 @@ while IFS='|' read -r job variants; do
     BUILD=""
   fi
   [[ "$job" == B3* ]] && python3 -c "from trainer.kernels import mamba; print(mamba.status())"
-  step "$job: native, then moe train [$variants] ${SET:+(--set $SET)}"
+  out="$R/bench/$job"; n=2
+  while [ -e "$out" ]; do out="$R/bench/$job-$n"; n=$((n + 1)); done  # a job on two lines: both kept
+  step "$job: native, then moe train [$variants] ${jobset:+(--set $jobset)}"
   timeout "${JOB_BUDGET:-560}" python3 -m bench.compare --jobs "$job" --variants "$variants" --steps "${STEPS:-20}" \
-    --set "${SET:-}" \
-    --warmup "${WARMUP:-5}" --out "$R/bench/$job" "${PROFILE_ARGS[@]}" 2>&1 | grep -v "^\s*$" | grep -v "^job \|^---\|^wrote" | tail -8
+    --set "$jobset" \
+    --warmup "${WARMUP:-5}" --out "$out" "${PROFILE_ARGS[@]}" 2>&1 | grep -v "^\s*$" | grep -v "^job \|^---\|^wrote" | tail -8
   pack
 done <<< "$PLAN"
 

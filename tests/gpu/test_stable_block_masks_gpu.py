@@ -40,7 +40,8 @@ def test_graph_layers_record_once_across_packings(monkeypatch):
     torch._dynamo.reset()
     torch.manual_seed(0)
     config = tiny_configs.qwen3_moe(hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
-                                    vocab_size=4096, max_position_embeddings=T, num_hidden_layers=2)
+                                    vocab_size=4096, max_position_embeddings=T, num_hidden_layers=2,
+                                    head_dim=64)  # flex attention's Triton kernel needs head_dim >= 16
     with torch.device("cuda"):
         model = MoEAutoModelForCausalLM.from_config(config, attn_implementation="flex_attention").to(torch.bfloat16)
     options = perf_options("fused_ce=on", "fused_experts=on", "compile=layers-graphs", device="cuda")

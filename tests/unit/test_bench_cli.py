@@ -126,6 +126,16 @@ def test_a_refused_recipe_costs_one_row_with_moe_trains_error_line(tmp_path):
     assert "optim.max_grad_norm=0" in result["error"]
 
 
+def test_job_overrides_reach_the_recipe_and_name_the_row(tmp_path):
+    code = compare.main(["--smoke", "--ours-only", "--set", "optim.max_grad_norm=0", "--variants", "default",
+                         "--steps", "1", "--warmup", "1", "--out", str(tmp_path)])
+    assert code == 0
+    (result,) = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert "error" not in result, result.get("log_tail")
+    assert result["job_set"] == "optim.max_grad_norm=0"
+    assert yaml.safe_load(open(result["recipe"]))["optim"]["max_grad_norm"] == 0
+
+
 def test_two_process_job_trains_with_expert_parallelism_through_moe_train(tmp_path):
     code = compare.main(["--jobs", "smoke-ep2", "--ours-only", "--variants", "default", "--steps", "1",
                          "--warmup", "1", "--out", str(tmp_path)])
@@ -141,6 +151,17 @@ def test_speedups_are_against_the_fastest_native_layout():
                dict(base, label="ours[default]", tok_s_per_gpu=300.0)]
     rows = {r["label"]: r for r in report.rows(results)}
     assert rows["ours[default]"]["speedup"] == 1.5 and rows["native[fsdp]"]["speedup"] == 0.5
+
+
+def test_a_job_run_with_overrides_on_both_sides_is_its_own_job_with_its_own_native():
+    base = {"job": "B1-bs4", "tflops_per_gpu": 1.0, "peak_gib": 1.0, "loss_last": 1.0}
+    noclip = dict(base, job_set="optim.max_grad_norm=0")
+    results = [dict(base, label="native", tok_s_per_gpu=100.0), dict(base, label="ours[default]", tok_s_per_gpu=200.0),
+               dict(noclip, label="native", tok_s_per_gpu=80.0), dict(noclip, label="ours[overlap]", tok_s_per_gpu=200.0)]
+    rows = {(r["job"], r["label"]): r for r in report.rows(results)}
+    assert rows[("B1-bs4", "ours[default]")]["speedup"] == 2.0
+    assert rows[("B1-bs4 (optim.max_grad_norm=0)", "ours[overlap]")]["speedup"] == 2.5
+    assert rows[("B1-bs4 (optim.max_grad_norm=0)", "native")]["runs"] == 1
 
 
 def test_report_keeps_only_the_chosen_runs(tmp_path, capsys):
@@ -167,6 +188,10 @@ def test_lora_job_runs_peft_natively_and_moe_train_on_the_same_recipe(tmp_path):
     # same base init, same batches, adapters starting at zero delta: the same first loss; later ones track
     assert abs(ours["losses"][0] - native["losses"][0]) <= 1e-4 * abs(native["losses"][0])
     assert ours["losses"][-1] == pytest.approx(native["losses"][-1], rel=1e-3)
+    # the run saved its random-init base, and the benchmark removed it once the numbers were read
+    assert ours["weights_removed_bytes"] > 0
+    assert not list(Path(ours["run_dir"]).rglob("*.safetensors"))
+    assert (Path(ours["run_dir"]) / "metrics.jsonl").is_file()
 
 
 def _processes_mentioning(text: str) -> list[str]:
