@@ -69,10 +69,10 @@ def resolve_perf(cfg, device: torch.device, world_size: int = 1, adapters: bool 
         return value == "on" or (value == "auto" and auto)
 
     optimizer = {"auto": "after-backward"}.get(cfg.optimizer, cfg.optimizer)
-    # CUDA graphs only beside an in-backward optimizer (which a recipe asks for). Beside AdamW after the backward,
-    # cudagraph trees re-recorded layers on most steps on an H200 (B1-bs4 26.5k, B1-bs1 5.9k tok/s at 49974a0; the
-    # recorded reason: the flex-attention block masks' new addresses, which `apply_optimizations` now keeps in
-    # place: trainer.models.stable_block_masks), so auto compiles the layers without graphs there until measured.
+    # CUDA graphs only beside an in-backward optimizer (which a recipe asks for). Beside AdamW after the backward they
+    # rule out the held-back updates and the in-backward norm, which pay more: with the flex-attention masks kept in
+    # place (trainer.models.stable_block_masks) graphs ran 3-11% below compiled layers on an H200 (B1-bs4 60.7k vs
+    # 62.8k, B1-bs1 36.4k vs 39.0k, B3 60.8k vs 68.3k tok/s), so auto compiles the layers without graphs there.
     graphs_pay = optimizer in IN_BACKWARD
     compile_mode = {"auto": ("layers-graphs" if graphs_pay else "layers") if cuda else "off"}.get(cfg.compile,
                                                                                                     cfg.compile)
@@ -189,10 +189,18 @@ def _cuda_graphs_missing(model: torch.nn.Module) -> str | None:
     dispatchers = {getattr(m, "moe_dispatcher", None) for m in model.modules()} - {None}
     if any(not getattr(d, "static_shapes", False) for d in dispatchers):
         return "no expert-parallel dispatch sized on the host (parallel.dispatcher=allgather has static shapes)"
-    if any(p.dtype == torch.float32 for p in model.parameters()):
-        # the grouped GEMM runs in bf16/fp16; fp32 experts loop on the host over the experts' row counts
-        return "bf16/fp16 weights (fp32 experts read row counts on the host)"
+    if has_fp32_expert_weights(model):
+        return "bf16/fp16 expert weights (fp32 experts read row counts on the host)"
     return None
+
+
+def has_fp32_expert_weights(model: torch.nn.Module) -> bool:
+    """Whether a stacked [E, ...] expert weight is fp32: the grouped GEMM runs in bf16/fp16, fp32 experts loop on the
+    host over the experts' row counts. LoRA adapters (fp32 trainable weights) do not count: their factors enter the
+    grouped GEMMs in the rows' dtype (`trainer.lora.experts`)."""
+    return any(param.ndim == 3 and param.dtype == torch.float32
+               for module in model.modules() if getattr(module, "num_experts", None) is not None
+               for param in module.parameters(recurse=False))
 
 
 def _liger_importable() -> bool:

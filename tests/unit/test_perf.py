@@ -291,6 +291,21 @@ def test_cuda_graphs_fall_back_to_compiled_layers_off_cuda():
     assert any("CUDA graphs need one CUDA device" in n for n in notes)
 
 
+def test_only_fp32_expert_weights_keep_cuda_graphs_off_not_fp32_adapters():
+    """fp32 experts loop on the host over row counts (no graphs); a bf16 base with fp32 LoRA adapters does not: the
+    adapters' factors enter the grouped GEMMs in the rows' dtype."""
+    from trainer.config import LoraConfig
+    from trainer.lora import apply_lora
+    from trainer.perf import has_fp32_expert_weights
+
+    assert has_fp32_expert_weights(MoEAutoModelForCausalLM.from_config(tiny_configs.qwen3_moe()))
+    model = MoEAutoModelForCausalLM.from_config(tiny_configs.qwen3_moe()).to(torch.bfloat16)
+    assert not has_fp32_expert_weights(model)
+    apply_lora(model, LoraConfig(enabled=True, rank=4, alpha=8, targets=["attention", "experts"]))
+    assert any(p.dtype == torch.float32 for p in model.parameters())  # the adapters
+    assert not has_fp32_expert_weights(model)
+
+
 def test_compiled_layers_with_fused_experts_are_one_graph_and_equal_the_hf_forward():
     from torch._dynamo.utils import counters
 
