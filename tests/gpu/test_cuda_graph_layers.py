@@ -86,22 +86,24 @@ def test_graphs_captured_at_high_priority_train_like_default_priority():
 
 
 
-def test_lora_adapters_with_cuda_graph_layers_train_like_kernel_by_kernel_layers():
+@pytest.mark.parametrize("optimizer, max_grad_norm", [("optimizer=overlap", 0.0), ("optimizer=after-backward", 1.0)])
+def test_lora_adapters_with_cuda_graph_layers_train_like_kernel_by_kernel_layers(optimizer, max_grad_norm):
     """A bf16 base with fp32 LoRA adapters on attention and experts (the B4-lora configuration) keeps its CUDA-graph
-    layers beside the overlapped optimizer and trains like the same compiled layers launched kernel by kernel
-    (tolerance above); the frozen base is the same in both, bit for bit."""
+    layers, beside the overlapped optimizer or AdamW after the backward with clipping, and trains like the same
+    compiled layers launched kernel by kernel (tolerance above); the frozen base is the same in both, bit for bit."""
     from trainer.config import LoraConfig
     from trainer.lora import apply_lora
 
     def adapt(model):
         apply_lora(model, LoraConfig(enabled=True, rank=8, alpha=16, targets=["attention", "experts"]))
 
-    torch._dynamo.reset()
-    reference, reference_losses, _, _ = train_tiny_moe(BASE + ("compile=layers",), steps=5, num_hidden_layers=3,
-                                                       prepare=adapt)
-    torch._dynamo.reset()
-    graphed, losses, _, options = train_tiny_moe(BASE + ("compile=layers-graphs",), steps=5, num_hidden_layers=3,
-                                                 prepare=adapt)
+    spec = ("fused_ce=on", "fused_experts=on", optimizer)
+    runs = []
+    for compile_mode in ("compile=layers", "compile=layers-graphs"):
+        torch._dynamo.reset()
+        runs.append(train_tiny_moe(spec + (compile_mode,), steps=5, num_hidden_layers=3, prepare=adapt,
+                                   max_grad_norm=max_grad_norm))
+    (reference, reference_losses, _, _), (graphed, losses, _, options) = runs
     assert options.compile == "layers-graphs", options.notes
     for got, want in zip(losses, reference_losses):
         assert abs(got - want) <= 1e-3 * abs(want), (losses, reference_losses)
