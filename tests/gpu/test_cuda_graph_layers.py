@@ -88,14 +88,17 @@ def test_graphs_captured_at_high_priority_train_like_default_priority():
 
 @pytest.mark.parametrize("optimizer, max_grad_norm", [("optimizer=overlap", 0.0), ("optimizer=after-backward", 1.0)])
 def test_lora_adapters_with_cuda_graph_layers_train_like_kernel_by_kernel_layers(optimizer, max_grad_norm):
-    """A bf16 base with fp32 LoRA adapters on attention and experts (the B4-lora configuration) keeps its CUDA-graph
-    layers, beside the overlapped optimizer or AdamW after the backward with clipping, and trains like the same
-    compiled layers launched kernel by kernel (tolerance above); the frozen base is the same in both, bit for bit."""
+    """A bf16 base with fp32 LoRA adapters on attention and experts, every layer checkpointed (the B4-lora
+    configuration), keeps its CUDA-graph layers, beside the overlapped optimizer or AdamW after the backward with
+    clipping, and trains like the same compiled layers launched kernel by kernel (tolerance above); the frozen base
+    is the same in both, bit for bit."""
     from trainer.config import LoraConfig
     from trainer.lora import apply_lora
+    from trainer.parallel.checkpointing import apply_checkpointing
 
     def adapt(model):
         apply_lora(model, LoraConfig(enabled=True, rank=8, alpha=16, targets=["attention", "experts"]))
+        apply_checkpointing(model, "full")  # as trainer.parallel does, before the perf patches
 
     spec = ("fused_ce=on", "fused_experts=on", optimizer)
     runs = []
