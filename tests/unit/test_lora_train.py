@@ -4,6 +4,7 @@ export is a PEFT adapter that plain transformers + PEFT load and a merged plain 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -103,6 +104,22 @@ def test_only_adapters_reach_the_optimizer_and_merge_leaves_base_untouched(tmp_p
     merged_state_dict(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(".lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads file names from /proc/self/fd")
+def test_a_random_init_base_is_on_disk_before_training_starts(tmp_path, monkeypatch):
+    from trainer.lora import run as lora_run
+
+    synced, fsync = [], os.fsync
+
+    def recording_fsync(fd):  # os is one module: DCP's checkpoint files are recorded too
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return fsync(fd)
+
+    monkeypatch.setattr(lora_run.os, "fsync", recording_fsync)
+    run = tmp_path / "run"
+    train(_recipe(run, "train.max_steps=1", "output.export=false"), progress=False)
+    assert str((run / "hf" / BASE_WEIGHTS).resolve()) in synced
 
 
 @pytest.mark.parametrize("overrides, message", [
