@@ -231,6 +231,7 @@ def run(args) -> int:
     variants = parse_variants(args.variants)
     os.makedirs(args.out, exist_ok=True)
     results, json_path = [], os.path.join(args.out, "results.json")
+    job_set = " ".join(args.set.split())  # the job-level overrides, named in each result (bench.report)
     for repeat in range(args.repeat):
         for job in jobs:
             out_dir = os.path.join(args.out, job.name)
@@ -251,8 +252,8 @@ def run(args) -> int:
                 else:
                     result = run_ours(job, recipe, what[0], what[1], args, out_dir, repeat)
                 result["repeat"] = repeat
-                if args.set.strip():
-                    result["job_set"] = " ".join(args.set.split())
+                if job_set:
+                    result["job_set"] = job_set
                 results.append(result)
                 print(_one_line(result), flush=True)
                 _write_json(json_path, results, args)  # after every run: a later crash keeps what was measured

@@ -21,6 +21,7 @@ from trainer.models.aux_loss import use_sync_free_aux_loss
 from trainer.models.output_capture import compile_friendly_output_capture
 from trainer.models.stable_block_masks import keep_block_masks_in_place
 from trainer.moe.experts import IMPLEMENTATION_NAME as EXPERTS_IMPLEMENTATION
+from trainer.parallel.apply import experts_modules, stacked_expert_params
 from trainer.parallel.checkpointing import decoder_layers
 from trainer.parallel.replicate import replica_gradients
 
@@ -198,9 +199,8 @@ def has_fp32_expert_weights(model: torch.nn.Module) -> bool:
     """Whether a stacked [E, ...] expert weight is fp32: the grouped GEMM runs in bf16/fp16, fp32 experts loop on the
     host over the experts' row counts. LoRA adapters (fp32 trainable weights) do not count: their factors enter the
     grouped GEMMs in the rows' dtype (`trainer.lora.experts`)."""
-    return any(param.ndim == 3 and param.dtype == torch.float32
-               for module in model.modules() if getattr(module, "num_experts", None) is not None
-               for param in module.parameters(recurse=False))
+    return any(param.dtype == torch.float32
+               for module in experts_modules(model) for _, param in stacked_expert_params(module))
 
 
 def _liger_importable() -> bool:
